@@ -1,0 +1,62 @@
+"""Enrich stage: the vision description -> JSON {description, category, keywords, image_text}
+through an LLM constrained by a JSON schema."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from imgflow.models.base import StructureInput
+from imgflow.models.registry import EnrichModels, build_enrich_models
+from imgflow.settings import Settings
+from imgflow.stage import InputRecord, Output, Transform
+
+
+class EnrichTransform(Transform):
+    name = "enrich"
+    input_schema = "VisionResult"
+    output_schemas = ["EnrichedRecord"]
+
+    def __init__(self, settings: Settings, models: EnrichModels | None = None) -> None:
+        self.settings = settings
+        self.models = models
+
+    def input_topics(self, settings: Settings) -> list[str]:
+        return [settings.topics.vision]
+
+    def setup(self) -> None:
+        if self.models is None:
+            self.models = build_enrich_models(self.settings)
+
+    def event_of(self, value: dict) -> dict | None:
+        return value["event"]
+
+    def vision_of(self, value: dict) -> dict | None:
+        return value
+
+    def process(self, records: list[InputRecord]) -> list[list[Output] | BaseException]:
+        started = time.monotonic()
+        structurer = self.models.structurer
+        items = [
+            StructureInput(description=r.value["text"], image_text=r.value["image_text"],
+                           labels=[label["label"] for label in r.value["labels"]])
+            for r in records
+        ]
+        structured = structurer.structure(items)
+        seconds = (time.monotonic() - started) / max(1, len(records))
+        now = int(time.time() * 1000)
+        results: list[list[Output] | BaseException] = []
+        for rec, data in zip(records, structured):
+            value = {
+                "vision": rec.value,
+                "description": data["description"],
+                "category": data["category"],
+                "keywords": list(data["keywords"]),
+                "image_text": data["image_text"],
+                "llama_extracted": json.dumps(data, ensure_ascii=False),
+                "models": {"structure_text": structurer.model_id},
+                "seconds": seconds,
+                "processed_at": now,
+            }
+            results.append([Output(self.settings.topics.enriched, "EnrichedRecord", value, rec.event_id)])
+        return results

@@ -1,0 +1,113 @@
+"""The small adapter contracts, one per model job.
+
+A stage only sees these interfaces; a profile (embedded CPU, GPU) picks the
+implementations (see ``imgflow.models.registry``). Every adapter loads its weights
+lazily through the shared ``ModelCache`` and only from local files.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+
+class ModelConfigError(ValueError):
+    """A model setting points at something that is not there or cannot load.
+
+    The message names the setting and the path, so a user can fix the config."""
+
+
+@dataclass(frozen=True)
+class Description:
+    text: str  # the full free-text description (the CSV `text` column)
+    labels: list[tuple[str, float]] = field(default_factory=list)  # (label, score), best first
+
+
+@dataclass(frozen=True)
+class StructureInput:
+    description: str  # the full description from the vision stage
+    image_text: str  # text read in the image (grounds the `image_text` field)
+    labels: list[str] = field(default_factory=list)  # label hints, best first
+
+
+class ModelAdapter(ABC):
+    """One model job. ``model_id`` names the model and its version or file hash, so that
+    output records can say which model produced each field."""
+
+    job: str = ""
+
+    @property
+    @abstractmethod
+    def model_id(self) -> str: ...
+
+    def check(self) -> None:
+        """Raise ModelConfigError if the configured files are missing. Cheap: no loading."""
+
+    def load(self) -> None:
+        """Load weights now (normally done lazily on first use)."""
+
+
+class Describer(ModelAdapter):
+    job = "describe"
+
+    @abstractmethod
+    def describe(self, images: list[Image.Image], seen_text: list[str]) -> list[Description]: ...
+
+
+class TextReader(ModelAdapter):
+    job = "read_text"
+
+    @abstractmethod
+    def read_text(self, images: list[Image.Image]) -> list[str]: ...
+
+
+class ImageEmbedder(ModelAdapter):
+    job = "embed_image"
+    dim: int
+
+    @abstractmethod
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        """float32 array of shape (len(images), dim)."""
+
+
+class TextEmbedder(ModelAdapter):
+    job = "embed_text"
+    dim: int
+
+    @abstractmethod
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """float32 array of shape (len(texts), dim)."""
+
+
+class WordVectorizer(ModelAdapter):
+    job = "word_vectors"
+    dim: int
+
+    @abstractmethod
+    def vectorize(self, texts: list[str]) -> np.ndarray:
+        """Mean of the vectors of known words; zeros where no word is known. (n, dim)."""
+
+
+class TextStructurer(ModelAdapter):
+    job = "structure_text"
+
+    @abstractmethod
+    def structure(self, items: list[StructureInput]) -> list[dict]:
+        """One dict per item with exactly the keys description (str), category (str),
+        keywords (list[str]), image_text (str). Output is constrained by a JSON schema,
+        never parsed from free text."""
+
+
+STRUCTURED_JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "description": {"type": "string"},
+        "category": {"type": "string"},
+        "keywords": {"type": "array", "items": {"type": "string"}},
+        "image_text": {"type": "string"},
+    },
+    "required": ["description", "category", "keywords", "image_text"],
+}

@@ -1,0 +1,264 @@
+"""`imgflow run`: the embedded stack, the local watcher, every stage and the sink, each as
+its own process (a crash of one is a restart of one), with progress on the terminal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from consumers.sink import read_csv_rows
+from imgflow.kafka import consumer_config
+from imgflow.settings import Settings
+from imgflow.stack import EmbeddedStack, free_port
+from watchers.local import current_event_ids
+
+log = logging.getLogger(__name__)
+
+ROLES = ["sink", "enrich", "vision", "watcher"]  # started in this order, stopped in reverse
+
+
+@dataclass
+class Child:
+    role: str
+    argv: list[str]
+    log_path: Path
+    env: dict
+    proc: subprocess.Popen | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_path, "ab")
+        # Own session: a Ctrl-C in the terminal reaches only us; we stop children in order.
+        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        out.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class ResultTail:
+    """Reads the rows the sink has committed (up to its committed length), incrementally."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.csv = out_dir / "results.csv"
+        self.length = out_dir / ".results.csv.committed"
+        self.done: set[str] = set()
+        self.errors = 0
+        self._read_upto = -1
+
+    def refresh(self) -> None:
+        try:
+            length = int(self.length.read_text())
+        except (FileNotFoundError, ValueError):
+            return
+        if length == self._read_upto:
+            return
+        # Re-reading is simple and cheap enough at the sizes a terminal run shows.
+        done, errors = set(), 0
+        for row in read_csv_rows(self.csv, length):
+            done.add(row["event_id"])
+            errors += bool(row["error"])
+        self.done, self.errors, self._read_upto = done, errors, length
+
+
+class TopicCounter:
+    """Distinct event_ids (record keys) seen on a topic: how far each stage has got."""
+
+    def __init__(self, settings: Settings, topics: list[str]) -> None:
+        self.consumer = Consumer(consumer_config(settings, f"imgflow-progress-{os.getpid()}"))
+        parts = []
+        md = self.consumer.list_topics(timeout=10)
+        for t in topics:
+            for p in md.topics[t].partitions:
+                parts.append(TopicPartition(t, p, 0))
+        self.consumer.assign(parts)
+        self.keys: dict[str, set[bytes]] = {t: set() for t in topics}
+
+    def refresh(self) -> None:
+        for msg in self.consumer.consume(5000, 0.05):
+            if msg.error() is None and msg.key():
+                self.keys[msg.topic()].add(msg.key())
+            elif msg.error() is not None and msg.error().code() != KafkaError._PARTITION_EOF:
+                log.debug("progress: %s", msg.error())
+
+    def count(self, topic: str) -> int:
+        return len(self.keys[topic])
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, input_dir: Path, out_dir: Path, data_dir: Path, port: int,
+                 once: bool) -> None:
+        self.settings = settings
+        self.input_dir = input_dir.resolve()
+        self.out_dir = out_dir.resolve()
+        self.data_dir = data_dir.resolve()
+        self.port = port
+        self.once = once
+        self.children: dict[str, Child] = {}
+        self.stopping = False
+        self.stack: EmbeddedStack | None = None
+
+    def request_stop(self, *_) -> None:
+        if not self.stopping:
+            print("\nstopping: letting every stage finish its batch...", flush=True)
+        self.stopping = True
+
+    def _env(self, bootstrap: str, role: str, metrics_port: int) -> dict:
+        env = dict(os.environ)
+        env.update({
+            "IMGFLOW_KAFKA__BOOTSTRAP": bootstrap,
+            "IMGFLOW_DATA_DIR": str(self.data_dir),
+            "IMGFLOW_SINK__OUT_DIR": str(self.out_dir),
+            "IMGFLOW_ALLOWED_ROOTS": f'["{self.input_dir}"]',
+            "IMGFLOW_METRICS_PORT": str(metrics_port),
+            "PYTHONUNBUFFERED": "1",
+        })
+        return env
+
+    def _argv(self, role: str) -> list[str]:
+        base = [sys.executable, "-m", "imgflow.cli"]
+        if role == "watcher":
+            return [*base, "watch", "local", str(self.input_dir), "--data-dir", str(self.data_dir)]
+        return [*base, "stage", role]
+
+    def run(self) -> int:
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGTERM, self.request_stop)
+        logs = self.data_dir / "logs"
+        port = self.port
+        if port and not _port_free(port):
+            new = free_port()
+            print(f"port {port} is in use: the embedded broker takes port {new} instead", flush=True)
+            port = new
+        print(f"starting the embedded broker (data in {self.data_dir / 'broker'}) ...", flush=True)
+        self.stack = EmbeddedStack(self.data_dir / "broker", port=port, log_file=logs / "broker.log")
+        self.stack.start()
+        print(f"broker ready at {self.stack.bootstrap}", flush=True)
+        target = current_event_ids(self.input_dir, self.settings) if self.once else set()
+        try:
+            for role in ROLES:
+                metrics_port = free_port() if self.settings.metrics_port else 0
+                child = Child(role, self._argv(role), logs / f"{role}.log",
+                              self._env(self.stack.bootstrap, role, metrics_port))
+                child.start()
+                self.children[role] = child
+            print(f"processing {self.input_dir} -> {self.out_dir} (logs in {logs})", flush=True)
+            return self._supervise(target)
+        finally:
+            self._stop_children()
+            self.stack.stop()
+            print(f"results: {self.out_dir / 'results.csv'} and {self.out_dir / 'avro'}/", flush=True)
+
+    def _supervise(self, target: set[str]) -> int:
+        tail = ResultTail(self.out_dir)
+        t = self.settings.topics
+        counter = TopicCounter(self.settings.model_copy(update={"kafka": self.settings.kafka.model_copy(
+            update={"bootstrap": self.stack.bootstrap})}), [t.new, t.new_high, t.vision, t.enriched, t.dlq])
+        progress = Progress(total=len(target) if self.once else None)
+        started = time.monotonic()
+        try:
+            while not self.stopping:
+                tail.refresh()
+                counter.refresh()
+                found = counter.count(t.new) + counter.count(t.new_high)
+                progress.show(found=found, vision=counter.count(t.vision), enriched=counter.count(t.enriched),
+                              failed=counter.count(t.dlq), written=len(tail.done), errors=tail.errors,
+                              elapsed=time.monotonic() - started)
+                if self.once and target <= tail.done:
+                    progress.finish()
+                    print(f"done: {len(target)} images, {tail.errors} with errors, "
+                          f"in {time.monotonic() - started:.1f}s", flush=True)
+                    return 0
+                if not self._restart_dead():
+                    return 1
+                time.sleep(1.0)
+            progress.finish()
+            return 0
+        finally:
+            counter.close()
+
+    def _restart_dead(self) -> bool:
+        for child in self.children.values():
+            if child.alive() or self.stopping:
+                continue
+            code = child.proc.returncode if child.proc else None
+            now = time.monotonic()
+            child.restarts = [r for r in child.restarts if now - r < 60] + [now]
+            if len(child.restarts) > 5:
+                print(f"\n{child.role} keeps failing (exit {code}); see {child.log_path}", flush=True)
+                return False
+            log.warning("%s exited with %s: restarting", child.role, code)
+            print(f"\n{child.role} exited ({code}): restarting it (log: {child.log_path})", flush=True)
+            child.start()
+        return True
+
+    def _stop_children(self, timeout: float = 60) -> None:
+        for role in reversed(ROLES):  # watcher first, sink last: the sink drains what is committed
+            child = self.children.get(role)
+            if child and child.alive():
+                child.proc.send_signal(signal.SIGTERM)
+                try:
+                    child.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    log.error("%s did not stop in %ss: killing it", role, timeout)
+                    child.proc.kill()
+                    child.proc.wait()
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+class Progress:
+    """Progress on a terminal (rich) or, when output is a file or pipe, a line every 5 s."""
+
+    def __init__(self, total: int | None) -> None:
+        self.total = total
+        self.tty = sys.stdout.isatty()
+        self._last_line = 0.0
+        self._live = None
+        if self.tty:
+            from rich.live import Live
+
+            self._live = Live(refresh_per_second=4, transient=False)
+            self._live.start()
+
+    def show(self, *, found: int, vision: int, enriched: int, failed: int, written: int, errors: int,
+             elapsed: float) -> None:
+        rate = written / elapsed if elapsed > 0 else 0.0
+        total = f"/{self.total}" if self.total is not None else ""
+        line = (f"found {found} | vision {vision} | enriched {enriched} | failed {failed} | "
+                f"written {written}{total} ({errors} with errors) | {rate:.2f} img/s | {elapsed:.0f}s")
+        if self._live is not None:
+            from rich.text import Text
+
+            self._live.update(Text(line))
+        elif time.monotonic() - self._last_line >= 5:
+            print(line, flush=True)
+            self._last_line = time.monotonic()
+
+    def finish(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None

@@ -1,0 +1,144 @@
+"""The one typed settings object.
+
+Read, in order of precedence: keyword arguments, ``IMGFLOW_*`` environment variables
+(nested with ``__``, e.g. ``IMGFLOW_KAFKA__BOOTSTRAP``), then an optional TOML file
+(``IMGFLOW_CONFIG`` or ``./imgflow.toml``), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "imgflow"
+
+
+def default_models_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "imgflow" / "models"
+
+
+class KafkaSettings(BaseModel):
+    bootstrap: str = "127.0.0.1:19092"
+    # tansu joins a group in about half of session.timeout.ms (ENVIRONMENT.md).
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(1000, ge=100)
+    transaction_timeout_ms: int = Field(60000, ge=1000)
+
+
+class TopicSettings(BaseModel):
+    new: str = "images.new"
+    new_high: str = "images.new.high"
+    vision: str = "images.vision"
+    enriched: str = "images.enriched"
+    dlq: str = "images.dlq"
+    partitions: int = Field(3, ge=1, le=256)
+
+
+class StageSettings(BaseModel):
+    batch_size: int = Field(8, ge=1, le=1024)
+    max_wait_s: float = Field(0.5, ge=0.0)
+    max_attempts: int = Field(3, ge=1, le=100)
+    retry_backoff_s: float = Field(0.5, ge=0.0)
+    instance: str = "0"
+
+
+class ModelSettings(BaseModel):
+    profile: Literal["embedded", "gpu"] = "embedded"
+    image_max_size: int = Field(384, ge=32, le=8192)
+    cache_size: int = Field(3, ge=1)
+    cache_ttl_s: float = Field(0.0, ge=0.0)  # 0: never unload for idleness
+    models_dir: Path = Field(default_factory=default_models_dir)
+    # Per-job overrides; empty means "the profile's default". See README "Models".
+    describe: str = ""
+    read_text: str = ""
+    embed_image: str = ""
+    embed_text: str = ""
+    word_vectors: str = ""
+    llm: str = ""
+    llm_threads: int = Field(0, ge=0)  # 0: all cores
+    llm_ctx: int = Field(2048, ge=256)
+    llm_max_tokens: int = Field(256, ge=16)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class WatchSettings(BaseModel):
+    poll_interval_s: float = Field(1.0, gt=0.0)
+    settle_s: float = Field(1.0, ge=0.0)  # a file must be unchanged this long before it is published
+    extensions: list[str] = [".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"]
+
+
+class SinkSettings(BaseModel):
+    out_dir: Path = Path("out")
+    csv: bool = True
+    avro: bool = True
+
+
+class S3Settings(BaseModel):
+    endpoint_url: str = ""
+    access_key_id: SecretStr = SecretStr("")
+    secret_access_key: SecretStr = SecretStr("")
+    region: str = "us-east-1"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="IMGFLOW_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    # Images may only be read from below these folders (no path traversal through events).
+    allowed_roots: list[Path] = []
+    run_id: str = "live"
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    metrics_port: int = Field(0, ge=0, le=65535)  # 0: no metrics endpoint
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    stage: StageSettings = StageSettings()
+    models: ModelSettings = ModelSettings()
+    watch: WatchSettings = WatchSettings()
+    sink: SinkSettings = SinkSettings()
+    s3: S3Settings = S3Settings()
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, config_file()))
+
+
+def config_file() -> Path:
+    return Path(os.environ.get("IMGFLOW_CONFIG", "imgflow.toml"))
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

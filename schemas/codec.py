@@ -1,0 +1,131 @@
+"""The one codec every process uses for topic values and sink files.
+
+Wire format: Avro single-object encoding (spec 1.9+): ``C3 01`` + 8-byte little-endian
+CRC-64-AVRO fingerprint of the writer schema + the schemaless Avro body. A reader
+resolves the writer schema by fingerprint, so a record written with a newer schema
+(new fields with defaults) still decodes with an older reader schema: Avro schema
+resolution drops the unknown fields. Writer schemas this process has not seen are
+looked up through ``register_writer_schema`` (fed from the schema topic, see
+``imgflow.kafka.SchemaTopic``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import threading
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import fastavro
+from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
+
+SCHEMA_DIR = Path(__file__).resolve().parent
+# Named types referenced by later schemas must be parsed first.
+SCHEMA_NAMES = ["ImageEvent", "VisionResult", "EnrichedRecord", "DeadLetter", "ResultRow"]
+MAGIC = b"\xc3\x01"
+
+
+class SchemaError(ValueError):
+    """A value that cannot be decoded: wrong magic, unknown writer schema, corrupt body."""
+
+
+def _load() -> tuple[dict[str, dict], dict[str, Any]]:
+    named: dict[str, Any] = {}
+    raw: dict[str, dict] = {}
+    for name in SCHEMA_NAMES:
+        raw[name] = json.loads((SCHEMA_DIR / f"{name}.avsc").read_text())
+        parse_schema(raw[name], named_schemas=named)
+    return raw, named
+
+
+class Codec:
+    def __init__(self) -> None:
+        self._raw, self._named = _load()
+        self._parsed = {n: parse_schema(self._raw[n], named_schemas=dict(self._named)) for n in SCHEMA_NAMES}
+        self._fp: dict[str, bytes] = {}
+        # fingerprint -> parsed writer schema (ours, and any registered newer/older ones)
+        self._writers: dict[bytes, Any] = {}
+        self._lock = threading.Lock()
+        for name, parsed in self._parsed.items():
+            fp = self._fingerprint(parse_schema(json.loads(self.schema_json(name))))
+            self._fp[name] = fp
+            self._writers[fp] = parsed
+
+    @staticmethod
+    def _fingerprint(parsed: Any) -> bytes:
+        # Always taken from a schema parsed from its self-contained JSON, so that this
+        # process and any reader that registers the JSON agree on it.
+        canonical = to_parsing_canonical_form(parsed)
+        return struct.pack("<Q", int(fingerprint(canonical, "CRC-64-AVRO"), 16))
+
+    def schema(self, name: str) -> Any:
+        return self._parsed[name]
+
+    def schema_json(self, name: str) -> str:
+        """Self-contained (named types inlined) JSON: what the schema topic stores."""
+        return json.dumps(_inline(self._raw[name], self._raw, set(), "imgflow"))
+
+    def fingerprint_of(self, name: str) -> bytes:
+        return self._fp[name]
+
+    def register_writer_schema(self, schema_json: str) -> bytes:
+        parsed = parse_schema(json.loads(schema_json))
+        fp = self._fingerprint(parsed)
+        with self._lock:
+            self._writers.setdefault(fp, parsed)
+        return fp
+
+    def known(self, fp: bytes) -> bool:
+        return fp in self._writers
+
+    def encode(self, name: str, record: dict) -> bytes:
+        buf = io.BytesIO()
+        buf.write(MAGIC)
+        buf.write(self._fp[name])
+        fastavro.schemaless_writer(buf, self._parsed[name], record)
+        return buf.getvalue()
+
+    @staticmethod
+    def writer_fingerprint(data: bytes) -> bytes:
+        if len(data) < 10 or data[:2] != MAGIC:
+            raise SchemaError("not an imgflow Avro value (bad magic bytes)")
+        return data[2:10]
+
+    def decode(self, name: str, data: bytes | None) -> dict:
+        if not data:
+            raise SchemaError("empty value")
+        fp = self.writer_fingerprint(data)
+        writer = self._writers.get(fp)
+        if writer is None:
+            raise SchemaError(f"unknown writer schema fingerprint {fp.hex()}")
+        try:
+            return fastavro.schemaless_reader(io.BytesIO(data[10:]), writer, self._parsed[name])
+        except Exception as exc:  # fastavro raises many types on corrupt bodies
+            raise SchemaError(f"cannot decode {name}: {type(exc).__name__}: {exc}") from exc
+
+
+def _inline(node: Any, raw: dict[str, dict], seen: set[str], namespace: str) -> Any:
+    """Make a schema self-contained: the first reference to one of our named types is
+    replaced by its definition, later ones stay names (as Avro requires)."""
+    if isinstance(node, str):
+        short = node.split(".")[-1]
+        if node.startswith(namespace + ".") and short in raw and node not in seen:
+            return _inline(raw[short], raw, seen, namespace)
+        return node
+    if isinstance(node, list):
+        return [_inline(v, raw, seen, namespace) for v in node]
+    if isinstance(node, dict):
+        if node.get("type") in ("record", "enum", "fixed") and "name" in node:
+            full = node["name"] if "." in node["name"] else f"{node.get('namespace', namespace)}.{node['name']}"
+            seen.add(full)
+        return {k: (v if k in ("name", "namespace", "doc", "symbols", "default") else _inline(v, raw, seen, namespace))
+                for k, v in node.items()}
+    return node
+
+
+@lru_cache(maxsize=1)
+def get_codec() -> Codec:
+    return Codec()
