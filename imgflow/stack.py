@@ -1,0 +1,246 @@
+"""Client side of the embedded broker stack (``python -m infra.embedded``).
+
+Starts the runner as a subprocess by module name (this module never imports ``infra``), waits
+for its ``ready bootstrap=HOST:PORT`` line, and stops it again::
+
+    with EmbeddedStack(data_dir, port=0) as stack:
+        print(stack.bootstrap, stack.s3_endpoint)
+
+The runner lives in its own session, so a Ctrl-C in the terminal reaches only this process
+(which then stops the stack in order); it is given ``--parent-pid`` and shuts itself down if
+this process disappears, even by kill -9.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import imgflow
+
+DEFAULT_PORT = 19092
+READY_PREFIX = "ready bootstrap="
+EXIT_USAGE = 2
+
+
+class StackError(RuntimeError):
+    """The embedded stack failed to start, or the broker did not answer in time."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_broker(bootstrap: str, timeout: float) -> None:
+    """Until a metadata round trip to ``bootstrap`` succeeds; StackError after ``timeout`` s."""
+    from confluent_kafka.admin import AdminClient
+
+    deadline = time.monotonic() + timeout
+    host, _, port = bootstrap.rpartition(":")
+    last: Exception | None = None
+    admin = None
+    try:
+        while time.monotonic() < deadline:
+            if admin is None:
+                try:  # connect only once it accepts: keeps librdkafka from logging refusals
+                    with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), 1.0):
+                        pass
+                except OSError as e:
+                    last = e
+                    time.sleep(0.1)
+                    continue
+                admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 5000})
+            try:
+                remaining = max(0.5, min(5.0, deadline - time.monotonic()))
+                md = admin.list_topics(timeout=remaining)
+                if md.brokers:
+                    return
+                last = RuntimeError("metadata lists no brokers")
+            except Exception as e:  # noqa: BLE001 - not there yet
+                last = e
+            time.sleep(0.1)
+    finally:
+        del admin
+    raise StackError(f"broker at {bootstrap} did not answer within {timeout:.0f} s: {last!r}")
+
+
+def _tail(path: Path | None, lines: int = 40) -> str:
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            data = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def _repo_root() -> Path:
+    # infra/ sits next to imgflow/ in the source tree; make it importable for the child.
+    return Path(imgflow.__file__).resolve().parent.parent
+
+
+class EmbeddedStack:
+    """Runs ``python -m infra.embedded`` for the lifetime of this object (a context manager)."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int = DEFAULT_PORT,
+        host: str = "127.0.0.1",
+        log_file: Path | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.port = port
+        self.host = host
+        self.log_file = Path(log_file) if log_file else self.data_dir / "logs" / "embedded.log"
+        self.bootstrap: str = ""
+        self.s3_endpoint: str = ""
+        self.proc: subprocess.Popen | None = None
+        self.startup_s: float | None = None
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader: threading.Thread | None = None
+
+    # -- info
+    @property
+    def stack_file(self) -> Path:
+        return self.data_dir / "stack.json"
+
+    def info(self) -> dict:
+        """The runner's current stack.json (pids change when it restarts a process)."""
+        try:
+            return json.loads(self.stack_file.read_text())
+        except (OSError, ValueError) as e:
+            raise StackError(f"cannot read {self.stack_file}: {e}") from e
+
+    def log_tail(self, lines: int = 40) -> str:
+        return _tail(self.log_file, lines)
+
+    # -- lifecycle
+    def start(self, timeout: float = 90) -> EmbeddedStack:
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable, "-m", "infra.embedded",
+            "--data-dir", str(self.data_dir),
+            "--port", str(self.port),
+            "--host", self.host,
+            "--parent-pid", str(os.getpid()),
+            "--start-timeout", str(max(5.0, timeout - 2)),
+        ]
+        env = os.environ.copy()
+        root = str(_repo_root())
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        t0 = time.monotonic()
+        with open(self.log_file, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+                cwd=root,
+                start_new_session=True,
+            )
+        self._lines = queue.Queue()
+        self._reader = threading.Thread(target=self._read_stdout, args=(self.proc,),
+                                         name="embedded-stack-stdout", daemon=True)
+        self._reader.start()
+        deadline = t0 + timeout
+        try:
+            self._wait_ready(deadline)
+        except BaseException:
+            self.stop(timeout=20)
+            raise
+        self.startup_s = time.monotonic() - t0
+        return self
+
+    def _read_stdout(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _wait_ready(self, deadline: float) -> None:
+        assert self.proc is not None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StackError(
+                    f"embedded stack did not become ready in time; log tail ({self.log_file}):\n"
+                    f"{self.log_tail()}"
+                )
+            try:
+                line = self._lines.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                continue
+            if line is None:  # stdout closed: the runner exited
+                code = self.proc.wait()
+                what = "refused to start" if code == EXIT_USAGE else f"exited with code {code}"
+                raise StackError(
+                    f"embedded stack {what}; log tail ({self.log_file}):\n{self.log_tail()}"
+                )
+            if line.startswith(READY_PREFIX):
+                self.bootstrap = line[len(READY_PREFIX):].strip()
+                info = self.info()
+                self.s3_endpoint = info.get("s3_endpoint", "")
+                return
+
+    def kill_broker(self) -> None:
+        """SIGKILL the tansu process only (fault tests); the runner restarts it at once."""
+        pid = int(self.info()["tansu_pid"])
+        os.kill(pid, signal.SIGKILL)
+
+    def kill_s3(self) -> None:
+        """SIGKILL SeaweedFS only (fault tests); the runner restarts it."""
+        pid = int(self.info()["weed_pid"])
+        os.kill(pid, signal.SIGKILL)
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM the runner (it stops tansu, then SeaweedFS), wait, SIGKILL if needed."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                # its children get SIGTERM from the kernel (parent-death signal) when it dies
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __enter__(self) -> EmbeddedStack:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
