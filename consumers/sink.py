@@ -244,7 +244,12 @@ class ResultStore:
         with self.csv_path.open("a", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             if new_file:
+                # The header gets its own committed length, so that even the first batch
+                # can be cut back if it is only half written.
                 writer.writerow(CSV_COLUMNS)
+                f.flush()
+                os.fsync(f.fileno())
+                self._set_committed_length(f.tell())
             for i, row in enumerate(rows):
                 writer.writerow([csv_cell(c, row.get(c)) for c in CSV_COLUMNS])
                 if crash is not None and i == len(rows) // 2:
@@ -255,10 +260,13 @@ class ResultStore:
             length = f.tell()
         if crash is not None:
             crash.reach("after_csv")
+        self._set_committed_length(length)
+        metrics.SINK_ROWS.labels("csv").inc(len(rows))
+
+    def _set_committed_length(self, length: int) -> None:
         tmp = self.length_path.with_suffix(".tmp")
         tmp.write_text(str(length))
         os.replace(tmp, self.length_path)
-        metrics.SINK_ROWS.labels("csv").inc(len(rows))
 
 
 def _fsync_dir(path: Path) -> None:

@@ -77,6 +77,8 @@ class StageName(str, Enum):
 def stage(name: Annotated[StageName, typer.Argument(help="Which stage.")],
           group: Annotated[Optional[str], typer.Option(help="Consumer group (default imgflow-<stage>).")] = None) -> None:
     """Run one stage as its own process against the configured broker (IMGFLOW_KAFKA__BOOTSTRAP)."""
+    early_stop: list[int] = []  # a SIGTERM during start-up (model loading) still means a clean stop
+    signal.signal(signal.SIGTERM, lambda signum, _frame: early_stop.append(signum))
     settings = _settings()
     from imgflow.metrics import serve_metrics
     from imgflow.models.base import ModelConfigError
@@ -96,6 +98,8 @@ def stage(name: Annotated[StageName, typer.Argument(help="Which stage.")],
         runner = StageRunner(T(settings), settings, group_id=group)
     signal.signal(signal.SIGTERM, runner.request_stop)
     signal.signal(signal.SIGINT, runner.request_stop)
+    if early_stop:
+        runner.request_stop()
     try:
         runner.run()
     except ModelConfigError as exc:

@@ -47,6 +47,7 @@ def prepare_image(data: bytes, max_size: int, max_pixels: int = DEFAULT_MAX_PIXE
     keeping the aspect ratio. Raises BadImage with a message that says what is wrong."""
     if not data:
         raise BadImage("empty file (0 bytes)")
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard, at our limit
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -66,7 +67,7 @@ def prepare_image(data: bytes, max_size: int, max_pixels: int = DEFAULT_MAX_PIXE
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImage(f"decompression bomb refused: {exc}") from exc
+        raise BadImage(f"image too large, decompression bomb refused: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise BadImage(f"not an image or unsupported format ({len(data)} bytes)") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

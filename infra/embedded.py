@@ -534,9 +534,9 @@ def check_broker_health(bootstrap: str, deadline: float, check, tansu: Tansu) ->
 
 def pipeline_topic_specs() -> list[tuple[str, int]]:
     from imgflow.settings import Settings
-    from imgflow.topics import topic_specs
+    from imgflow.topics import all_topic_specs
 
-    return [(s.name, s.partitions) for s in topic_specs(Settings())]
+    return [(s.name, s.partitions) for s in all_topic_specs(Settings())]
 
 
 # --------------------------------------------------------------------------------------------

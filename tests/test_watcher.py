@@ -1,0 +1,79 @@
+"""The local-folder watcher: one event per image version, state across restarts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+from PIL import Image
+
+from tests.kafka_helpers import decoded
+from watchers.local import LocalWatcher, WatcherState, current_event_ids
+
+
+def make_png(path, color="red"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), color).save(path)
+    old = time.time() - 60
+    os.utime(path, (old, old))  # settled long ago
+
+
+def events_on(settings):
+    return decoded(settings, settings.topics.new, "ImageEvent")
+
+
+def test_publishes_each_image_once_across_restarts(settings, tmp_path):
+    folder = tmp_path / "in"
+    make_png(folder / "a.png")
+    make_png(folder / "sub" / "b.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"x")
+    watcher = LocalWatcher(folder, settings)
+    assert watcher.poll_once() == 2
+    assert watcher.poll_once() == 0
+    watcher.state.close()
+    restarted = LocalWatcher(folder, settings)  # same state file
+    assert restarted.poll_once() == 0
+    evs = events_on(settings)
+    assert sorted(e["image_path"] for e in evs) == sorted(str((folder / p).resolve()) for p in ["a.png", "sub/b.jpg"])
+    assert {e["event_id"] for e in evs} == current_event_ids(folder, settings)
+    assert all(e["uri"].startswith("file:///") and e["source"] == "local" for e in evs)
+
+
+def test_identical_bytes_are_two_events_and_overwrite_is_a_new_one(settings, tmp_path):
+    folder = tmp_path / "in"
+    make_png(folder / "a.png")
+    shutil.copy2(folder / "a.png", folder / "copy.png")
+    watcher = LocalWatcher(folder, settings)
+    assert watcher.poll_once() == 2
+    make_png(folder / "a.png", color="blue")
+    os.utime(folder / "a.png", (time.time() - 30, time.time() - 30))
+    assert watcher.poll_once() == 1
+    evs = events_on(settings)
+    assert len({e["event_id"] for e in evs}) == 3
+    assert sum(e["image_path"].endswith("a.png") for e in evs) == 2
+
+
+def test_file_still_being_written_waits_until_settled(settings, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    watcher = LocalWatcher(folder, settings)  # settle_s = 0.3 in tests
+    path = folder / "growing.png"
+    path.write_bytes(b"\x89PNG partial")
+    assert watcher.poll_once() == 0  # just written: not yet
+    time.sleep(0.1)
+    path.write_bytes(b"\x89PNG partial, more")
+    assert watcher.poll_once() == 0  # changed since: still not
+    time.sleep(0.5)
+    assert watcher.poll_once() == 1
+    (ev,) = events_on(settings)
+    assert ev["size"] == len(b"\x89PNG partial, more")
+
+
+def test_state_survives_reopen(tmp_path):
+    state = WatcherState(tmp_path / "s.sqlite")
+    state.add_many([{"event_id": "e1", "uri": "file:///a"}])
+    state.close()
+    again = WatcherState(tmp_path / "s.sqlite")
+    assert again.has("e1") and not again.has("e2") and again.count() == 1
