@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -46,10 +47,11 @@ def _rss_bytes() -> int:
 def _sample_resources(role: str) -> None:
     while True:
         PROCESS_RSS.labels(role).set(_rss_bytes())
-        torch = __import__("sys").modules.get("torch")  # only if the process already uses torch
-        if torch is not None and torch.cuda.is_available():
-            GPU_MEMORY.labels(role, "allocated").set(torch.cuda.memory_allocated())
-            GPU_MEMORY.labels(role, "reserved").set(torch.cuda.memory_reserved())
+        torch = sys.modules.get("torch")  # only if the process already uses torch
+        cuda = getattr(torch, "cuda", None)  # absent while torch is still being imported
+        if cuda is not None and cuda.is_available():
+            GPU_MEMORY.labels(role, "allocated").set(cuda.memory_allocated())
+            GPU_MEMORY.labels(role, "reserved").set(cuda.memory_reserved())
         time.sleep(5)
 
 

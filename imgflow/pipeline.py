@@ -3,6 +3,7 @@ its own process (a crash of one is a restart of one), with progress on the termi
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -39,7 +40,7 @@ class Child:
         out = open(self.log_path, "ab")
         # Own session: a Ctrl-C in the terminal reaches only us; we stop children in order.
         self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
+                                     preexec_fn=_own_session_dying_with_parent)
         out.close()
 
     def alive(self) -> bool:
@@ -216,6 +217,13 @@ class Pipeline:
                     log.error("%s did not stop in %ss: killing it", role, timeout)
                     child.proc.kill()
                     child.proc.wait()
+
+
+def _own_session_dying_with_parent() -> None:
+    """In the child before exec: its own session, and SIGTERM when `run` dies (even by
+    SIGKILL), so no stage outlives the command that started it."""
+    os.setsid()
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _port_free(port: int) -> bool:

