@@ -75,6 +75,20 @@ class ModelSettings(BaseModel):
     llm_ctx: int = Field(2048, ge=256)
     llm_max_tokens: int = Field(256, ge=16)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # -- production (GPU-profile) models: where they load from. Setting one of these picks
+    # the production implementation of its job(s) in any profile (README "Models:
+    # production (GPU) profile"); ``word_vectors`` and ``llm`` above take a path the same way.
+    vlm: str = ""  # Qwen2-VL transformers folder: describe + read_text
+    clip: str = ""  # "<open_clip model name or config .json>:<weights file>": embed_image
+    sentence: str = ""  # SentenceTransformer folder: embed_text
+    vlm_attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
+    vlm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    vlm_max_new_tokens: int = Field(256, ge=1)  # description
+    vlm_text_max_new_tokens: int = Field(128, ge=1)  # text read in the image
+    vlm_max_pixels: int = Field(448 * 448, ge=56 * 56)  # image processor cap (pixels per image)
+    llm_device: Literal["cpu", "cuda"] = "cpu"  # the enrich stage runs on CPU by default
+    memory_clear_threshold_gb: float = Field(2.0, ge=0.0)  # empty the CUDA cache under this free
+    cuda_alloc_conf: str = "expandable_segments:True"  # PYTORCH_CUDA_ALLOC_CONF unless set
 
 
 class WatchSettings(BaseModel):

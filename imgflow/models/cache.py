@@ -8,6 +8,10 @@ in use, ``torch.cuda.empty_cache()``).
 Counters (plain attributes, read them for metrics; no Prometheus import here):
 ``hits``, ``misses``, ``loads``, ``evictions`` (per key, ints), ``load_seconds``
 (per key, seconds of the latest load), ``load_seconds_total`` (per key, all loads).
+An optional ``listener(event, key, seconds)`` is told of every "hit", "miss", "load" (with
+its seconds) and "evicted"; the process-wide cache (``get_model_cache``) uses it to feed the
+Prometheus metrics ``imgflow_model_cache_total``, ``imgflow_model_loads_total`` and
+``imgflow_model_load_seconds``.
 
 An entry evicted while another thread still uses the object it returned is closed
 under that thread; size the cache (``models.cache_size``) to at least the number of
@@ -69,12 +73,14 @@ class ModelCache:
         capacity: int,
         ttl_s: float = 0,
         clock: Callable[[], float] = time.monotonic,
+        listener: Callable[[str, str, float], None] | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.capacity = int(capacity)
         self.ttl_s = float(ttl_s)
         self._clock = clock
+        self.listener = listener
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.RLock()
         self._key_locks: dict[str, threading.Lock] = {}
@@ -103,6 +109,7 @@ class ModelCache:
                 if value is not _MISSING:
                     return value
                 self.misses[key] = self.misses.get(key, 0) + 1
+                self._tell("miss", key)
                 # Make room first, so the old model's memory is free before loading.
                 victims = self._pop_lru(room_for=1)
             self._release_all(victims)
@@ -116,6 +123,7 @@ class ModelCache:
                 self.load_seconds_total[key] = self.load_seconds_total.get(key, 0.0) + took
                 self._entries[key] = _Entry(value, self._clock())
                 self._entries.move_to_end(key)
+                self._tell("load", key, took)
                 victims = self._pop_lru(room_for=0)  # a concurrent load of another key
             self._release_all(victims)
             return value
@@ -197,7 +205,15 @@ class ModelCache:
         entry.last_used = self._clock()
         self._entries.move_to_end(key)
         self.hits[key] = self.hits.get(key, 0) + 1
+        self._tell("hit", key)
         return entry.value
+
+    def _tell(self, event: str, key: str, seconds: float = 0.0) -> None:
+        if self.listener is not None:
+            try:
+                self.listener(event, key, seconds)
+            except Exception:  # metrics must never break model loading
+                log.debug("model cache listener failed", exc_info=True)
 
     def _pop_lru(self, room_for: int) -> list[tuple[str, Any]]:
         victims = []
@@ -207,10 +223,10 @@ class ModelCache:
             victims.append((k, e.value))
         return victims
 
-    @staticmethod
-    def _release_all(victims: list[tuple[str, Any]]) -> None:
+    def _release_all(self, victims: list[tuple[str, Any]]) -> None:
         for k, v in victims:
             log.info("model %s unloaded", k)
+            self._tell("evicted", k)
             _release(k, v)
         victims.clear()
 
@@ -232,10 +248,20 @@ def get_model_cache(settings: Settings | None = None) -> ModelCache:
     capacity, ttl = settings.models.cache_size, settings.models.cache_ttl_s
     with _default_lock:
         if _default is None:
-            _default = ModelCache(capacity, ttl)
+            _default = ModelCache(capacity, ttl, listener=_export_metrics)
         elif (_default.capacity, _default.ttl_s) != (capacity, ttl):
             _default.resize(capacity, ttl)
         return _default
+
+
+def _export_metrics(event: str, key: str, seconds: float) -> None:
+    from imgflow import metrics
+
+    if event == "load":
+        metrics.MODEL_LOADS.labels(key).inc()
+        metrics.MODEL_LOAD_SECONDS.labels(key).set(seconds)
+    else:
+        metrics.MODEL_CACHE.labels(event).inc()
 
 
 def reset_model_cache() -> None:
