@@ -9,6 +9,7 @@ from pathlib import Path
 from imgflow.errors import BadInput
 from imgflow.events import path_from_uri
 from imgflow.images import PreparedImage, prepare_image
+from imgflow.models.embedded._common import release_gpu_memory_if_low
 from imgflow.models.registry import VisionModels, build_vision_models
 from imgflow.settings import Settings
 from imgflow.stage import InputRecord, Output, Transform
@@ -59,6 +60,7 @@ class VisionTransform(Transform):
 
     def process(self, records: list[InputRecord]) -> list[list[Output] | BaseException]:
         started = time.monotonic()
+        release_gpu_memory_if_low(self.settings.models.memory_clear_threshold_gb)
         results: list[list[Output] | BaseException | None] = [None] * len(records)
         ready: list[tuple[int, PreparedImage]] = []
         for i, rec in enumerate(records):

@@ -142,13 +142,13 @@ def broker(data_dir: DataDir = None,
 
 
 @app.command()
-def models() -> None:
+def models(load: Annotated[bool, typer.Option("--load", help="Also load every model (slower, proves it loads).")] = False) -> None:
     """List the configured models, where they load from, and whether they load."""
     settings = _settings()
     from imgflow.models.registry import check_models
 
     failed = 0
-    for job, where, ok, message in check_models(settings):
+    for job, where, ok, message in check_models(settings, load=load):
         failed += not ok
         typer.echo(f"{'ok ' if ok else 'ERR'} {job:<15} {where}{'' if ok else '  ' + message}")
     raise typer.Exit(1 if failed else 0)

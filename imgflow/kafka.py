@@ -19,9 +19,17 @@ from schemas.codec import Codec
 log = logging.getLogger(__name__)
 
 
+_last_logged: dict[str, float] = {}
+
+
 def _log_error(err: KafkaError) -> None:
-    # librdkafka reports transient connection trouble here; it reconnects by itself.
-    log.warning("kafka: %s", err)
+    """librdkafka reports transient connection trouble here and reconnects by itself; every
+    client of a process reports the same outage, so each message is logged once a minute."""
+    text = err.str()
+    now = time.monotonic()
+    if now - _last_logged.get(text, -1e9) >= 60:
+        _last_logged[text] = now
+        log.warning("kafka: %s", text)
 
 
 def consumer_config(settings: Settings, group_id: str, **extra) -> dict:

@@ -37,6 +37,9 @@ class KafkaSettings(BaseModel):
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(1000, ge=100)
     transaction_timeout_ms: int = Field(60000, ge=1000)
+    # A transaction step hanging longer than this (seen on tansu right after a broker
+    # restart) makes the stage exit, so that a restart reconnects; 0 disables.
+    transaction_stall_s: float = Field(120.0, ge=0.0)
 
 
 class TopicSettings(BaseModel):
@@ -85,7 +88,6 @@ class ModelSettings(BaseModel):
     vlm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     vlm_max_new_tokens: int = Field(256, ge=1)  # description
     vlm_text_max_new_tokens: int = Field(128, ge=1)  # text read in the image
-    vlm_max_pixels: int = Field(448 * 448, ge=56 * 56)  # image processor cap (pixels per image)
     llm_device: Literal["cpu", "cuda"] = "cpu"  # the enrich stage runs on CPU by default
     memory_clear_threshold_gb: float = Field(2.0, ge=0.0)  # empty the CUDA cache under this free
     cuda_alloc_conf: str = "expandable_segments:True"  # PYTORCH_CUDA_ALLOC_CONF unless set

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, defaultdict
@@ -166,6 +167,19 @@ class StageRunner:
         self.stopping = False
         self.paused: list[TopicPartition] = []
         self.consumer: Consumer | None = None
+        self.txn_started: float | None = None  # monotonic time the open transaction began
+
+    def _watch_transactions(self) -> None:
+        """Exit the process if one transaction hangs: a crash is always safe here (that is
+        the point of the design), and the restarted process reconnects and fences."""
+        limit = self.settings.kafka.transaction_stall_s
+        while limit and not self.stopping:
+            started = self.txn_started
+            if started is not None and time.monotonic() - started > limit:
+                log.error("a transaction has hung for %.0fs: exiting so that a restart recovers", limit)
+                logging.shutdown()
+                os._exit(75)
+            time.sleep(1)
 
     # ---- partition ownership ------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -194,6 +208,7 @@ class StageRunner:
 
     def run(self, max_batches: int | None = None) -> None:
         self.transform.setup()
+        threading.Thread(target=self._watch_transactions, daemon=True, name="txn-watchdog").start()
         publish_schemas(self.settings, self.codec, self.transform.output_schemas + ["DeadLetter"])
         self.consumer = Consumer(consumer_config(self.settings, self.group_id))
         self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -335,6 +350,7 @@ class StageRunner:
         if producer is None:  # revoked while we worked: the new owner redoes these records
             log.warning("partition %s[%d] no longer ours: batch dropped, the new owner redoes it", *tp)
             return
+        self.txn_started = time.monotonic()
         try:
             # Step 1. Begin: everything until step 4 becomes visible together or not at all.
             producer.begin_transaction()
@@ -368,6 +384,8 @@ class StageRunner:
             # Redo these records: rewind to the first offset of the batch.
             self.consumer.seek(TopicPartition(tp[0], tp[1], records[0].offset))
             return
+        finally:
+            self.txn_started = None
         # Step 5. Only now remember the event_ids: an aborted batch must be redone.
         for rec in records:
             self.handled.add(rec.event_id)

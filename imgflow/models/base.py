@@ -43,6 +43,12 @@ class ModelAdapter(ABC):
     @abstractmethod
     def model_id(self) -> str: ...
 
+    @property
+    def source(self) -> str:
+        """Where the weights load from (a path), for ``imgflow models``; "" if not known."""
+        path = getattr(self, "path", None)
+        return str(path) if path else ""
+
     def check(self) -> None:
         """Raise ModelConfigError if the configured files are missing. Cheap: no loading."""
 

@@ -9,6 +9,19 @@ factory that takes no spec raises ModelConfigError naming the setting.
 
 To add a profile: ``register("gpu", "describe", "qwen2-vl", factory, default=True)`` for
 each job (see ``JOBS``).
+
+Mixing profiles, per job (``build_adapter``):
+1. an override that names an implementation of *any* profile picks it (the current
+   profile's first), e.g. ``describe = "composed"`` under the gpu profile;
+2. any other non-empty override is the spec of the profile's default (a path);
+   under the embedded profile a ``word_vectors`` path picks gensim (production);
+3. otherwise, under the embedded profile, a set production source (``models.vlm`` for
+   describe and read_text, ``models.clip``, ``models.sentence``) picks the production
+   implementation of that job;
+4. otherwise the profile's default; the gpu defaults read their source settings and
+   name the setting when it is empty.
+Every adapter is ``check()``-ed when the stage's models are built (``setup``, before any
+message is consumed), so a wrong path stops the stage at start-up.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ from imgflow.models.base import (
     WordVectorizer,
 )
 from imgflow.models.cache import ModelCache, get_model_cache
+from imgflow.models.embedded._common import configure_cuda_allocator
 from imgflow.settings import Settings
 
 # job name (ModelAdapter.job) -> the ModelSettings field that overrides it
@@ -35,6 +49,15 @@ JOBS: dict[str, str] = {
     "read_text": "read_text",
     "embed_image": "embed_image",
     "embed_text": "embed_text",
+    "word_vectors": "word_vectors",
+    "structure_text": "llm",
+}
+# job -> the ModelSettings field naming the production model's source (a path)
+PRODUCTION_SOURCES: dict[str, str] = {
+    "describe": "vlm",
+    "read_text": "vlm",
+    "embed_image": "clip",
+    "embed_text": "sentence",
     "word_vectors": "word_vectors",
     "structure_text": "llm",
 }
@@ -87,14 +110,35 @@ def build_adapter(settings: Settings, job: str, cache: ModelCache | None = None)
         raise ModelConfigError(f"profile {profile!r} has no implementation for job {job!r}")
     cache = cache if cache is not None else get_model_cache(settings)
     override = getattr(settings.models, JOBS[job]).strip()
-    if override in impls:
-        return impls[override](settings, cache, "")
-    return impls[DEFAULTS[profile][job]](settings, cache, override)
+    for p in [profile] + [p for p in REGISTRY if p != profile]:
+        named = REGISTRY[p].get(job, {})
+        if override in named:
+            return named[override](settings, cache, "")
+    if override:
+        if profile == "embedded" and job == "word_vectors":
+            return _gensim(settings, cache, override)
+        return impls[DEFAULTS[profile][job]](settings, cache, override)
+    source = PRODUCTION_SOURCES.get(job)
+    if profile != "gpu" and source and getattr(settings.models, source).strip():
+        return REGISTRY["gpu"][job][DEFAULTS["gpu"][job]](settings, cache, "")
+    return impls[DEFAULTS[profile][job]](settings, cache, "")
 
 
-def build_vision_models(settings: Settings, cache: ModelCache | None = None) -> VisionModels:
+def _checked(adapters: dict[str, ModelAdapter], check: bool) -> dict[str, ModelAdapter]:
+    if check:
+        for adapter in adapters.values():
+            adapter.check()
+    return adapters
+
+
+def build_vision_models(settings: Settings, cache: ModelCache | None = None,
+                        check: bool = True) -> VisionModels:
+    """The vision stage's adapters, each ``check()``-ed (a wrong path raises
+    ModelConfigError naming the setting); nothing is loaded. Sets
+    PYTORCH_CUDA_ALLOC_CONF (``models.cuda_alloc_conf``) first, before torch may start CUDA."""
+    configure_cuda_allocator(settings.models.cuda_alloc_conf)
     cache = cache if cache is not None else get_model_cache(settings)
-    a = {job: build_adapter(settings, job, cache) for job in VISION_JOBS}
+    a = _checked({job: build_adapter(settings, job, cache) for job in VISION_JOBS}, check)
     return VisionModels(
         describer=a["describe"],
         reader=a["read_text"],
@@ -104,26 +148,40 @@ def build_vision_models(settings: Settings, cache: ModelCache | None = None) -> 
     )
 
 
-def build_enrich_models(settings: Settings, cache: ModelCache | None = None) -> EnrichModels:
+def build_enrich_models(settings: Settings, cache: ModelCache | None = None,
+                        check: bool = True) -> EnrichModels:
     cache = cache if cache is not None else get_model_cache(settings)
-    return EnrichModels(structurer=build_adapter(settings, "structure_text", cache))
+    a = _checked({"structure_text": build_adapter(settings, "structure_text", cache)}, check)
+    return EnrichModels(structurer=a["structure_text"])
 
 
-def check_models(settings: Settings) -> list[tuple[str, str, bool, str]]:
-    """(job, model_id or the configured value, ok, message) per job; loads nothing
-    (model_id may hash weight files once)."""
+def _configured(settings: Settings, job: str) -> str:
+    override = getattr(settings.models, JOBS[job])
+    source = PRODUCTION_SOURCES.get(job)
+    return override or (source and getattr(settings.models, source)) or "(profile default)"
+
+
+def check_models(settings: Settings, load: bool = False) -> list[tuple[str, str, bool, str]]:
+    """(job, "model_id <- where it loads from" or the configured value, ok, message) per
+    job. Checks that each configured path exists and looks valid (config / weights files,
+    file magic) without loading; ``load=True`` also loads each model once.
+    (model_id may hash weight files once.)"""
     rows = []
-    cache = ModelCache(1)  # never used for loading here
+    cache = ModelCache(1)  # one model at a time when load=True
     for job in JOBS:
-        configured = getattr(settings.models, JOBS[job]) or "(profile default)"
+        configured = _configured(settings, job)
         try:
             adapter = build_adapter(settings, job, cache)
             adapter.check()
-            rows.append((job, adapter.model_id, True, "ok"))
+            if load:
+                adapter.load()
+            where = adapter.model_id + (f" <- {adapter.source}" if adapter.source else "")
+            rows.append((job, where, True, "loaded" if load else "ok"))
         except ModelConfigError as e:
             rows.append((job, configured, False, str(e)))
         except Exception as e:  # an unexpected failure is a failed check, not a crash
             rows.append((job, configured, False, f"{type(e).__name__}: {e}"))
+    cache.clear()
     return rows
 
 
@@ -185,7 +243,7 @@ def _llama_cpp(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter
 
     m = settings.models
     return LlamaCppStructurer(cache, spec, m.models_dir, n_ctx=m.llm_ctx, n_threads=m.llm_threads,
-                              max_tokens=m.llm_max_tokens, device=m.device)
+                              max_tokens=m.llm_max_tokens, device=m.llm_device)
 
 
 register("embedded", "describe", "composed", _composed, default=True)
@@ -195,3 +253,58 @@ register("embedded", "embed_text", "all-minilm-l6-v2", _minilm, default=True)
 register("embedded", "word_vectors", "glove-6b-50d", _glove, default=True)
 # "qwen2.5-coder-0.5b" / "smollm2-135m" / a .gguf path are all specs of one factory.
 register("embedded", "structure_text", "llama-cpp", _llama_cpp, default=True)
+
+
+# -- the production (GPU) profile: models from paths the user configures -------------------
+# Each factory reads its source setting when spec is "" (see PRODUCTION_SOURCES).
+
+
+def _qwen2vl(kind: str):
+    def factory(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter:
+        from imgflow.models.gpu import vlm
+
+        m = settings.models
+        cls = vlm.Qwen2VlDescriber if kind == "describe" else vlm.Qwen2VlTextReader
+        max_new = m.vlm_max_new_tokens if kind == "describe" else m.vlm_text_max_new_tokens
+        return cls(cache, spec or m.vlm, device=m.device, dtype=m.vlm_dtype,
+                   attn_implementation=m.vlm_attn_implementation, max_new_tokens=max_new)
+
+    return factory
+
+
+def _open_clip(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter:
+    from imgflow.models.gpu.clip import OpenClipImageEmbedder
+
+    return OpenClipImageEmbedder(cache, spec or settings.models.clip, device=settings.models.device)
+
+
+def _sentence(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter:
+    from imgflow.models.gpu.sentence import SentenceTransformerEmbedder
+
+    return SentenceTransformerEmbedder(cache, spec or settings.models.sentence, device=settings.models.device)
+
+
+def _gensim(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter:
+    from imgflow.models.gpu.word_vectors import GensimWordVectorizer
+
+    return GensimWordVectorizer(cache, spec or settings.models.word_vectors)
+
+
+def _gguf(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter:
+    from imgflow.models.gpu.llm import GgufStructurer
+
+    from imgflow.models.embedded.llm import QWEN_NAME, SMOLLM2_NAME
+
+    m = settings.models
+    if (spec or m.llm).strip() in (QWEN_NAME, SMOLLM2_NAME):  # a shipped GGUF, by name
+        return _llama_cpp(settings, cache, (spec or m.llm).strip())
+    return GgufStructurer(cache, spec or m.llm, n_ctx=m.llm_ctx, n_threads=m.llm_threads,
+                          max_tokens=m.llm_max_tokens, device=m.llm_device)
+
+
+register("gpu", "describe", "qwen2-vl", _qwen2vl("describe"), default=True)
+register("gpu", "read_text", "qwen2-vl", _qwen2vl("read_text"), default=True)
+register("gpu", "embed_image", "open-clip", _open_clip, default=True)
+register("gpu", "embed_text", "sentence-transformers", _sentence, default=True)
+register("gpu", "word_vectors", "gensim", _gensim, default=True)
+register("gpu", "structure_text", "gguf", _gguf, default=True)
