@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -31,7 +31,12 @@ def default_models_dir() -> Path:
     return Path(base) / "imgflow" / "models"
 
 
-class KafkaSettings(BaseModel):
+class _Section(BaseModel):
+    # A misspelt key in imgflow.toml is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(_Section):
     bootstrap: str = "127.0.0.1:19092"
     # tansu joins a group in about half of session.timeout.ms (ENVIRONMENT.md).
     session_timeout_ms: int = Field(6000, ge=1000)
@@ -42,7 +47,7 @@ class KafkaSettings(BaseModel):
     transaction_stall_s: float = Field(120.0, ge=0.0)
 
 
-class TopicSettings(BaseModel):
+class TopicSettings(_Section):
     new: str = "images.new"
     new_high: str = "images.new.high"
     vision: str = "images.vision"
@@ -51,7 +56,7 @@ class TopicSettings(BaseModel):
     partitions: int = Field(3, ge=1, le=256)
 
 
-class StageSettings(BaseModel):
+class StageSettings(_Section):
     batch_size: int = Field(8, ge=1, le=1024)
     max_wait_s: float = Field(0.5, ge=0.0)
     max_attempts: int = Field(3, ge=1, le=100)
@@ -59,7 +64,7 @@ class StageSettings(BaseModel):
     instance: str = "0"
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(_Section):
     profile: Literal["embedded", "gpu"] = "embedded"
     image_max_size: int = Field(384, ge=32, le=8192)
     # The original script had MODEL_CACHE_SIZE = 3; the vision stage alone uses 4 models at
@@ -93,19 +98,19 @@ class ModelSettings(BaseModel):
     cuda_alloc_conf: str = "expandable_segments:True"  # PYTORCH_CUDA_ALLOC_CONF unless set
 
 
-class WatchSettings(BaseModel):
+class WatchSettings(_Section):
     poll_interval_s: float = Field(1.0, gt=0.0)
     settle_s: float = Field(1.0, ge=0.0)  # a file must be unchanged this long before it is published
     extensions: list[str] = [".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"]
 
 
-class SinkSettings(BaseModel):
+class SinkSettings(_Section):
     out_dir: Path = Path("out")
     csv: bool = True
     avro: bool = True
 
 
-class S3Settings(BaseModel):
+class S3Settings(_Section):
     endpoint_url: str = ""
     access_key_id: SecretStr = SecretStr("")
     secret_access_key: SecretStr = SecretStr("")

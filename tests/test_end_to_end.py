@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,9 +57,12 @@ def finished_run(tmp_path_factory):
     (folder / "broken.jpg").write_text("this is a text file, not a JPEG")
     work = tmp_path_factory.mktemp("run")
     started = time.monotonic()
-    proc = subprocess.run([*IMGFLOW, "run", str(folder), "--once", "--out", str(work / "out"),
-                           "--data-dir", str(work / "data"), "--port", "0"],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    with socket.socket() as busy:  # the broker port is taken: run must pick a free one, not hang
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = subprocess.run([*IMGFLOW, "run", str(folder), "--once", "--out", str(work / "out"),
+                               "--data-dir", str(work / "data"), "--port", str(busy.getsockname()[1])],
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     return proc, work / "out", time.monotonic() - started, work / "data"
 
 
@@ -67,6 +71,7 @@ def test_run_once_exits_zero_and_says_where_results_are(finished_run):
     logs = "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted((data_dir / "logs").glob("*.log")))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
     assert str(out / "results.csv") in proc.stdout
+    assert "is in use" in proc.stdout and "done: 4 images" in proc.stdout
     print(f"imgflow run --once on 4 images: {seconds:.1f}s")
 
 
