@@ -322,8 +322,11 @@ class StageRunner:
             yield from self._process_halving(records[:half])
             yield from self._process_halving(records[half:])
             return
+        seconds = time.monotonic() - start
         metrics.BATCH_SIZE.labels(self.transform.name).observe(len(records))
-        metrics.STAGE_SECONDS.labels(self.transform.name).observe(time.monotonic() - start)
+        metrics.STAGE_SECONDS.labels(self.transform.name).observe(seconds)
+        log.info("transformed %d record(s) in %.2fs (%.2fs each)", len(records), seconds, seconds / len(records),
+                 extra={"stage": self.transform.name})
         yield from zip(records, results)
 
     def _dead_letter(self, rec: InputRecord, error: str, attempts: int) -> Output:
