@@ -285,3 +285,20 @@ def test_validate_rules():
                 ok.replace('"A cat."', '""')):
         with pytest.raises(StructuringError):
             validate(bad, StructureInput("d", "", []))
+
+
+def test_invented_image_text_is_replaced_by_the_ocr_text():
+    """Seen in a long chaos run: SmolLM2 answered image_text 'CALA 2018-01-01 20:30:52' for
+    an image whose OCR read 'CHAOS 0059'. What was read in the image wins over invention;
+    small corrections (case, spacing, punctuation) are kept."""
+    import json
+
+    from imgflow.models.embedded.llm import validate
+
+    item = StructureInput(description="x", image_text="CHAOS 0059", labels=[])
+
+    def answer(text):
+        return json.dumps({"description": "d", "category": "c", "keywords": ["k"], "image_text": text})
+
+    assert validate(answer("CALA 2018-01-01 20:30:52.113"), item)["image_text"] == "CHAOS 0059"
+    assert validate(answer("Chaos 0059."), item)["image_text"] == "Chaos 0059."

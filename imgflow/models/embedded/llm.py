@@ -8,7 +8,9 @@ unless it is cut off; temperature 0 and a fixed seed make it deterministic.
 Grounding rules applied after generation (the model only sees text, never the image):
 - ``image_text``: if OCR text exists and the model returned an empty ``image_text`` (or a
   prefix of the OCR text, cut short by the schema's 300-character bound), the OCR text is
-  kept; if there is no OCR text, ``image_text`` is "" whatever the model said.
+  kept; so is it when the model's text differs too much from the OCR text (difflib ratio
+  under ``MIN_OCR_SIMILARITY``: invented text); if there is no OCR text, ``image_text`` is ""
+  whatever the model said.
 - keywords are stripped, de-duplicated (case-insensitive) and capped at 8.
 
 Which GGUF (``models.llm`` / ``IMGFLOW_MODELS__LLM``):
@@ -21,6 +23,7 @@ Which GGUF (``models.llm`` / ``IMGFLOW_MODELS__LLM``):
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -279,6 +282,16 @@ class LlamaCppStructurer(TextStructurer):
         return out
 
 
+# How close (difflib ratio, case and spacing ignored) the model's image_text must stay to
+# the OCR text. It may fix spacing or a misread letter; anything further is invented.
+MIN_OCR_SIMILARITY = 0.6
+
+
+def _similarity(a: str, b: str) -> float:
+    norm = lambda t: " ".join(t.lower().split())  # noqa: E731
+    return difflib.SequenceMatcher(None, norm(a), norm(b)).ratio()
+
+
 def validate(raw: str, item: StructureInput, truncated: bool = False) -> dict:
     """Parse and check one answer; apply the grounding rules (module docstring)."""
     try:
@@ -314,5 +327,7 @@ def validate(raw: str, item: StructureInput, truncated: bool = False) -> dict:
         len(image_text) < len(ocr) and " ".join(ocr.split()).startswith(" ".join(image_text.split()))
     ):
         image_text = ocr  # empty, or cut short by the schema's maxLength: keep the OCR text
+    elif _similarity(image_text, ocr) < MIN_OCR_SIMILARITY:
+        image_text = ocr  # the model wrote text the image does not show: what was read wins
     return {"description": description, "category": category,
             "keywords": keywords[:MAX_KEYWORDS], "image_text": image_text}
