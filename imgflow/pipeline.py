@@ -170,6 +170,8 @@ class Pipeline:
             update={"bootstrap": self.stack.bootstrap})}), [t.new, t.new_high, t.vision, t.enriched, t.dlq])
         progress = Progress(total=len(target) if self.once else None)
         started = time.monotonic()
+        tail.refresh()
+        done_before = len(tail.done)  # rows of earlier runs: not part of this run's rate
         try:
             while not self.stopping:
                 tail.refresh()
@@ -177,7 +179,7 @@ class Pipeline:
                 found = counter.count(t.new) + counter.count(t.new_high)
                 progress.show(found=found, vision=counter.count(t.vision), enriched=counter.count(t.enriched),
                               failed=counter.count(t.dlq), written=len(tail.done), errors=tail.errors,
-                              elapsed=time.monotonic() - started)
+                              new_rows=len(tail.done) - done_before, elapsed=time.monotonic() - started)
                 if self.once and target <= tail.done:
                     progress.finish()
                     print(f"done: {len(target)} images, {tail.errors} with errors, "
@@ -253,8 +255,8 @@ class Progress:
             self._live.start()
 
     def show(self, *, found: int, vision: int, enriched: int, failed: int, written: int, errors: int,
-             elapsed: float) -> None:
-        rate = written / elapsed if elapsed > 0 else 0.0
+             new_rows: int, elapsed: float) -> None:
+        rate = new_rows / elapsed if elapsed > 0 else 0.0
         total = f"/{self.total}" if self.total is not None else ""
         line = (f"found {found} | vision {vision} | enriched {enriched} | failed {failed} | "
                 f"written {written}{total} ({errors} with errors) | {rate:.2f} img/s | {elapsed:.0f}s")
