@@ -532,17 +532,6 @@ def check_broker_health(bootstrap: str, deadline: float, check, tansu: Tansu) ->
     )
 
 
-def pipeline_topic_specs() -> list[tuple[str, int]]:
-    from imgflow.settings import Settings
-    from imgflow.topics import all_topic_specs
-
-    return [(s.name, s.partitions) for s in all_topic_specs(Settings())]
-
-
-# --------------------------------------------------------------------------------------------
-# the supervisor
-
-
 class Supervisor:
     def __init__(self, data_dir: Path, host: str, port: int, parent_pid: int | None,
                  start_timeout: float) -> None:
@@ -641,11 +630,11 @@ class Supervisor:
         self.tansu.spawn(self.weed.endpoint)
         check_broker_health(self.tansu.bootstrap, deadline, self.check, self.tansu)
         t_broker = time.monotonic()
-        admin = admin_client(self.tansu.bootstrap)
-        created = create_topics(admin, pipeline_topic_specs())
-        del admin  # no idle admin connection left open (tansu waits for clients on SIGTERM)
-        if created:
-            log.info("created topics %s", ", ".join(created))
+        # The pipeline's topics, as the code defines them (imgflow.topics: the one place).
+        from imgflow.kafka import ensure_topics
+        from imgflow.settings import Settings
+
+        ensure_topics(Settings(kafka={"bootstrap": self.tansu.bootstrap}))
         self.write_stack_file()
         log.info("stack ready in %.2f s (S3 %.2f s, broker %.2f s, topics %.2f s)",
                  time.monotonic() - t0, t_s3 - t0, t_broker - t_s3, time.monotonic() - t_broker)
