@@ -150,7 +150,7 @@ def sync(device: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from imgflow.models.embedded._common import free_cuda_cache, is_cuda_oom, resolve_device
+    from imgflow.models.common import free_cuda_cache, is_cuda_oom, resolve_device
     from imgflow.models.gpu.vlm import torch_dtype
 
     device = resolve_device(args.device)

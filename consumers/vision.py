@@ -9,7 +9,7 @@ from pathlib import Path
 from imgflow.errors import BadInput
 from imgflow.events import path_from_uri
 from imgflow.images import PreparedImage, prepare_image
-from imgflow.models.embedded._common import release_gpu_memory_if_low
+from imgflow.models.common import release_gpu_memory_if_low
 from imgflow.models.registry import VisionModels, build_vision_models
 from imgflow.settings import Settings
 from imgflow.stage import InputRecord, Output, Transform

@@ -127,6 +127,11 @@ class Pipeline:
             "IMGFLOW_METRICS_PORT": str(metrics_port),
             "PYTHONUNBUFFERED": "1",
         })
+        if role == "vision":
+            # One machine runs every stage: the vision stage's torch threads take half the
+            # cores, the LLM's the other half (models.llm_threads' default); threads that
+            # spin on oversubscribed cores make both many times slower.
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
         return env
 
     def _argv(self, role: str) -> list[str]:

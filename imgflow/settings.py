@@ -79,7 +79,7 @@ class ModelSettings(_Section):
     embed_text: str = ""
     word_vectors: str = ""
     llm: str = ""
-    llm_threads: int = Field(0, ge=0)  # 0: all cores
+    llm_threads: int = Field(0, ge=0)  # 0: half the cores (the other half for the vision stage)
     llm_ctx: int = Field(2048, ge=256)
     llm_max_tokens: int = Field(256, ge=16)
     device: Literal["auto", "cpu", "cuda"] = "auto"

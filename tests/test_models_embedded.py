@@ -21,7 +21,7 @@ from imgflow.models.base import (
     StructureInput,
 )
 from imgflow.models.cache import ModelCache
-from imgflow.models.embedded._common import package_dir
+from imgflow.models.common import package_dir
 from imgflow.models.embedded.describe import compose
 from imgflow.models.embedded.llm import (
     LlamaCppStructurer,

@@ -29,7 +29,7 @@ from imgflow.models.base import (
     StructureInput,
 )
 from imgflow.models.cache import ModelCache
-from imgflow.models.embedded._common import (
+from imgflow.models.common import (
     configure_cuda_allocator,
     oom_guard,
     package_dir,

@@ -40,7 +40,7 @@ from imgflow.models.base import (
     WordVectorizer,
 )
 from imgflow.models.cache import ModelCache, get_model_cache
-from imgflow.models.embedded._common import configure_cuda_allocator
+from imgflow.models.common import configure_cuda_allocator
 from imgflow.settings import Settings
 
 # job name (ModelAdapter.job) -> the ModelSettings field that overrides it

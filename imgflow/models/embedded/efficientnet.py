@@ -17,7 +17,7 @@ from PIL import Image
 
 from imgflow.models.base import ImageEmbedder, ModelAdapter
 from imgflow.models.cache import ModelCache
-from imgflow.models.embedded._common import (
+from imgflow.models.common import (
     package_dir,
     require_files,
     resolve_device,

@@ -9,7 +9,7 @@ import numpy as np
 
 from imgflow.models.base import WordVectorizer
 from imgflow.models.cache import ModelCache
-from imgflow.models.embedded._common import package_dir, require_files, short_hash
+from imgflow.models.common import package_dir, require_files, short_hash
 
 NAME = "glove-6b-50d"
 _TOKEN = re.compile(r"[^\W_]+(?:['\-.][^\W_]+)*")

@@ -9,7 +9,7 @@ import numpy as np
 
 from imgflow.models.base import TextEmbedder
 from imgflow.models.cache import ModelCache
-from imgflow.models.embedded._common import package_dir, require_files, resolve_device, short_hash
+from imgflow.models.common import package_dir, require_files, resolve_device, short_hash
 
 NAME = "all-MiniLM-L6-v2"
 

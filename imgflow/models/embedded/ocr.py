@@ -16,7 +16,7 @@ from PIL import Image
 
 from imgflow.models.base import ModelConfigError, TextReader
 from imgflow.models.cache import ModelCache
-from imgflow.models.embedded._common import package_dir, require_files, short_hash, to_rgb
+from imgflow.models.common import package_dir, require_files, short_hash, to_rgb
 
 NAME = "rapidocr-ppocrv6"
 MIN_SCORE = 0.5

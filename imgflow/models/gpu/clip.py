@@ -19,7 +19,7 @@ from PIL import Image
 
 from imgflow.models.base import ImageEmbedder
 from imgflow.models.cache import ModelCache
-from imgflow.models.embedded._common import oom_guard, quick_hash, resolve_device, to_rgb
+from imgflow.models.common import oom_guard, quick_hash, resolve_device, to_rgb
 from imgflow.models.gpu._paths import existing, invalid, required
 
 SETTING = "clip"

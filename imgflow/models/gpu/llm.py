@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imgflow.models.cache import ModelCache
-from imgflow.models.embedded._common import quick_hash
+from imgflow.models.common import quick_hash
 from imgflow.models.embedded.llm import LlamaCppStructurer
 from imgflow.models.gpu._paths import existing, invalid, required
 

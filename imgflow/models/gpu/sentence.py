@@ -9,7 +9,7 @@ import numpy as np
 
 from imgflow.models.base import TextEmbedder
 from imgflow.models.cache import ModelCache
-from imgflow.models.embedded._common import oom_guard, quick_hash, resolve_device
+from imgflow.models.common import oom_guard, quick_hash, resolve_device
 from imgflow.models.gpu._paths import existing, invalid, required
 
 SETTING = "sentence"

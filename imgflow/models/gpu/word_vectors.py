@@ -20,7 +20,7 @@ import numpy as np
 
 from imgflow.models.base import WordVectorizer
 from imgflow.models.cache import ModelCache
-from imgflow.models.embedded._common import quick_hash
+from imgflow.models.common import quick_hash
 from imgflow.models.embedded.glove import tokens
 from imgflow.models.gpu._paths import existing, invalid, required
 

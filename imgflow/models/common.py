@@ -1,4 +1,5 @@
-"""Helpers shared by the embedded adapters: file hashes for ``model_id``, device choice,
+"""Helpers shared by the model adapters of every profile: file hashes for ``model_id``, device
+choice, GPU memory (allocator setting, low-memory clearing, OOM detection),
 and locating files inside installed packages without importing them."""
 
 from __future__ import annotations
