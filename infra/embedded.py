@@ -131,6 +131,28 @@ def _child_preexec() -> None:  # runs in the forked child, before exec
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def child_env(drop: tuple[str, ...], **values: str) -> dict:
+    """This process's environment without ``drop`` (so a developer's own AWS profile or a
+    stray setting never leaks into a child), plus ``values``."""
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(values)
+    return env
+
+
+def reopen_log(out, path: Path, name: str):
+    """The append-mode log file a child writes to (kept open across restarts), with a marker."""
+    if out is None or out.closed:
+        out = open(path, "ab")
+    out.write(f"\n--- {name} start {time.strftime('%Y-%m-%dT%H:%M:%S')} ---\n".encode())
+    out.flush()
+    return out
+
+
+def spawn_child(cmd: list[str], out, env: dict, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                            cwd=cwd, preexec_fn=_child_preexec)
+
+
 def stop_process(proc: subprocess.Popen | None, name: str, timeout: float) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -320,24 +342,10 @@ class Weed:
             "-webdav=false",
             "-admin.ui=false",
         ]
-        env = os.environ.copy()
-        for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
-            env.pop(k, None)
-        env["AWS_ACCESS_KEY_ID"] = self.creds.access_key_id
-        env["AWS_SECRET_ACCESS_KEY"] = self.creds.secret_access_key
-        if self._out is None or self._out.closed:
-            self._out = open(self.out_path, "ab")
-        self._out.write(f"\n--- weed start {time.strftime('%Y-%m-%dT%H:%M:%S')} ---\n".encode())
-        self._out.flush()
-        self.proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=self.data_dir,
-            preexec_fn=_child_preexec,
-        )
+        env = child_env(("AWS_SESSION_TOKEN", "AWS_PROFILE"), AWS_ACCESS_KEY_ID=self.creds.access_key_id,
+                        AWS_SECRET_ACCESS_KEY=self.creds.secret_access_key)
+        self._out = reopen_log(self._out, self.out_path, "weed")
+        self.proc = spawn_child(cmd, self._out, env, cwd=self.data_dir)
         log.info("started SeaweedFS (pid %d) S3 at %s", self.proc.pid, self.endpoint)
 
     def s3_client(self, timeout: float = 3.0):
@@ -425,11 +433,8 @@ class Tansu:
             "--storage-engine",
             f"s3://{BUCKET}/",
         ]
-        env = os.environ.copy()
-        for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "LISTENER_URL", "ADVERTISED_LISTENER_URL",
-                  "STORAGE_ENGINE"):
-            env.pop(k, None)
-        env.update(
+        env = child_env(
+            ("AWS_SESSION_TOKEN", "AWS_PROFILE", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE"),
             AWS_ENDPOINT=s3_endpoint,
             AWS_ACCESS_KEY_ID=self.creds.access_key_id,
             AWS_SECRET_ACCESS_KEY=self.creds.secret_access_key,
@@ -439,18 +444,8 @@ class Tansu:
             NO_COLOR="1",
         )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        if self._out is None or self._out.closed:
-            self._out = open(self.log_path, "ab")
-        self._out.write(f"\n--- tansu start {time.strftime('%Y-%m-%dT%H:%M:%S')} ---\n".encode())
-        self._out.flush()
-        self.proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            preexec_fn=_child_preexec,
-        )
+        self._out = reopen_log(self._out, self.log_path, "tansu")
+        self.proc = spawn_child(cmd, self._out, env)
         self.started_at = time.monotonic()
         log.info("started tansu (pid %d) on %s, storage s3://%s/ at %s",
                  self.proc.pid, url, BUCKET, s3_endpoint)
