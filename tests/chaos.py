@@ -158,10 +158,12 @@ def run_chaos(workdir: Path, images: int, kills: int, broker_restarts: int, seed
     report = ChaosReport(images=images, kills={r: 0 for r in ROLES})
     try:
         for role in ROLES:
-            procs.start(role)
+            # The first sink dies in the middle of writing its first CSV rows (deterministic).
+            procs.start(role, {"IMGFLOW_CRASH_AT": "sink:mid_csv:1"} if role == "sink" else None)
         # Kills are only interesting while images flow: wait for the first result row.
         first_row_deadline = time.monotonic() + 600
         while not committed_rows(out) and time.monotonic() < first_row_deadline:
+            procs.restart_dead()  # the sink, after its mid-write crash
             time.sleep(1)
         # Kill phase: every stage at least once (round robin first), then at random; one
         # sink restart is armed to die in the middle of writing its CSV rows.
