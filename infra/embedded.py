@@ -153,6 +153,13 @@ def spawn_child(cmd: list[str], out, env: dict, cwd: Path | None = None) -> subp
                             cwd=cwd, preexec_fn=_child_preexec)
 
 
+def raise_if_exited(proc: subprocess.Popen | None, name: str, log_path: Path) -> None:
+    """During start-up: a child that is gone fails the start with the tail of its log."""
+    if proc is None or proc.poll() is not None:
+        raise StartupError(f"{name} exited with code {proc.returncode if proc else '?'}; "
+                           f"log tail ({log_path}):\n{tail(log_path)}")
+
+
 def stop_process(proc: subprocess.Popen | None, name: str, timeout: float) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -374,11 +381,7 @@ class Weed:
         last: Exception | None = None
         while time.monotonic() < deadline:
             check()
-            if self.proc is None or self.proc.poll() is not None:
-                raise StartupError(
-                    f"SeaweedFS exited with code {self.proc.returncode if self.proc else '?'}; "
-                    f"log tail ({self.out_path}):\n{tail(self.out_path)}"
-                )
+            raise_if_exited(self.proc, "SeaweedFS", self.out_path)
             try:
                 try:
                     client.head_bucket(Bucket=BUCKET)
@@ -495,11 +498,7 @@ def check_broker_health(bootstrap: str, deadline: float, check, tansu: Tansu) ->
     admin = None
     while time.monotonic() < deadline:
         check()
-        if tansu.proc is None or tansu.proc.poll() is not None:
-            raise StartupError(
-                f"tansu exited with code {tansu.proc.returncode if tansu.proc else '?'}; "
-                f"log tail ({tansu.log_path}):\n{tail(tansu.log_path)}"
-            )
+        raise_if_exited(tansu.proc, "tansu", tansu.log_path)
         if admin is None:
             # connect only once tansu accepts, so librdkafka does not log refused connections
             try:
