@@ -67,6 +67,7 @@ class StageSettings(_Section):
 class ModelSettings(_Section):
     profile: Literal["embedded", "gpu"] = "embedded"
     image_max_size: int = Field(384, ge=32, le=8192)
+    image_max_bytes: int = Field(200 * 1024 * 1024, ge=1)  # bigger files/objects are refused unread
     # The original script had MODEL_CACHE_SIZE = 3; the vision stage alone uses 4 models at
     # once (image net, OCR, sentence model, word vectors), so 3 would reload one every batch.
     cache_size: int = Field(5, ge=1)
@@ -102,6 +103,13 @@ class WatchSettings(_Section):
     poll_interval_s: float = Field(1.0, gt=0.0)
     settle_s: float = Field(1.0, ge=0.0)  # a file must be unchanged this long before it is published
     extensions: list[str] = [".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"]
+    # S3 watcher (watchers/s3.py): a full listing compares every ETag this often (catches keys
+    # sorting before the cursor and overwrites); between them only keys after the cursor.
+    s3_full_scan_s: float = Field(60.0, ge=0.0)
+    # Bucket notifications on a Kafka topic, on top of polling: "" (off) | seaweedfs | minio.
+    s3_notify: Literal["", "seaweedfs", "minio"] = ""
+    s3_notify_topic: str = "imgflow.s3-events"
+    s3_notify_bootstrap: str = ""  # the store's Kafka; empty: kafka.bootstrap
 
 
 class SinkSettings(_Section):
@@ -111,10 +119,20 @@ class SinkSettings(_Section):
 
 
 class S3Settings(_Section):
+    """Where S3 lives. Empty values fall back to boto3's own chain (AWS_ENDPOINT_URL,
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_PROFILE, ~/.aws)."""
+
     endpoint_url: str = ""
     access_key_id: SecretStr = SecretStr("")
     secret_access_key: SecretStr = SecretStr("")
-    region: str = "us-east-1"
+    region: str = ""
+    profile: str = ""
+    addressing_style: Literal["path", "virtual", "auto"] = "path"
+    timeout_s: float = Field(10.0, gt=0.0)
+    max_attempts: int = Field(3, ge=1, le=20)  # boto3's own retries per request
+    # Objects may only be read below these s3://BUCKET/PREFIX locations (as allowed_roots for
+    # folders); `imgflow run s3://...` sets it to the watched prefix.
+    allowed_prefixes: list[str] = []
 
 
 class Settings(BaseSettings):

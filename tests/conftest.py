@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,21 +16,84 @@ from imgflow.kafka import ensure_topics  # noqa: E402
 from imgflow.settings import Settings  # noqa: E402
 
 
+@dataclass(frozen=True)
+class S3Server:
+    """A real S3 server on loopback (the embedded stack's SeaweedFS) and its credentials."""
+
+    endpoint: str
+    access_key_id: str
+    secret_access_key: str
+
+    def settings_section(self) -> dict:
+        return {"endpoint_url": self.endpoint, "access_key_id": self.access_key_id,
+                "secret_access_key": self.secret_access_key, "region": "us-east-1"}
+
+    def env(self) -> dict:
+        """The same as IMGFLOW_S3__* variables, for child processes."""
+        return {"IMGFLOW_S3__ENDPOINT_URL": self.endpoint, "IMGFLOW_S3__ACCESS_KEY_ID": self.access_key_id,
+                "IMGFLOW_S3__SECRET_ACCESS_KEY": self.secret_access_key, "IMGFLOW_S3__REGION": "us-east-1"}
+
+
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory) -> str:
-    """Bootstrap address of a real broker on loopback. IMGFLOW_TEST_BOOTSTRAP reuses a
-    running one (handy while developing); otherwise an embedded stack is started."""
+def embedded_stack(tmp_path_factory):
+    """One embedded stack (tansu on SeaweedFS) per test session; None when
+    IMGFLOW_TEST_BOOTSTRAP names a running broker to reuse (handy while developing)."""
     if os.environ.get("IMGFLOW_TEST_BOOTSTRAP"):
-        yield os.environ["IMGFLOW_TEST_BOOTSTRAP"]
+        yield None
         return
     from imgflow.stack import EmbeddedStack
 
     data = tmp_path_factory.mktemp("broker")
     stack = EmbeddedStack(data, port=0, log_file=data / "broker.log").start()
     try:
-        yield stack.bootstrap
+        yield stack
     finally:
         stack.stop()
+
+
+@pytest.fixture(scope="session")
+def broker(embedded_stack) -> str:
+    """Bootstrap address of a real broker on loopback."""
+    return embedded_stack.bootstrap if embedded_stack is not None else os.environ["IMGFLOW_TEST_BOOTSTRAP"]
+
+
+@pytest.fixture(scope="session")
+def s3_server(embedded_stack) -> S3Server:
+    """The session's real S3 server: the embedded stack's SeaweedFS (shared, as the broker
+    is; tests use buckets of their own). With IMGFLOW_TEST_BOOTSTRAP, IMGFLOW_TEST_S3_DIR
+    names the reused stack's data dir."""
+    import json
+
+    if embedded_stack is not None:
+        data_dir, endpoint = embedded_stack.data_dir, embedded_stack.s3_endpoint
+    else:
+        data_dir = Path(os.environ["IMGFLOW_TEST_S3_DIR"])
+        endpoint = json.loads((data_dir / "stack.json").read_text())["s3_endpoint"]
+    creds = json.loads((data_dir / "s3-credentials.json").read_text())
+    return S3Server(endpoint, creds["access_key_id"], creds["secret_access_key"])
+
+
+def new_bucket(s3: S3Server) -> str:
+    """A fresh, empty bucket on the test S3 server."""
+    import boto3
+
+    name = f"t{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key_id,
+                          aws_secret_access_key=s3.secret_access_key, region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_settings(broker, s3_server, tmp_path) -> Settings:
+    """Settings with their own topics and S3 configured for the test server (make a bucket
+    with the ``s3_bucket`` fixture or ``new_bucket``)."""
+    return make_settings(broker, tmp_path, s3=s3_server.settings_section())
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    return new_bucket(s3_server)
 
 
 def make_settings(broker: str, tmp_path: Path, **overrides) -> Settings:
