@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from imgflow.errors import BadInput
-from imgflow.events import path_from_uri
-from imgflow.images import PreparedImage, prepare_image
+from imgflow.images import ImageSource, PreparedImage, prepare_image
+from imgflow.metrics import model_timer
 from imgflow.models.common import release_gpu_memory_if_low
 from imgflow.models.registry import VisionModels, build_vision_models
 from imgflow.settings import Settings
@@ -29,7 +28,7 @@ class VisionTransform(Transform):
     def __init__(self, settings: Settings, models: VisionModels | None = None) -> None:
         self.settings = settings
         self.models = models
-        self.roots = [Path(r).resolve() for r in settings.allowed_roots]
+        self.source = ImageSource(settings)
 
     def input_topics(self, settings: Settings) -> list[str]:
         return [settings.topics.new_high, settings.topics.new]
@@ -37,26 +36,12 @@ class VisionTransform(Transform):
     def setup(self) -> None:
         if self.models is None:
             self.models = build_vision_models(self.settings)
-        if not self.roots:
+        if not self.source.roots:
             log.warning("no allowed_roots configured: images anywhere on this machine may be read")
 
     def _read(self, event: dict) -> PreparedImage:
-        try:
-            path = path_from_uri(event["uri"])
-        except ValueError as exc:
-            raise BadInput(f"unsupported image URI {event['uri']!r}") from exc
-        resolved = path.resolve()
-        if self.roots and not any(resolved.is_relative_to(root) for root in self.roots):
-            raise BadInput(f"refused: {path} is outside the allowed roots {[str(r) for r in self.roots]}")
-        try:
-            data = resolved.read_bytes()
-        except FileNotFoundError as exc:
-            raise BadInput(f"file not found: {path}") from exc
-        except IsADirectoryError as exc:
-            raise BadInput(f"not a file: {path}") from exc
-        except PermissionError as exc:
-            raise BadInput(f"permission denied reading {path}") from exc
-        return prepare_image(data, self.settings.models.image_max_size)
+        # Local files and s3:// objects alike: allowed roots/prefixes and size limits apply.
+        return prepare_image(self.source.read(event["uri"]), self.settings.models.image_max_size)
 
     def process(self, records: list[InputRecord]) -> list[list[Output] | BaseException]:
         started = time.monotonic()
@@ -71,12 +56,17 @@ class VisionTransform(Transform):
         if ready:
             m = self.models
             images = [p.image for _, p in ready]
-            seen_text = m.reader.read_text(images)
-            descriptions = m.describer.describe(images, seen_text)
+            with model_timer("read_text", m.reader.model_id):
+                seen_text = m.reader.read_text(images)
+            with model_timer("describe", m.describer.model_id):
+                descriptions = m.describer.describe(images, seen_text)
             texts = [d.text for d in descriptions]
-            image_vectors = m.image_embedder.embed_images(images)
-            text_vectors = m.text_embedder.embed_texts(texts)
-            word_vectors = m.word_vectorizer.vectorize(texts)
+            with model_timer("embed_image", m.image_embedder.model_id):
+                image_vectors = m.image_embedder.embed_images(images)
+            with model_timer("embed_text", m.text_embedder.model_id):
+                text_vectors = m.text_embedder.embed_texts(texts)
+            with model_timer("word_vectors", m.word_vectorizer.model_id):
+                word_vectors = m.word_vectorizer.vectorize(texts)
             model_ids = {
                 "describe": m.describer.model_id,
                 "read_text": m.reader.model_id,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import signal
 import sys
@@ -40,27 +42,36 @@ def _settings(**env: object):
 
 @app.command()
 def run(
-    input_dir: Annotated[Optional[Path], typer.Argument(help="Folder of images (default: a generated sample folder).")] = None,
+    input_dir: Annotated[Optional[str], typer.Argument(
+        help="Folder of images, or s3://BUCKET/PREFIX (default: a generated sample folder).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder for results.csv and avro/ (default: ./out).")] = None,
     once: Annotated[bool, typer.Option("--once", help="Exit 0 when every image present at start has its result row.")] = False,
     data_dir: DataDir = None,
     port: Annotated[int, typer.Option(help="Embedded broker port (taken free if in use; 0: any free port).")] = 19092,
 ) -> None:
-    """Embedded broker + local watcher + vision + enrich + sink, in one command."""
+    """Embedded broker + watcher (folder or S3) + vision + enrich + sink, in one command."""
+    from imgflow.s3 import is_s3_uri
+
+    s3_input = is_s3_uri(input_dir)
     settings = _settings(data_dir=data_dir, sink__out_dir=out)
     from imgflow.pipeline import Pipeline
     from imgflow.samples import write_samples
 
-    if input_dir is None:
+    if s3_input:
+        input_dir = _checked_s3_location(settings, input_dir)
+    elif input_dir is None:
         input_dir = write_samples(settings.data_dir / "sample-images")
         typer.echo(f"no input folder given: processing the sample folder {input_dir}")
-    if not input_dir.is_dir():
+    else:
+        input_dir = Path(input_dir)
+    if not s3_input and not input_dir.is_dir():
         typer.echo(f"error: input folder does not exist: {input_dir}", err=True)
         raise typer.Exit(2)
     from imgflow.stack import StackError
 
     try:
-        code = Pipeline(settings, input_dir, settings.sink.out_dir, settings.data_dir, port, once).run()
+        code = Pipeline(settings, input_dir, settings.sink.out_dir, settings.data_dir, port, once,
+                        metrics_port=settings.metrics_port).run()
     except StackError as exc:
         typer.echo(f"error: the embedded broker did not start: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -75,19 +86,33 @@ class StageName(str, Enum):
 
 @app.command()
 def stage(name: Annotated[StageName, typer.Argument(help="Which stage.")],
-          group: Annotated[Optional[str], typer.Option(help="Consumer group (default imgflow-<stage>).")] = None) -> None:
+          group: Annotated[Optional[str], typer.Option(help="Consumer group (default imgflow-<stage>).")] = None,
+          run_id: Annotated[Optional[str], typer.Option(
+              "--run", help="Run this stage as part of replay run RUN_ID (its topics, group and range; "
+                            "what `imgflow replay` starts).")] = None) -> None:
     """Run one stage as its own process against the configured broker (IMGFLOW_KAFKA__BOOTSTRAP)."""
     early_stop: list[int] = []  # a SIGTERM during start-up (model loading) still means a clean stop
     signal.signal(signal.SIGTERM, lambda signum, _frame: early_stop.append(signum))
     settings = _settings()
+    scope = {}  # a replay run's stage: its own settings, group, range and run_id
+    if run_id is not None:
+        from imgflow.replay import ReplayError, stage_plan
+
+        try:
+            plan = stage_plan(settings, name.value, run_id)
+        except ReplayError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        settings, group = plan.settings, plan.group_id
+        scope = {"bounds": plan.bounds, "run_id": plan.run_id}
     from imgflow.metrics import serve_metrics
     from imgflow.models.base import ModelConfigError
 
-    serve_metrics(settings.metrics_port, name.value)
+    serve_metrics(settings.metrics_port, name.value, settings.metrics_addr)
     if name is StageName.sink:
         from consumers.sink import SinkLockedError, SinkRunner
 
-        runner = SinkRunner(settings, **({"group_id": group} if group else {}))
+        runner = SinkRunner(settings, **({"group_id": group} if group else {}), **scope)
     else:
         from imgflow.stage import StageRunner
 
@@ -95,7 +120,7 @@ def stage(name: Annotated[StageName, typer.Argument(help="Which stage.")],
             from consumers.vision import VisionTransform as T
         else:
             from consumers.enrich import EnrichTransform as T
-        runner = StageRunner(T(settings), settings, group_id=group)
+        runner = StageRunner(T(settings), settings, group_id=group, **scope)
     signal.signal(signal.SIGTERM, runner.request_stop)
     signal.signal(signal.SIGINT, runner.request_stop)
     if early_stop:
@@ -121,10 +146,60 @@ def watch_local(folder: Annotated[Path, typer.Argument(help="Folder to watch (re
     from imgflow.metrics import serve_metrics
     from watchers.local import LocalWatcher
 
-    serve_metrics(settings.metrics_port, "watcher")
+    serve_metrics(settings.metrics_port, "watcher", settings.metrics_addr)
     try:
         watcher = LocalWatcher(folder, settings, priority="HIGH" if high else "NORMAL")
     except NotADirectoryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    signal.signal(signal.SIGTERM, watcher.request_stop)
+    signal.signal(signal.SIGINT, watcher.request_stop)
+    watcher.run()
+
+
+def _checked_s3_location(settings, uri: str):
+    """The parsed s3://BUCKET/PREFIX, after one listing proves bucket and credentials work
+    (exit 2 with the setting to fix otherwise)."""
+    from imgflow.s3 import S3Error, parse_s3_uri, s3_client
+
+    try:
+        location = parse_s3_uri(uri)
+        from watchers.s3 import check_listing
+
+        check_listing(s3_client(settings), location)
+    except (ValueError, S3Error) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return location
+
+
+@watch_app.command("s3")
+def watch_s3(uri: Annotated[str, typer.Argument(help="s3://BUCKET/PREFIX to watch.")],
+             data_dir: DataDir = None,
+             high: Annotated[bool, typer.Option("--high", help="Publish to the high-priority topic.")] = False,
+             notify: Annotated[Optional[str], typer.Option(
+                 "--notify", help="Also consume bucket notifications: seaweedfs | minio (watch.s3_notify).")] = None,
+             check: Annotated[bool, typer.Option(
+                 "--check/--no-check", help="Exit 2 at once if the bucket cannot be listed (else retry).")] = True,
+             ) -> None:
+    """Publish an event for every new or overwritten image object under s3://BUCKET/PREFIX:
+    polling with a persisted cursor, plus bucket notifications with --notify."""
+    settings = _settings(data_dir=data_dir, watch__s3_notify=notify)
+    from imgflow.metrics import serve_metrics
+    from imgflow.s3 import S3Error, parse_s3_uri
+    from watchers.s3 import S3Watcher
+
+    try:
+        location = parse_s3_uri(uri)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    serve_metrics(settings.metrics_port, "watcher", settings.metrics_addr)
+    try:
+        watcher = S3Watcher(location, settings, priority="HIGH" if high else "NORMAL")
+        if check:
+            watcher.check()
+    except S3Error as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     signal.signal(signal.SIGTERM, watcher.request_stop)
@@ -154,8 +229,132 @@ def models(load: Annotated[bool, typer.Option("--load", help="Also load every mo
     raise typer.Exit(1 if failed else 0)
 
 
+@app.command()
+def replay(
+    stage_name: Annotated[Optional[StageName], typer.Option(
+        "--stage", help="The stage to re-run; the stages after it run too.")] = None,
+    range_from: Annotated[str, typer.Option(
+        "--from", help="Start: an offset (every partition), a time (2026-11-29T01:00:00Z, @<epoch ms>) or 'start'.")] = "start",
+    range_to: Annotated[str, typer.Option(
+        "--to", help="End, exclusive: an offset, a time, or 'end' (the end when the run is created).")] = "end",
+    run_id: Annotated[Optional[str], typer.Option(
+        "--run-id", help="Name of the run (default: new, or the unfinished run of the same command).")] = None,
+    out: Annotated[Optional[str], typer.Option(
+        "--out", help="Output folder or s3:// prefix of the run (default: <live out>/runs/<run id>/).")] = None,
+    list_runs: Annotated[bool, typer.Option("--list", help="List past and running replays and exit.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Re-run a stage (and those after it) over a range of its input topic as a separate run:
+    own groups, topics, run_id and output; the live pipeline is not touched."""
+    settings = _settings(data_dir=data_dir)
+    from imgflow import replay as rp
+
+    try:
+        if list_runs:
+            runs = rp.list_runs(settings)
+            typer.echo(f"{'run id':<32} {'stage':<7} {'range':<48} {'created':<26} {'status':<8} results")
+            for r in runs:
+                results = "" if r.results < 0 else f"{r.results} ({r.errors} errors)"
+                typer.echo(f"{r.run_id:<32} {r.stage:<7} {r.range_from + ' .. ' + r.range_to:<48} "
+                           f"{r.created_at:<26} {r.status:<8} {results}")
+            if not runs:
+                typer.echo("no replays yet")
+            return
+        if stage_name is None:
+            typer.echo("error: --stage vision|enrich|sink is required (or --list)", err=True)
+            raise typer.Exit(2)
+        start, stop = rp.parse_point(range_from, "--from"), rp.parse_point(range_to, "--to")
+        if start.kind == "end" or stop.kind == "start":
+            raise rp.ReplayError("--from must not be 'end' and --to must not be 'start'")
+        record, resumed = rp.prepare_run(settings, stage_name.value, start, stop, run_id, out)
+    except rp.ReplayError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if resumed and record.status != "done":
+        typer.echo(f"resuming run {record.run_id}")
+    stop_requested: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stop_requested.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: stop_requested.append(signum))
+    code = rp.execute(settings, record, settings.data_dir / "logs" / "replay", lambda: bool(stop_requested),
+                      say=lambda line: typer.echo(line))
+    raise typer.Exit(code)
+
+
+# ---- options every command has ---------------------------------------------------------------
+RUN_METRICS_PORT = 9400  # `imgflow run` serves every process's metrics here by default (README)
+# Commands that serve /metrics, and their default port (None: IMGFLOW_METRICS_PORT, default 0: none).
+METRICS_COMMANDS = {"run": RUN_METRICS_PORT, "stage": None, "watch local": None, "watch s3": None}
+
+
+class LogLevel(str, Enum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+class LogFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+def _logging_options(
+    log_level: Annotated[Optional[LogLevel], typer.Option(
+        "--log-level", case_sensitive=False, help="Log level (default: $IMGFLOW_LOG_LEVEL or INFO).")] = None,
+    log_format: Annotated[Optional[LogFormat], typer.Option(
+        "--log-format", help="text, or json: one object per line with event_id and stage "
+                             "(default: $IMGFLOW_LOG_FORMAT or text).")] = None,
+) -> None: ...
+
+
+def _metrics_option(
+    metrics_port: Annotated[Optional[int], typer.Option(
+        "--metrics-port", min=0, max=65535,
+        help="Serve /metrics on this port (default: $IMGFLOW_METRICS_PORT, else 0: none; "
+             f"`run`: {RUN_METRICS_PORT}, every process on one endpoint).")] = None,
+) -> None: ...
+
+
+def _params_of(function) -> list:
+    """The click parameters Typer makes of a function's options."""
+    one = typer.Typer(add_completion=False)
+    one.command()(function)
+    names = set(inspect.signature(function).parameters)
+    return [p for p in typer.main.get_command(one).params if p.name in names]
+
+
+def _common_options(command, path: str = ""):
+    """Give every command (also ones added later) --log-level and --log-format, and the
+    commands that serve metrics --metrics-port. They become IMGFLOW_* variables before the
+    command runs, so the one settings object and every child process see them."""
+    if hasattr(command, "commands"):  # a group
+        for name, sub in command.commands.items():
+            _common_options(sub, f"{path} {name}".strip())
+        return command
+    serves_metrics = path in METRICS_COMMANDS
+    command.params += _params_of(_logging_options) + (_params_of(_metrics_option) if serves_metrics else [])
+    callback = command.callback
+
+    @functools.wraps(callback)
+    def with_options(*args, log_level=None, log_format=None, metrics_port=None, **kwargs):
+        for key, value in (("LOG_LEVEL", log_level), ("LOG_FORMAT", log_format), ("METRICS_PORT", metrics_port)):
+            if value is not None:
+                os.environ[f"IMGFLOW_{key}"] = str(getattr(value, "value", value))
+        if serves_metrics and METRICS_COMMANDS[path] and "IMGFLOW_METRICS_PORT" not in os.environ:
+            os.environ["IMGFLOW_METRICS_PORT"] = str(METRICS_COMMANDS[path])
+        return callback(*args, **kwargs)
+
+    command.callback = with_options
+    return command
+
+
+def cli():
+    """The whole command tree as click sees it (also what tests introspect)."""
+    return _common_options(typer.main.get_command(app))
+
+
 def main() -> None:
-    app()
+    cli()(prog_name="imgflow")
 
 
 if __name__ == "__main__":

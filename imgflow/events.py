@@ -16,6 +16,13 @@ def event_id_for(uri: str, version: str) -> str:
     return hashlib.sha256(f"{uri}\n{version}".encode()).hexdigest()[:32]
 
 
+def dedupe_key(event_id: str, run_id: str) -> str:
+    """What exactly-once counts: one result per (image event, run). Every dedupe (stages,
+    sink) keys on this, so a replay or a forced backfill, which is a run of its own, is
+    never dropped as "already handled" while redelivered records of one run still are."""
+    return f"{event_id}@{run_id}"
+
+
 def file_uri(path: Path) -> str:
     return "file://" + quote(str(path.resolve()))
 
@@ -27,15 +34,45 @@ def path_from_uri(uri: str) -> Path:
     return Path(unquote(parsed.path))
 
 
-def local_image_event(path: Path, st: os.stat_result, *, source: str, run_id: str, priority: str = "NORMAL",
-                      force: bool = False) -> dict:
-    uri = file_uri(path)
-    version = str(st.st_mtime_ns)
+def s3_image_event(bucket: str, key: str, etag: str, size: int, *, source: str, run_id: str,
+                   priority: str = "NORMAL", force: bool = False) -> dict:
+    """The ImageEvent of one S3 object version. The content version is the ETag (quotes
+    stripped), which every listing, HEAD and notification reports alike (a version id is not
+    in a plain listing, so using it would make polling and notifications disagree): an
+    overwritten object is a new image, the same object seen twice is one event."""
+    from imgflow.s3 import s3_uri
+
+    uri = s3_uri(bucket, key)
+    version = etag.strip('"')
     return {
         "event_id": event_id_for(uri, version),
         "uri": uri,
-        "image_path": str(path.resolve()),
-        "size": st.st_size,
+        "image_path": f"s3://{bucket}/{key}",  # as the user would write it (the uri is quoted)
+        "size": int(size),
+        "version": version,
+        "source": source,
+        "priority": priority,
+        "run_id": run_id,
+        "published_at": int(time.time() * 1000),
+        "force": force,
+    }
+
+
+UNSTATABLE = "unstatable"  # the version of a file that cannot be stat'ed (it still gets an error row)
+
+
+def local_image_event(path: Path, st: os.stat_result | None, *, source: str, run_id: str, priority: str = "NORMAL",
+                      force: bool = False) -> dict:
+    if st is None:  # dangling symlink, symlink loop, no permission: not resolvable, named as found
+        where, version, size = Path(os.path.abspath(path)), UNSTATABLE, 0
+    else:
+        where, version, size = path.resolve(), str(st.st_mtime_ns), st.st_size
+    uri = "file://" + quote(str(where))
+    return {
+        "event_id": event_id_for(uri, version),
+        "uri": uri,
+        "image_path": str(where),
+        "size": size,
         "version": version,
         "source": source,
         "priority": priority,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import posixpath
+import stat
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -77,3 +80,81 @@ def prepare_image(data: bytes, max_size: int, max_pixels: int = DEFAULT_MAX_PIXE
     if min(img.size) < 1:
         raise BadImage("image has no pixels")
     return PreparedImage(image=img, original_size=(width, height), format=fmt)
+
+
+class ImageSource:
+    """Reads the bytes of an event's image, local or S3, under the same rules: only below
+    ``allowed_roots`` (folders) / ``s3.allowed_prefixes`` (s3://BUCKET/PREFIX), at most
+    ``models.image_max_bytes``. Problems with the input itself raise BadImage (an error row,
+    no retry); a store that is down raises S3Error (retried by the stage loop)."""
+
+    def __init__(self, settings) -> None:
+        from imgflow.s3 import parse_s3_uri
+
+        self.settings = settings
+        self.max_bytes = settings.models.image_max_bytes
+        self.roots = [Path(r).resolve() for r in settings.allowed_roots]
+        try:
+            self.prefixes = [parse_s3_uri(p) for p in settings.s3.allowed_prefixes]
+        except ValueError as exc:
+            from imgflow.errors import StageConfigError
+
+            raise StageConfigError(f"s3.allowed_prefixes (IMGFLOW_S3__ALLOWED_PREFIXES): {exc}") from None
+        self._client = None
+
+    def read(self, uri: str) -> bytes:
+        if uri.startswith("s3://"):
+            return self.read_s3(uri)
+        if uri.startswith("file://"):
+            return self.read_file(uri)
+        raise BadImage(f"unsupported image URI {uri!r}")
+
+    def read_file(self, uri: str) -> bytes:
+        from imgflow.events import path_from_uri
+
+        try:
+            path = path_from_uri(uri)
+            resolved = path.resolve()
+        except ValueError as exc:
+            raise BadImage(f"unsupported image URI {uri!r}") from exc
+        except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+            raise BadImage(f"cannot resolve {uri}: {exc}") from exc
+        if self.roots and not any(resolved.is_relative_to(root) for root in self.roots):
+            raise BadImage(f"refused: {path} is outside the allowed roots {[str(r) for r in self.roots]}")
+        try:
+            st = resolved.stat()
+            if not stat.S_ISREG(st.st_mode):
+                raise BadImage(f"not a regular file: {path}")
+            if st.st_size > self.max_bytes:
+                raise BadImage(f"file too large: {st.st_size} bytes (limit models.image_max_bytes = "
+                               f"{self.max_bytes})")
+            with open(resolved, "rb") as f:
+                return f.read(self.max_bytes + 1)
+        except FileNotFoundError as exc:
+            raise BadImage(f"file not found: {path}") from exc
+        except PermissionError as exc:
+            raise BadImage(f"permission denied reading {path}") from exc
+        except OSError as exc:
+            raise BadImage(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+    def allowed(self, bucket: str, key: str) -> bool:
+        # A key is a name, not a path: "a/../b" is its own object on S3. It is still refused when
+        # read as a path it would leave the prefix, so no store that normalises paths can be
+        # made to serve another object.
+        normalised = posixpath.normpath("/" + key).lstrip("/")
+        return not self.prefixes or any(
+            bucket == p.bucket and key.startswith(p.key) and normalised.startswith(p.key)
+            for p in self.prefixes)
+
+    def read_s3(self, uri: str) -> bytes:
+        from imgflow.s3 import parse_s3_uri, read_object
+
+        loc = parse_s3_uri(uri)
+        if not self.allowed(loc.bucket, loc.key):
+            raise BadImage(f"refused: {uri} is outside the allowed S3 prefixes "
+                           f"{[p.uri for p in self.prefixes]} (s3.allowed_prefixes)")
+        if self._client is None:
+            from imgflow.s3 import s3_client
+
+            self._client = s3_client(self.settings)
+        return read_object(self._client, loc.bucket, loc.key, self.max_bytes)

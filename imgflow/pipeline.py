@@ -4,6 +4,7 @@ its own process (a crash of one is a restart of one), with progress on the termi
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -17,9 +18,12 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from consumers.sink import read_csv_rows
 from imgflow.kafka import consumer_config
+from imgflow.metrics import ChildMetrics, serve_children
+from imgflow.s3 import S3Location
 from imgflow.settings import Settings
 from imgflow.stack import EmbeddedStack, free_port
 from watchers.local import current_event_ids
+from watchers.s3 import current_event_ids as s3_event_ids
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +105,12 @@ class TopicCounter:
 
 class Pipeline:
     def __init__(self, settings: Settings, input_dir: Path, out_dir: Path, data_dir: Path, port: int,
-                 once: bool) -> None:
+                 once: bool, metrics_port: int = 0) -> None:
         self.settings = settings
-        self.input_dir = input_dir.resolve()
+        self.metrics_port = metrics_port  # one endpoint for every process (0: none)
+        self.child_metrics = ChildMetrics()
+        # A folder, or an S3Location for s3://BUCKET/PREFIX (the S3 watcher then runs instead).
+        self.input_dir = input_dir if isinstance(input_dir, S3Location) else input_dir.resolve()
         self.out_dir = out_dir.resolve()
         self.data_dir = data_dir.resolve()
         self.port = port
@@ -123,10 +130,14 @@ class Pipeline:
             "IMGFLOW_KAFKA__BOOTSTRAP": bootstrap,
             "IMGFLOW_DATA_DIR": str(self.data_dir),
             "IMGFLOW_SINK__OUT_DIR": str(self.out_dir),
-            "IMGFLOW_ALLOWED_ROOTS": f'["{self.input_dir}"]',
             "IMGFLOW_METRICS_PORT": str(metrics_port),
             "PYTHONUNBUFFERED": "1",
         })
+        if isinstance(self.input_dir, S3Location):
+            if not self.settings.s3.allowed_prefixes:  # the vision stage reads only what is watched
+                env["IMGFLOW_S3__ALLOWED_PREFIXES"] = json.dumps([self.input_dir.uri])
+        else:
+            env["IMGFLOW_ALLOWED_ROOTS"] = json.dumps([str(self.input_dir)])
         if role == "vision":
             # One machine runs every stage: the vision stage's torch threads take half the
             # cores, the LLM's the other half (models.llm_threads' default); threads that
@@ -136,6 +147,9 @@ class Pipeline:
 
     def _argv(self, role: str) -> list[str]:
         base = [sys.executable, "-m", "imgflow.cli"]
+        if role == "watcher" and isinstance(self.input_dir, S3Location):
+            # --no-check: a store that is down at start is retried, not fatal, in a child
+            return [*base, "watch", "s3", self.input_dir.uri, "--no-check", "--data-dir", str(self.data_dir)]
         if role == "watcher":
             return [*base, "watch", "local", str(self.input_dir), "--data-dir", str(self.data_dir)]
         return [*base, "stage", role]
@@ -153,20 +167,43 @@ class Pipeline:
         self.stack = EmbeddedStack(self.data_dir / "broker", port=port, log_file=logs / "broker.log")
         self.stack.start()
         print(f"broker ready at {self.stack.bootstrap}", flush=True)
-        target = current_event_ids(self.input_dir, self.settings) if self.once else set()
+        target = self._present_at_start() if self.once else set()
+        self._serve_metrics()
         try:
             for role in ROLES:
-                metrics_port = free_port() if self.settings.metrics_port else 0
+                # Each child serves its own metrics on loopback; ours proxies them all.
+                metrics_port = free_port() if self.metrics_port else 0
                 child = Child(role, self._argv(role), logs / f"{role}.log",
                               self._env(self.stack.bootstrap, role, metrics_port))
                 child.start()
                 self.children[role] = child
-            print(f"processing {self.input_dir} -> {self.out_dir} (logs in {logs})", flush=True)
+                if metrics_port:
+                    self.child_metrics.children[role] = metrics_port
+            source = self.input_dir.uri if isinstance(self.input_dir, S3Location) else self.input_dir
+            print(f"processing {source} -> {self.out_dir} (logs in {logs})", flush=True)
             return self._supervise(target)
         finally:
             self._stop_children()
             self.stack.stop()
             print(f"results: {self.out_dir / 'results.csv'} and {self.out_dir / 'avro'}/", flush=True)
+
+    def _serve_metrics(self) -> None:
+        port = self.metrics_port
+        if not port:
+            return
+        if not _port_free(port, self.settings.metrics_addr):
+            port = free_port()
+            print(f"metrics port {self.metrics_port} is in use: metrics are served on port {port} instead",
+                  flush=True)
+        serve_children(port, self.child_metrics, self.settings.metrics_addr)
+        self.metrics_port = port
+        print(f"metrics of every process: http://{self.settings.metrics_addr}:{port}/metrics", flush=True)
+
+    def _present_at_start(self) -> set[str]:
+        """The event_ids `--once` waits for: every image in the folder or under the prefix now."""
+        if isinstance(self.input_dir, S3Location):
+            return s3_event_ids(self.input_dir, self.settings)
+        return current_event_ids(self.input_dir, self.settings)
 
     def _supervise(self, target: set[str]) -> int:
         tail = ResultTail(self.out_dir)
@@ -233,13 +270,13 @@ def _own_session_dying_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _port_free(port: int) -> bool:
+def _port_free(port: int, addr: str = "127.0.0.1") -> bool:
     import socket
 
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((addr, port))
             return True
         except OSError:
             return False

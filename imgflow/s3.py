@@ -106,6 +106,7 @@ _CONFIG_CODES = {
     "NoSuchBucket": "the bucket does not exist: create it, or fix the s3:// URI",
 }
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+_BAD_KEY_CODES = {"InvalidRequest", "InvalidArgument", "KeyTooLongError", "InvalidObjectName", "InvalidURI"}
 
 
 def explain(exc: BaseException, what: str) -> S3Error:
@@ -171,6 +172,8 @@ def read_object(client, bucket: str, key: str, max_bytes: int, chunk_size: int =
         err = explain(exc, what)
         if err.code == "NoSuchKey":
             raise BadInput(f"object not found (deleted after its event?): {what}") from None
+        if err.code in _BAD_KEY_CODES:  # e.g. SeaweedFS refuses keys with "../" segments
+            raise BadInput(f"the store refuses this key: {err}") from None
         raise err from None
     data = b"".join(parts)
     if len(data) != length:

@@ -19,7 +19,7 @@ from pathlib import Path
 from confluent_kafka import Producer
 
 from imgflow import metrics
-from imgflow.events import local_image_event
+from imgflow.events import UNSTATABLE, local_image_event
 from imgflow.kafka import producer_config, publish_schemas
 from imgflow.settings import Settings
 from schemas.codec import get_codec
@@ -51,10 +51,14 @@ class WatcherState:
         self.db.close()
 
 
-def scan_images(root: Path, extensions: list[str]) -> Iterator[tuple[Path, os.stat_result]]:
-    """Every regular file below ``root`` with an image extension (hidden entries skipped)."""
+def scan_images(root: Path, extensions: list[str]) -> Iterator[tuple[Path, os.stat_result | None]]:
+    """Every file below ``root`` with an image extension (hidden entries skipped), with its
+    stat — or None when it cannot be stat'ed (a dangling symlink, a symlink loop, no
+    permission): such a file still gets its event, and so its error row, never a silent skip.
+    Files that are not regular (a FIFO named x.jpg) are yielded too; the vision stage refuses
+    them with a reason."""
     exts = {e.lower() for e in extensions}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=_unreadable_folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith(".") or Path(name).suffix.lower() not in exts:
@@ -62,10 +66,19 @@ def scan_images(root: Path, extensions: list[str]) -> Iterator[tuple[Path, os.st
             path = Path(dirpath) / name
             try:
                 st = path.stat()
+            except FileNotFoundError:
+                if not os.path.lexists(path):
+                    continue  # vanished between listing and stat
+                st = None  # a dangling symlink
             except OSError:
-                continue  # vanished between listing and stat
-            if path.is_file():
-                yield path, st
+                st = None
+            yield path, st
+
+
+def _unreadable_folder(exc: OSError) -> None:
+    # Files in a folder that cannot be listed cannot be named, so they cannot have rows:
+    # say so instead of skipping it silently.
+    log.error("cannot list folder %s: %s (its images are not seen)", exc.filename, exc.strerror)
 
 
 def current_event_ids(root: Path, settings: Settings) -> set[str]:
@@ -95,27 +108,31 @@ class LocalWatcher:
     def poll_once(self) -> int:
         """One scan; publishes the files that are new and settled. Returns how many."""
         now = time.monotonic()
-        ready: list[dict] = []
+        ready: list[tuple[Path, dict]] = []
         seen: set[Path] = set()
         for path, st in scan_images(self.root, self.settings.watch.extensions):
             seen.add(path)
             event = local_image_event(path, st, source="local", run_id=self.settings.run_id, priority=self.priority)
             if self.state.has(event["event_id"]):
                 continue
-            sig = (st.st_size, st.st_mtime_ns)
+            sig = (st.st_size, st.st_mtime_ns) if st is not None else (-1, -1)
             prev = self.pending.get(path)
             if prev is None or prev[:2] != sig:
                 self.pending[path] = (*sig, now)
-                # A file untouched for settle_s already (e.g. present at start) is ready now.
-                if time.time() - st.st_mtime < self.settings.watch.settle_s:
+                # A file untouched for settle_s already (e.g. present at start) is ready now;
+                # one that cannot be stat'ed must stay so for settle_s (it may be appearing).
+                if st is None or time.time() - st.st_mtime < self.settings.watch.settle_s:
                     continue
             elif now - prev[2] < self.settings.watch.settle_s:
                 continue
-            ready.append(event)
+            ready.append((path, event))
         for gone in set(self.pending) - seen:
             del self.pending[gone]
         if ready:
-            self._publish(ready)
+            metrics.WATCHER_SEEN.labels("local").inc(len(ready))
+            self._publish([event for _, event in ready])
+            for path, _ in ready:
+                self.pending.pop(path, None)
         return len(ready)
 
     def _publish(self, events: list[dict]) -> None:
@@ -128,18 +145,21 @@ class LocalWatcher:
         # Only acknowledged events are remembered as published.
         self.state.add_many(events)
         for event in events:
-            self.pending.pop(Path(event["image_path"]), None)
-            log.info("published %s", event["image_path"], extra={"event_id": event["event_id"]})
+            log.info("published %s%s", event["image_path"],
+                     " (cannot be stat'ed: it will be an error row)" if event["version"] == UNSTATABLE else "",
+                     extra={"event_id": event["event_id"], "stage": "watcher"})
         metrics.WATCHER_PUBLISHED.labels("local").inc(len(events))
 
     def run(self) -> None:
         publish_schemas(self.settings, self.codec, ["ImageEvent"])
+        metrics.init_watcher("local")
         log.info("watching %s (every %.1fs, %d published before)", self.root,
                  self.settings.watch.poll_interval_s, self.state.count())
         while not self.stopping:
             try:
                 self.poll_once()
             except RuntimeError as exc:
+                metrics.WATCHER_ERRORS.labels("local").inc()
                 log.warning("%s", exc)
             deadline = time.monotonic() + self.settings.watch.poll_interval_s
             while not self.stopping and time.monotonic() < deadline:
