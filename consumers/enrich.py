@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+from imgflow.metrics import model_timer
 from imgflow.models.base import StructureInput
 from imgflow.models.registry import EnrichModels, build_enrich_models
 from imgflow.settings import Settings
@@ -42,7 +43,8 @@ class EnrichTransform(Transform):
                            labels=[label["label"] for label in r.value["labels"]])
             for r in records
         ]
-        structured = structurer.structure(items)
+        with model_timer("structure_text", structurer.model_id):
+            structured = structurer.structure(items)
         seconds = (time.monotonic() - started) / max(1, len(records))
         now = int(time.time() * 1000)
         results: list[list[Output] | BaseException] = []

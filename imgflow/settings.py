@@ -113,9 +113,19 @@ class WatchSettings(_Section):
 
 
 class SinkSettings(_Section):
-    out_dir: Path = Path("out")
+    # A local folder (a Path) or an "s3://BUCKET/PREFIX/" URI (kept a str: Path would eat "//").
+    out_dir: Path | str = Path("out")
     csv: bool = True
     avro: bool = True
+    # Event_ids of the last N offsets of each partition are kept for dedupe (the records of
+    # aborted transactions that some brokers deliver): see consumers/sink.py.
+    dedupe_window: int = Field(10_000, ge=0)
+
+    @field_validator("out_dir", mode="before")
+    @classmethod
+    def _local_or_s3(cls, value: object) -> Path | str:
+        text = str(value)
+        return text if text.startswith("s3://") else Path(text)
 
 
 class S3Settings(_Section):
@@ -147,6 +157,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     metrics_port: int = Field(0, ge=0, le=65535)  # 0: no metrics endpoint
+    metrics_addr: str = "127.0.0.1"  # address /metrics listens on (containers: 0.0.0.0)
 
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
