@@ -201,14 +201,14 @@ def run_chaos(workdir: Path, images: int, kills: int, broker_restarts: int, seed
     report.duplicates = len(ids) - len(set(ids))
     report.lost = len(set(expected) - set(names))
     avro_ids = []
-    for path in sorted((out / "avro").glob("*.avro")):
+    for path in sorted((out / "avro").rglob("*.avro")):
         with path.open("rb") as f:  # a partial or corrupt file raises here
             avro_ids += [r["event_id"] for r in fastavro.reader(f)]
     report.avro_rows = len(avro_ids)
     report.avro_duplicates = len(avro_ids) - len(set(avro_ids))
     if sorted(avro_ids) != sorted(ids):
         report.wrong_content.append("Avro files and CSV disagree")
-    report.leftover_temp_files = len(list((out / "avro").glob("*.tmp")))
+    report.leftover_temp_files = len(list((out / "avro").rglob("*.tmp")))
     for row in rows:
         name = Path(row["image_path"]).name
         want = expected.get(name)

@@ -38,7 +38,7 @@ def rows(out: Path) -> list[dict]:
 
 def avro_rows(out: Path) -> list[dict]:
     result = []
-    for path in sorted((out / "avro").glob("*.avro")):
+    for path in sorted((out / "avro").rglob("*.avro")):
         with path.open("rb") as f:
             result += list(fastavro.reader(f))
     return result
@@ -120,7 +120,7 @@ def test_avro_files_hold_the_same_results(finished_run):
         assert set(SEED_HEADER) <= set(record)
         if not record["error"]:
             assert len(record["image_vector"]) == 1280 and isinstance(record["image_vector"][0], float)
-    for path in (out / "avro").glob("*.avro"):
+    for path in (out / "avro").rglob("*.avro"):
         topic, partition, offset = path.stem.split("+")
         assert topic in ("images.enriched", "images.dlq") and partition.isdigit() and len(offset) == 19
 

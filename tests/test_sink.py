@@ -50,7 +50,7 @@ def csv_ids(out: Path) -> list[str]:
 
 def avro_ids(out: Path) -> list[str]:
     ids = []
-    for p in sorted((out / "avro").glob("*.avro")):
+    for p in sorted((out / "avro").rglob("*.avro")):
         with p.open("rb") as f:
             ids += [r["event_id"] for r in fastavro.reader(f)]
     return ids
@@ -75,8 +75,10 @@ def test_csv_header_cells_and_avro_names(tmp_path):
     assert first["text"] == "A photo, number 0,\nwith a comma and a newline"
     assert first["error"] == "" and json.loads(first["llama_extracted"]) == {"category": "test"}
     assert datetime.fromisoformat(first["timestamp"]).year == 2026
-    assert [p.name for p in (tmp_path / "avro").iterdir()] == ["images.enriched+0+0000000000000000040.avro"]
-    with (tmp_path / "avro" / "images.enriched+0+0000000000000000040.avro").open("rb") as f:
+    name = "images.enriched/partition=0/images.enriched+0+0000000000000000040"
+    assert [str(p.relative_to(tmp_path)) for p in (tmp_path / "avro").rglob("*.avro")] == [f"avro/{name}.avro"]
+    assert json.loads((tmp_path / "_index" / f"{name}.ids").read_text())["rows"][0][:2] == [40, "e0000"]
+    with (tmp_path / "avro" / f"{name}.avro").open("rb") as f:
         records = list(fastavro.reader(f))
     assert set(SEED_HEADER) <= set(records[0]) and records[0]["text_vector"] == pytest.approx([0.5, -0.25, 0.0])
 
@@ -99,21 +101,22 @@ def test_recover_restores_rows_only_in_avro_and_cuts_half_written_csv(tmp_path):
     store._write_avro("images.enriched", 0, pending([3, 4, 5], offset0=2))
     with (tmp_path / "results.csv").open("a") as f:
         f.write('/imgs/3.jpg,"A photo, half a row')
-    (tmp_path / "avro" / "images.enriched+1+0000000000000000009.avro.tmp").write_bytes(b"partial")
+    (tmp_path / "avro" / "images.enriched" / "partition=0" / "images.enriched+0+0000000000000000009.avro.tmp"
+     ).write_bytes(b"partial")
     store._lock_file.close()
     again = ResultStore(tmp_path)
     again.lock()
     assert again.recover() == 3
     assert csv_ids(tmp_path) == ["e0001", "e0002", "e0003", "e0004", "e0005"]
     assert sorted(avro_ids(tmp_path)) == csv_ids(tmp_path)
-    assert not list((tmp_path / "avro").glob("*.tmp"))
+    assert not list((tmp_path / "avro").rglob("*.tmp"))
 
 
 def test_second_sink_on_same_output_is_refused(tmp_path):
     first = new_store(tmp_path)
     with pytest.raises(SinkLockedError, match="another sink"):
         new_store(tmp_path)
-    assert first.known == set()
+    assert len(first.known) == 0
 
 
 @pytest.mark.parametrize("point", ["after_avro", "mid_csv", "after_csv", "after_commit"])
