@@ -102,7 +102,11 @@ class ModelSettings(_Section):
 class WatchSettings(_Section):
     poll_interval_s: float = Field(1.0, gt=0.0)
     settle_s: float = Field(1.0, ge=0.0)  # a file must be unchanged this long before it is published
-    extensions: list[str] = [".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"]
+    # Names that say "image": each becomes a row, an error row where the models cannot take the
+    # format (HEIC, RAW, SVG ... are listed so they are reported, not silently skipped).
+    extensions: list[str] = [".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp",
+                             ".heic", ".heif", ".avif", ".jxl", ".jp2", ".ico", ".psd", ".svg",
+                             ".dng", ".cr2", ".nef", ".arw"]
     # S3 watcher (watchers/s3.py): a full listing compares every ETag this often (catches keys
     # sorting before the cursor and overwrites); between them only keys after the cursor.
     s3_full_scan_s: float = Field(60.0, ge=0.0)
