@@ -6,6 +6,7 @@ import os
 import shutil
 import time
 
+import pytest
 from PIL import Image
 
 from tests.kafka_helpers import decoded
@@ -77,3 +78,43 @@ def test_state_survives_reopen(tmp_path):
     state.close()
     again = WatcherState(tmp_path / "s.sqlite")
     assert again.has("e1") and not again.has("e2") and again.count() == 1
+
+
+def test_every_image_named_file_gets_an_event_even_when_it_cannot_be_read(settings, tmp_path):
+    """No silent skips: a dangling symlink, a symlink loop, a FIFO and an unreadable file
+    named like images are published, and reading each gives a reason (its error row)."""
+    from imgflow.errors import BadInput
+    from imgflow.images import ImageSource
+
+    folder = tmp_path / "in"
+    make_png(folder / "ok.png")
+    (folder / "dangling.jpg").symlink_to(folder / "missing.jpg")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    os.mkfifo(folder / "fifo.jpg")
+    make_png(folder / "locked.png")
+    os.chmod(folder / "locked.png", 0)
+    (folder / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")  # a format the models cannot take
+    watcher = LocalWatcher(folder, settings)
+    watcher.poll_once()
+    time.sleep(settings.watch.settle_s + 0.1)
+    watcher.poll_once()  # files that cannot be stat'ed wait settle_s like new ones
+    evs = {os.path.basename(e["image_path"]): e for e in events_on(settings)}
+    assert sorted(evs) == ["dangling.jpg", "fifo.jpg", "locked.png", "loop.png", "ok.png", "photo.heic"]
+    assert {e["event_id"] for e in evs.values()} == current_event_ids(folder, settings)
+    assert watcher.poll_once() == 0
+    source = ImageSource(settings.model_copy(update={"allowed_roots": [folder]}))
+    assert source.read(evs["ok.png"]["uri"])
+    reasons = {"dangling.jpg": "file not found", "loop.png": "cannot resolve", "fifo.jpg": "not a regular file"}
+    if os.geteuid() != 0:  # root reads mode-000 files (test_bad_input.py drops that capability)
+        reasons["locked.png"] = "permission denied"
+    from imgflow.images import prepare_image
+
+    with pytest.raises(BadInput, match="unsupported format"):
+        prepare_image(source.read(evs["photo.heic"]["uri"]), 384)
+    for name, says in reasons.items():
+        try:
+            source.read(evs[name]["uri"])
+        except BadInput as exc:
+            assert says in str(exc), (name, str(exc))
+        else:
+            raise AssertionError(f"{name} was read")
