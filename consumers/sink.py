@@ -70,6 +70,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from imgflow import metrics
 from imgflow.events import dedupe_key
 from imgflow.kafka import consumer_config
+from imgflow.lag import LagReader
 from imgflow.results import (  # noqa: F401 - CSV_COLUMNS, read_csv_rows, row_from_enriched re-exported
     AVRO,
     COMMITTED_LENGTH,
@@ -433,11 +434,11 @@ class SinkRunner:
     def start(self, consumer: Consumer) -> bool:
         """Lock and recover the output, retrying S3 errors; False if stopped meanwhile."""
         t0 = time.monotonic()
-        if retry_s3(f"sink output {self.store.output}", self.store.lock, stopping=lambda: self.stopping) is None \
+        if retry_s3("sink start-up", self.store.lock, stopping=lambda: self.stopping) is None \
                 and self.stopping:
             return False
         committed = self.committed_offsets(consumer)
-        restored = retry_s3(f"sink start-up on {self.store.output}", lambda: self.store.recover(committed),
+        restored = retry_s3("sink start-up", lambda: self.store.recover(committed),
                             stopping=lambda: self.stopping)
         if restored is None:
             return False
@@ -474,7 +475,7 @@ class SinkRunner:
                 pending = [self._to_pending(m) for m in msgs]
                 # An unwritable output (S3 down, bucket missing, credentials wrong) holds the
                 # batch and retries with back-off; nothing is committed until it is written.
-                written = retry_s3(f"writing {len(pending)} rows to {self.store.output}",
+                written = retry_s3(f"sink: writing {len(pending)} rows",
                                    lambda: self.store.write(pending, self.crash), stopping=lambda: self.stopping)
                 if written is None:
                     break  # stopped before the batch was written: it is redelivered next time

@@ -18,6 +18,8 @@ app = typer.Typer(help="Streaming, exactly-once image enrichment on Kafka.", no_
                   add_completion=False, pretty_exceptions_enable=False)
 watch_app = typer.Typer(help="Publish new-image events.", no_args_is_help=True)
 app.add_typer(watch_app, name="watch")
+export_app = typer.Typer(help="Export results.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Broker and watcher state "
                                                  "(default: $IMGFLOW_DATA_DIR or ~/.local/state/imgflow).")]
@@ -44,7 +46,8 @@ def _settings(**env: object):
 def run(
     input_dir: Annotated[Optional[str], typer.Argument(
         help="Folder of images, or s3://BUCKET/PREFIX (default: a generated sample folder).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder for results.csv and avro/ (default: ./out).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Output folder (results.csv, avro/) or s3://BUCKET/PREFIX/ "
+                                                             "(avro/, csv/ parts; default: ./out).")] = None,
     once: Annotated[bool, typer.Option("--once", help="Exit 0 when every image present at start has its result row.")] = False,
     data_dir: DataDir = None,
     port: Annotated[int, typer.Option(help="Embedded broker port (taken free if in use; 0: any free port).")] = 19092,
@@ -89,11 +92,13 @@ def stage(name: Annotated[StageName, typer.Argument(help="Which stage.")],
           group: Annotated[Optional[str], typer.Option(help="Consumer group (default imgflow-<stage>).")] = None,
           run_id: Annotated[Optional[str], typer.Option(
               "--run", help="Run this stage as part of replay run RUN_ID (its topics, group and range; "
-                            "what `imgflow replay` starts).")] = None) -> None:
+                            "what `imgflow replay` starts).")] = None,
+          out: Annotated[Optional[str], typer.Option(
+              "--out", help="sink: output folder or s3://BUCKET/PREFIX/ (default: sink.out_dir).")] = None) -> None:
     """Run one stage as its own process against the configured broker (IMGFLOW_KAFKA__BOOTSTRAP)."""
     early_stop: list[int] = []  # a SIGTERM during start-up (model loading) still means a clean stop
     signal.signal(signal.SIGTERM, lambda signum, _frame: early_stop.append(signum))
-    settings = _settings()
+    settings = _settings(sink__out_dir=out)
     scope = {}  # a replay run's stage: its own settings, group, range and run_id
     if run_id is not None:
         from imgflow.replay import ReplayError, stage_plan
@@ -278,6 +283,41 @@ def replay(
     code = rp.execute(settings, record, settings.data_dir / "logs" / "replay", lambda: bool(stop_requested),
                       say=lambda line: typer.echo(line))
     raise typer.Exit(code)
+
+
+@export_app.command("csv")
+def export_csv(src: Annotated[str, typer.Argument(help="A sink output: folder or s3://BUCKET/PREFIX/.")],
+               out: Annotated[Optional[Path], typer.Option(
+                   "--out", help="CSV file to write (default: standard output).")] = None) -> None:
+    """One CSV with the seed's header from a sink output: on S3 its CSV parts merged in
+    (topic, partition, offset) order; locally the complete part of results.csv."""
+    settings = _settings()
+    from imgflow.results import export_csv as export
+    from imgflow.s3 import S3Error
+
+    tmp = out.with_name(out.name + ".tmp") if out is not None else None
+    try:
+        if tmp is None:
+            summary = export(src, settings, sys.stdout.buffer)
+        else:
+            from rich.progress import Progress
+
+            with tmp.open("wb") as dest, Progress(transient=True) as bar:
+                task = bar.add_task("merging CSV parts", total=None)
+                summary = export(src, settings, dest, progress=lambda n, total: bar.update(task, completed=n,
+                                                                                         total=total))
+            os.replace(tmp, out)  # the file appears whole or not at all
+    except (S3Error, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
+    if summary.incomplete:
+        typer.echo(f"note: {summary.incomplete} batch(es) have Avro files but no CSV part yet (being written, or "
+                   "completed when the sink next starts); their rows are not in this export", err=True)
+    if out is not None:
+        typer.echo(f"wrote {out} ({summary.rows_files} part(s))", err=True)
 
 
 # ---- options every command has ---------------------------------------------------------------

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from consumers.sink import read_csv_rows
 from imgflow.kafka import consumer_config
 from imgflow.metrics import ChildMetrics, serve_children
+from imgflow.results import CommittedResults, is_s3_output
 from imgflow.s3 import S3Location
 from imgflow.settings import Settings
 from imgflow.stack import EmbeddedStack, free_port
@@ -49,31 +49,6 @@ class Child:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-
-class ResultTail:
-    """Reads the rows the sink has committed (up to its committed length), incrementally."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.csv = out_dir / "results.csv"
-        self.length = out_dir / ".results.csv.committed"
-        self.done: set[str] = set()
-        self.errors = 0
-        self._read_upto = -1
-
-    def refresh(self) -> None:
-        try:
-            length = int(self.length.read_text())
-        except (FileNotFoundError, ValueError):
-            return
-        if length == self._read_upto:
-            return
-        # Re-reading is simple and cheap enough at the sizes a terminal run shows.
-        done, errors = set(), 0
-        for row in read_csv_rows(self.csv, length):
-            done.add(row["event_id"])
-            errors += bool(row["error"])
-        self.done, self.errors, self._read_upto = done, errors, length
 
 
 class TopicCounter:
@@ -111,7 +86,8 @@ class Pipeline:
         self.child_metrics = ChildMetrics()
         # A folder, or an S3Location for s3://BUCKET/PREFIX (the S3 watcher then runs instead).
         self.input_dir = input_dir if isinstance(input_dir, S3Location) else input_dir.resolve()
-        self.out_dir = out_dir.resolve()
+        # A folder, or an s3://BUCKET/PREFIX/ URI (the sink writes there; nothing local).
+        self.out_dir = str(out_dir).rstrip("/") + "/" if is_s3_output(out_dir) else Path(out_dir).resolve()
         self.data_dir = data_dir.resolve()
         self.port = port
         self.once = once
@@ -185,7 +161,11 @@ class Pipeline:
         finally:
             self._stop_children()
             self.stack.stop()
-            print(f"results: {self.out_dir / 'results.csv'} and {self.out_dir / 'avro'}/", flush=True)
+            if is_s3_output(self.out_dir):
+                print(f"results: {self.out_dir}avro/ and {self.out_dir}csv/ (one CSV: imgflow export csv "
+                      f"{self.out_dir} --out results.csv)", flush=True)
+            else:
+                print(f"results: {self.out_dir / 'results.csv'} and {self.out_dir / 'avro'}/", flush=True)
 
     def _serve_metrics(self) -> None:
         port = self.metrics_port
@@ -206,7 +186,7 @@ class Pipeline:
         return current_event_ids(self.input_dir, self.settings)
 
     def _supervise(self, target: set[str]) -> int:
-        tail = ResultTail(self.out_dir)
+        tail = CommittedResults(self.out_dir, self.settings)
         t = self.settings.topics
         counter = TopicCounter(self.settings.model_copy(update={"kafka": self.settings.kafka.model_copy(
             update={"bootstrap": self.stack.bootstrap})}), [t.new, t.new_high, t.vision, t.enriched, t.dlq])

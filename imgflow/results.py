@@ -464,6 +464,8 @@ def export_csv(out, settings: Settings, dest, progress=None) -> ExportSummary:
     output = open_output(out, settings)
     summary = ExportSummary()
     if not output.is_s3:
+        if not output.root.is_dir():
+            raise ValueError(f"no sink output at {output.root}: no such folder")
         length = committed_csv_length(output.root)
         path = output.root / RESULTS_CSV
         if not path.exists():
