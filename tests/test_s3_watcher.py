@@ -174,35 +174,50 @@ def test_wrong_credentials_missing_bucket_unreachable_endpoint_are_clear_errors(
     assert secret not in proc.stdout + proc.stderr
 
 
-def test_watcher_outlives_s3_restart_and_loses_nothing(broker, tmp_path, caplog):
-    """Its own stack: SeaweedFS is SIGKILLed and restarted by the stack's supervisor while the
-    watcher runs. The watcher keeps running, and every object is published exactly once."""
+def test_seaweedfs_notifications_and_an_s3_restart(broker, tmp_path, caplog):
+    """Its own SeaweedFS (the embedded stack's), whose filer publishes object events to the
+    session's tansu broker as SeaweedFS users configure it: notification.toml in its working
+    directory. New objects that polling would not find for an hour (they sort before the
+    cursor; the full pass is due in 3600 s) become events within seconds, through the
+    notifications. SeaweedFS is SIGKILLed and restarted meanwhile: the watcher keeps running
+    and every object is published exactly once."""
     from imgflow.stack import EmbeddedStack
     from tests.conftest import S3Server
 
-    stack = EmbeddedStack(tmp_path / "stack", port=0, log_file=tmp_path / "stack.log").start()
+    topic = f"seaweedfs-events-{tmp_path.name}"
+    stack_dir = tmp_path / "stack"
+    stack_dir.mkdir()
+    (stack_dir / "notification.toml").write_text(
+        f'[notification.kafka]\nenabled = true\nhosts = ["{broker}"]\ntopic = "{topic}"\n')
+    stack = EmbeddedStack(stack_dir, port=0, log_file=tmp_path / "stack.log").start()
     try:
         creds = json.loads((stack.data_dir / "s3-credentials.json").read_text())
         s3 = S3Server(stack.s3_endpoint, creds["access_key_id"], creds["secret_access_key"])
         bucket = new_bucket(s3)
         # Events go to the session broker; only S3 is killed.
         settings = make_settings(broker, tmp_path, s3={**s3.settings_section(), "timeout_s": 2.0, "max_attempts": 1},
-                                 watch={"poll_interval_s": 0.2, "s3_full_scan_s": 0.0})
+                                 watch={"poll_interval_s": 0.3, "s3_full_scan_s": 3600.0, "s3_notify": "seaweedfs",
+                                        "s3_notify_topic": topic})
         c = client_for(s3)
         for i in range(3):
-            c.put_object(Bucket=bucket, Key=f"k/{i}.jpg", Body=b"x%d" % i)
+            c.put_object(Bucket=bucket, Key=f"k/5-{i}.jpg", Body=b"x%d" % i)
         caplog.set_level(logging.INFO)
         watcher = S3Watcher(parse_s3_uri(f"s3://{bucket}/k/"), settings, client=s3_client(settings))
         thread = threading.Thread(target=watcher.run, daemon=True)
         thread.start()
         try:
             wait_until(lambda: len(events_on(settings)) >= 3, 30, what="3 events")
+            notified_before = notified()
+            t0 = time.monotonic()
+            c.put_object(Bucket=bucket, Key="k/0-a.jpg", Body=b"new")  # sorts before the cursor
+            wait_until(lambda: len(events_on(settings)) >= 4, 30, interval=0.2, what="the notified object")
+            assert time.monotonic() - t0 < 20
             stack.kill_s3()
             wait_until(lambda: "retrying with back-off" in caplog.text, 30, interval=0.2,
                        what="the watcher to see S3 down")
             wait_until(lambda: _s3_up(c), 60, what="SeaweedFS restarted")
-            for i in range(3, 6):
-                c.put_object(Bucket=bucket, Key=f"k/{i}.jpg", Body=b"x%d" % i)
+            for name in ("0-b", "0-c"):
+                c.put_object(Bucket=bucket, Key=f"k/{name}.jpg", Body=name.encode())
             wait_until(lambda: len(events_on(settings)) >= 6, 60, what="6 events")
             time.sleep(1.0)  # a double would appear now
             assert thread.is_alive()
@@ -210,7 +225,9 @@ def test_watcher_outlives_s3_restart_and_loses_nothing(broker, tmp_path, caplog)
             watcher.request_stop()
             thread.join(30)
         evs = events_on(settings)
-        assert sorted(e["image_path"] for e in evs) == [f"s3://{bucket}/k/{i}.jpg" for i in range(6)]
+        assert sorted(e["image_path"] for e in evs) == sorted(
+            f"s3://{bucket}/k/{n}.jpg" for n in ["5-0", "5-1", "5-2", "0-a", "0-b", "0-c"])
+        assert notified() - notified_before == 3  # all three through notifications, none by polling
         assert "recovered" in caplog.text
         assert s3.secret_access_key not in caplog.text
         assert {e["event_id"] for e in evs} == {
@@ -218,6 +235,12 @@ def test_watcher_outlives_s3_restart_and_loses_nothing(broker, tmp_path, caplog)
             for o in iter_objects(c, bucket, "k/")}
     finally:
         stack.stop()
+
+
+def notified() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("imgflow_watcher_published_total", {"source": "notification"}) or 0.0
 
 
 def _s3_up(client) -> bool:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote_plus
 
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from imgflow import metrics
 from imgflow.events import s3_image_event
@@ -298,6 +298,24 @@ class S3Watcher:
         """Publishes the objects the notifications that arrived within ``timeout`` name."""
         assert self.notifications is not None
         msgs = self.notifications.consume(500, timeout)
+        try:
+            published = self._handle(msgs)
+        except BaseException:
+            # S3 or the broker failed mid-batch: rewind, so these notifications are handled
+            # again after the back-off instead of being left to the next full pass.
+            first: dict[tuple[str, int], int] = {}
+            for m in msgs:
+                if m.error() is None:
+                    first.setdefault((m.topic(), m.partition()), m.offset())
+            for (topic, partition), offset in first.items():
+                self.notifications.seek(TopicPartition(topic, partition, offset))
+            raise
+        if any(m.error() is None for m in msgs):
+            # Only after the events are acknowledged: a crash re-reads the notifications.
+            self.notifications.commit(asynchronous=False)
+        return published
+
+    def _handle(self, msgs: list) -> int:
         objects: list[S3Object] = []
         for msg in msgs:
             if msg.error() is not None:
@@ -316,11 +334,7 @@ class S3Watcher:
                 obj = self._head(key)
                 if obj is not None:
                     objects.append(obj)
-        published = self._publish(objects, via="notification") if objects else 0
-        if msgs:
-            # Only after the events are acknowledged: a crash re-reads the notifications.
-            self.notifications.commit(asynchronous=False)
-        return published
+        return self._publish(objects, via="notification") if objects else 0
 
     def _head(self, key: str) -> S3Object | None:
         try:
