@@ -1,0 +1,116 @@
+"""`imgflow backfill`: bulk publish of a folder or S3 prefix, with the skip check, --force,
+--high, --dry-run, and a SIGKILL between chunks followed by the same command again."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import boto3
+
+from consumers.sink import PendingRow, ResultStore
+from imgflow.results import row_from_enriched
+from tests.conftest import settings_env
+from tests.kafka_helpers import decoded
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def backfill(settings, *args: str, env_extra: dict | None = None, s3=None) -> subprocess.CompletedProcess:
+    env = settings_env(settings)
+    if s3 is not None:
+        env.update(s3.env())
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "imgflow.cli", "backfill", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def make_folder(root: Path, n: int) -> list[Path]:
+    """n images spread over nested folders, plus files that are not images."""
+    images = []
+    for i in range(n):
+        path = root / f"d{i % 3}" / ("deep" if i % 2 else "") / f"img {i:03d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\xff\xd8" + bytes([i % 256]))
+        images.append(path.resolve())
+    (root / "notes.txt").write_text("not an image")
+    (root / "d0" / ".hidden.jpg").write_bytes(b"x")
+    return images
+
+
+def mark_done(settings, events: list[dict]) -> None:
+    """Results for these events in the live output, written by the sink's own store."""
+    store = ResultStore(settings.sink.out_dir, settings=settings)
+    store.lock()
+    store.recover()
+    pending = []
+    for n, event in enumerate(events):
+        vision = {"event": event, "text": "t", "image_text": "", "labels": [], "text_vector": [0.0],
+                  "word2vec_vector": [0.0], "image_vector": [0.0], "width": 1, "height": 1, "models": {},
+                  "seconds": 0.0, "processed_at": 0}
+        enriched = {"vision": vision, "description": "d", "category": "c", "keywords": [], "image_text": "",
+                    "llama_extracted": "{}", "models": {}, "seconds": 0.0, "processed_at": 0}
+        pending.append(PendingRow("images.enriched", 0, n, row_from_enriched(enriched, "images.enriched", 0, n)))
+    store.write(pending)
+
+
+def test_folder_skip_interrupt_resume_force_high(settings, tmp_path):
+    images = make_folder(tmp_path / "in", 12)
+    src = str(tmp_path / "in")
+
+    dry = backfill(settings, src, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would publish 12, skipped 0" in dry.stdout
+    assert decoded(settings, settings.topics.new, "ImageEvent") == []
+
+    # SIGKILL right after the 2nd chunk (of 5) committed; the same command again finishes.
+    killed = backfill(settings, src, "--chunk-size", "5", env_extra={"IMGFLOW_CRASH_AT": "backfill:after_commit:2"})
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert len(decoded(settings, settings.topics.new, "ImageEvent")) == 10
+    again = backfill(settings, src, "--chunk-size", "5")
+    assert again.returncode == 0, again.stderr
+    assert "resuming backfill" in again.stdout and "published 12, skipped 0" in again.stdout
+    events = decoded(settings, settings.topics.new, "ImageEvent")
+    assert sorted(e["image_path"] for e in events) == sorted(map(str, images))  # each once, non-images skipped
+    assert {(e["source"], e["run_id"], e["force"]) for e in events} == {("backfill", "live", False)}
+    # Complete: the same command publishes nothing more.
+    assert "is already complete: 12 published" in backfill(settings, src).stdout
+    assert len(decoded(settings, settings.topics.new, "ImageEvent")) == 12
+
+    # Half of them have results now: a new backfill skips those (after a new image arrives).
+    mark_done(settings, events[:6])
+    (tmp_path / "in" / "new.png").write_bytes(b"\x89PNG")
+    second = backfill(settings, src, "--high", "--run-id", "second")
+    assert second.returncode == 0, second.stderr
+    assert "published 7, skipped 6 that have a result" in second.stdout
+    high = decoded(settings, settings.topics.new_high, "ImageEvent")
+    assert {e["event_id"] for e in high} == {e["event_id"] for e in events[6:]} | {
+        e["event_id"] for e in high if e["image_path"].endswith("new.png")}
+    assert len(high) == 7 and {e["priority"] for e in high} == {"HIGH"}
+    assert "already complete" in backfill(settings, src, "--high", "--run-id", "second").stdout
+
+    # --force: every image again, as a run of its own (run_id = the job) that dedupe keeps apart.
+    forced = backfill(settings, src, "--force", "--run-id", "redo")
+    assert forced.returncode == 0, forced.stderr
+    assert "published 13, skipped 0" in forced.stdout
+    redo = [e for e in decoded(settings, settings.topics.new, "ImageEvent") if e["run_id"] == "redo"]
+    assert len(redo) == 13 and all(e["force"] for e in redo)
+    assert Counter(e["event_id"] for e in redo).most_common(1)[0][1] == 1
+
+
+def test_bucket_prefix(settings, s3_server, s3_bucket, tmp_path):
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key_id,
+                          aws_secret_access_key=s3_server.secret_access_key, region_name="us-east-1")
+    keys = ["p/a.jpg", "p/sub/b é.png", "p/sub/deeper/c.JPG", "p/readme.md", "p/sub/", "other/d.jpg"]
+    for key in keys:
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"" if key.endswith("/") else b"\xff\xd8data")
+    res = backfill(settings, f"s3://{s3_bucket}/p/", s3=s3_server)
+    assert res.returncode == 0, res.stderr
+    events = decoded(settings, settings.topics.new, "ImageEvent")
+    assert sorted(e["image_path"] for e in events) == [f"s3://{s3_bucket}/{k}" for k in
+                                                        ["p/a.jpg", "p/sub/b é.png", "p/sub/deeper/c.JPG"]]
+    bad = backfill(settings, "s3://no-such-bucket-xyz/p/", s3=s3_server)
+    assert bad.returncode == 2 and "no-such-bucket-xyz" in bad.stderr
+    assert s3_server.secret_access_key not in bad.stderr + bad.stdout
