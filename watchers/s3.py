@@ -228,7 +228,7 @@ class S3Watcher:
         self.state.record(self.bucket, [(o.key, o.etag, e["event_id"]) for o, e in todo])
         for o, event in todo:
             log.info("published %s%s", event["image_path"], " (empty object)" if o.size == 0 else "",
-                     extra={"event_id": event["event_id"]})
+                     extra={"event_id": event["event_id"], "stage": "watcher"})
         metrics.WATCHER_PUBLISHED.labels(via).inc(len(todo))
         return len(todo)
 
