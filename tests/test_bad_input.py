@@ -81,9 +81,17 @@ def build_corpus(folder: Path) -> dict[str, str | None]:
     save("café ñandú photo.jpg", cat, "JPEG")
     save("unreadable.jpg", cat, "JPEG", outcome="permission denied")
     os.chmod(folder / "unreadable.jpg", 0)
+    # Named like images but not readable ones: each still gets its row (never a silent skip).
+    (folder / "dangling link.jpg").symlink_to(folder / "no such target.jpg")
+    expect["dangling link.jpg"] = "file not found"
+    os.mkfifo(folder / "fifo.png")
+    expect["fifo.png"] = "not a regular file"
+    (folder / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
+    expect["photo.heic"] = "unsupported format"
     old = time.time() - 10
     for p in folder.iterdir():
-        os.utime(p, (old, old))
+        if p.is_file() and not p.is_symlink():
+            os.utime(p, (old, old))
     return expect
 
 
