@@ -177,8 +177,11 @@ def memory_limit_bytes() -> int:
     return machine
 
 
+# Read at each scrape: right in every process, sampler thread or not.
+MEMORY_LIMIT.set_function(memory_limit_bytes)
+
+
 def _sample_resources() -> None:
-    MEMORY_LIMIT.set(memory_limit_bytes())
     while True:
         torch = sys.modules.get("torch")  # only if the process already uses torch
         cuda = getattr(torch, "cuda", None)  # absent while torch is still being imported
