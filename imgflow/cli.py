@@ -374,6 +374,18 @@ def _metrics_option(
 ) -> None: ...
 
 
+def _metrics_port_configured() -> bool:
+    """Whether IMGFLOW_METRICS_PORT or the settings file sets the metrics port."""
+    if "IMGFLOW_METRICS_PORT" in os.environ:
+        return True
+    from imgflow.settings import Settings
+
+    try:
+        return "metrics_port" in Settings().model_fields_set
+    except ValidationError:
+        return True  # the command reports the bad configuration itself
+
+
 def _params_of(function) -> list:
     """The click parameters Typer makes of a function's options."""
     one = typer.Typer(add_completion=False)
@@ -399,7 +411,7 @@ def _common_options(command, path: str = ""):
         for key, value in (("LOG_LEVEL", log_level), ("LOG_FORMAT", log_format), ("METRICS_PORT", metrics_port)):
             if value is not None:
                 os.environ[f"IMGFLOW_{key}"] = str(getattr(value, "value", value))
-        if serves_metrics and METRICS_COMMANDS[path] and "IMGFLOW_METRICS_PORT" not in os.environ:
+        if serves_metrics and METRICS_COMMANDS[path] and not _metrics_port_configured():
             os.environ["IMGFLOW_METRICS_PORT"] = str(METRICS_COMMANDS[path])
         return callback(*args, **kwargs)
 
