@@ -9,6 +9,7 @@ re-publishes at most those events, which the stages drop by event_id.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -27,6 +28,19 @@ from schemas.codec import get_codec
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection):
+    """One explicit transaction (the connections are in autocommit mode, where ``with db:``
+    alone would commit — and fsync — every row on its own)."""
+    db.execute("BEGIN")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 class WatcherState:
     """event_ids already published, in ``<data_dir>/watcher-state.sqlite``."""
 
@@ -40,7 +54,7 @@ class WatcherState:
         return self.db.execute("SELECT 1 FROM published WHERE event_id=?", (event_id,)).fetchone() is not None
 
     def add_many(self, events: list[dict]) -> None:
-        with self.db:
+        with transaction(self.db):
             self.db.executemany("INSERT OR IGNORE INTO published VALUES (?, ?, ?)",
                                 [(e["event_id"], e["uri"], time.time()) for e in events])
 

@@ -41,6 +41,7 @@ from imgflow.kafka import consumer_config, producer_config, publish_schemas
 from imgflow.s3 import S3Error, S3Location, explain, s3_client
 from imgflow.settings import Settings
 from schemas.codec import get_codec
+from watchers.local import transaction
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class S3WatcherState:
 
     def record(self, bucket: str, events: list[tuple[str, str, str]]) -> None:
         """(key, etag, event_id) published and acknowledged."""
-        with self.db:
+        with transaction(self.db):
             self.db.executemany("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?)",
                                 [(bucket, k, e, i, time.time()) for k, e, i in events])
 
@@ -275,8 +276,11 @@ class S3Watcher:
     def poll_once(self) -> int:
         """A tail pass, plus a full pass when one is due (or unfinished). Returns how many
         events were published."""
+        high, full_after, _ = self.state.cursor(self.location.uri)
         published = self.tail_pass()
-        _, full_after, _ = self.state.cursor(self.location.uri)
+        if not high and full_after is None and not self.stopping:
+            # Nothing seen before: that tail pass listed everything, a full pass just now.
+            self._next_full = time.monotonic() + self.settings.watch.s3_full_scan_s
         if full_after is not None or time.monotonic() >= self._next_full:
             published += self.full_pass()
             self._next_full = time.monotonic() + self.settings.watch.s3_full_scan_s
