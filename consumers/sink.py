@@ -413,7 +413,8 @@ class SinkRunner:
         except SchemaError as exc:
             # A malformed final record still accounts for its image: an error row.
             key = msg.key().decode("utf-8", "replace") if msg.key() else f"malformed-{topic}-{partition}-{offset}"
-            log.error("undecodable record on %s[%d]@%d: %s", topic, partition, offset, exc)
+            log.error("undecodable record on %s[%d]@%d: %s", topic, partition, offset, exc,
+                      extra={"event_id": key, "stage": "sink"})
             row = {"image_path": "", "categories": [], "keywords": [], "timestamp": iso_time(int(time.time() * 1000)),
                    "error": f"sink: malformed record: {exc}", "event_id": key, "failed_stage": "sink",
                    "models": {}, "source_topic": topic, "source_partition": partition, "source_offset": offset,
@@ -437,7 +438,15 @@ class SinkRunner:
         if retry_s3("sink start-up", self.store.lock, stopping=lambda: self.stopping) is None \
                 and self.stopping:
             return False
-        committed = self.committed_offsets(consumer)
+        while True:  # the broker may be restarting: wait for it (a stop request ends the wait)
+            try:
+                committed = self.committed_offsets(consumer)
+                break
+            except KafkaException as exc:
+                if self.stopping:
+                    return False
+                log.warning("sink start-up: cannot read the group's committed offsets yet (%s); retrying", exc)
+                time.sleep(1)
         restored = retry_s3("sink start-up", lambda: self.store.recover(committed),
                             stopping=lambda: self.stopping)
         if restored is None:

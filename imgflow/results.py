@@ -363,14 +363,17 @@ def read_avro(data: bytes) -> list[dict]:
     return list(fastavro.reader(io.BytesIO(data)))
 
 
-def _fetch_all(output: Output, keys: list[str], threads: int = 16) -> Iterator[tuple[str, bytes | None]]:
-    """(key, bytes) in order; S3 GETs run in parallel (latency, not bandwidth, bounds them)."""
+def _fetch_all(output: Output, keys: list[str], threads: int = 10) -> Iterator[tuple[str, bytes | None]]:
+    """(key, bytes) in order; S3 GETs run in parallel (latency, not bandwidth, bounds them;
+    10 threads: the size of boto3's connection pool)."""
     if not output.is_s3:
         for key in keys:
             yield key, output.get(key)
         return
     with ThreadPoolExecutor(threads) as pool:
-        yield from zip(keys, pool.map(output.get, keys))
+        for i in range(0, len(keys), 100):  # a bounded number of objects in memory at once
+            chunk = keys[i:i + 100]
+            yield from zip(chunk, pool.map(output.get, chunk))
 
 
 # ---- readers ---------------------------------------------------------------------------------
@@ -385,27 +388,30 @@ class ResultIndex:
     def __init__(self, out, settings: Settings) -> None:
         self.output = open_output(out, settings)
 
-    def entries(self) -> Iterator[IndexEntry]:
+    def _rows(self) -> Iterator[list]:
+        """[offset, event_id, run_id, error] of every row in the output."""
         avro_keys = list(all_keys(self.output, AVRO))
         index_keys = set(all_keys(self.output, INDEX))
         for _, data in _fetch_all(self.output, sorted(index_keys)):
             if data is not None:
-                yield from parse_index(data)
+                yield from json.loads(data)["rows"]
         missing = [k for k in avro_keys if sibling_key(k, INDEX) not in index_keys]
         for _, data in _fetch_all(self.output, missing):
             for row in read_avro(data) if data is not None else []:
-                yield IndexEntry(row["source_offset"], row["event_id"], row["run_id"], bool(row["error"]))
+                yield [row["source_offset"], row["event_id"], row["run_id"], bool(row["error"])]
         if not avro_keys and not self.output.is_s3:
             for row in read_csv_rows(self.output.root / RESULTS_CSV, committed_csv_length(self.output.root)):
-                yield IndexEntry(int(row["source_offset"] or -1), row["event_id"], row.get("run_id", ""),
-                                 bool(row["error"]))
+                yield [int(row["source_offset"] or -1), row["event_id"], row.get("run_id", ""), bool(row["error"])]
+
+    def entries(self) -> Iterator[IndexEntry]:
+        return (IndexEntry(*r) for r in self._rows())
 
     def existing(self, event_ids: Iterable[str], run_id: str | None = None) -> set[str]:
         wanted = set(event_ids)
         found: set[str] = set()
-        for entry in self.entries():
-            if entry.event_id in wanted and (run_id is None or entry.run_id == run_id):
-                found.add(entry.event_id)
+        for _, event_id, row_run, _ in self._rows():
+            if event_id in wanted and (run_id is None or row_run == run_id):
+                found.add(event_id)
         return found
 
 
@@ -427,14 +433,19 @@ class CommittedResults:
         self.output = open_output(out, settings)
         self.done: set[str] = set()
         self.errors = 0
-        self._seen: set[str] = set()
+        self._last: dict[str, str] = {}  # S3: the last index key read, per partition folder
         self._read_upto = -1
 
     def refresh(self) -> None:
         if self.output.is_s3:
-            new = [k for k in all_keys(self.output, INDEX) if k not in self._seen]
+            # Per partition, index keys appear in offset order: list only after the last one seen.
+            new = []
+            for topic, partition in partitions(self.output, INDEX):
+                prefix = partition_prefix(INDEX, topic, partition)
+                new += self.output.list(prefix, self._last.get(prefix, ""))
             for key, data in _fetch_all(self.output, new):
-                self._seen.add(key)
+                prefix = key.rsplit("/", 1)[0] + "/"
+                self._last[prefix] = max(self._last.get(prefix, ""), key)
                 for entry in parse_index(data) if data is not None else []:
                     if entry.event_id not in self.done:
                         self.done.add(entry.event_id)

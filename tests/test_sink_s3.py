@@ -18,7 +18,7 @@ import pytest
 
 from consumers.sink import PendingRow, ResultStore
 from imgflow.events import dedupe_key
-from imgflow.results import CSV_COLUMNS, INDEX, ResultIndex, data_key, export_csv, open_output, read_avro
+from imgflow.results import CSV_COLUMNS, CommittedResults, INDEX, ResultIndex, data_key, export_csv, open_output, read_avro
 from imgflow.stage import CrashPoints
 from schemas.codec import get_codec
 from tests.conftest import make_settings, new_bucket, settings_env
@@ -86,6 +86,13 @@ def test_store_layout_crash_recovery_export_and_index(out, s3_settings):
     index = ResultIndex(out, settings)
     assert index.existing(["e0001", "e0008", "nope"]) == {"e0001", "e0008"}
     assert index.existing(["e0001"], run_id="other") == set()
+    # What `imgflow run` shows as done, read incrementally.
+    progress = CommittedResults(out, settings)
+    progress.refresh()
+    assert progress.done == set(expected) and progress.errors == 0
+    again.write(pending([9], offset0=200), CrashPoints("sink", ""))
+    progress.refresh()
+    assert progress.done == set(expected) | {"e0009"}
 
 
 def test_start_up_reads_only_the_window_past_the_committed_offsets(out, s3_settings):
