@@ -319,3 +319,31 @@ def test_every_command_takes_log_options_and_the_serving_ones_a_metrics_port():
         assert ("--metrics-port" in options) == (path in METRICS_COMMANDS), path
     with pytest.raises(Exception, match="xml"):
         found["models"].make_context("imgflow models", ["--log-format", "xml"])
+
+
+def test_run_endpoint_labels_each_child_and_reports_one_that_is_down():
+    """`imgflow run`'s one endpoint: every child's series with a `process` label, its own as
+    process="run", and imgflow_process_up 0 for a child that does not answer."""
+    from prometheus_client import CollectorRegistry, Counter, generate_latest, start_http_server
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from imgflow.metrics import ChildMetrics
+
+    child_registry = CollectorRegistry()
+    Counter("imgflow_messages_in_total", "in", ["stage", "topic"], registry=child_registry).labels("enrich", "t").inc(7)
+    child_port, dead_port = _free_port(), _free_port()
+    server, thread = start_http_server(child_port, addr="127.0.0.1", registry=child_registry)
+    try:
+        children = ChildMetrics()
+        children.children.update({"enrich": child_port, "sink": dead_port})
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(children)
+        samples = [s for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples]
+    finally:
+        server.shutdown()
+        thread.join(5)
+    up = {s.labels["process"]: s.value for s in samples if s.name == "imgflow_process_up"}
+    assert up == {"enrich": 1.0, "sink": 0.0}
+    consumed = [s for s in samples if s.name == "imgflow_messages_in_total"]
+    assert [(s.labels, s.value) for s in consumed] == [({"stage": "enrich", "topic": "t", "process": "enrich"}, 7.0)]
+    assert any(s.labels.get("process") == "run" for s in samples)  # the parent's own series
