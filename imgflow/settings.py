@@ -147,6 +147,9 @@ class S3Settings(_Section):
     # Objects may only be read below these s3://BUCKET/PREFIX locations (as allowed_roots for
     # folders); `imgflow run s3://...` sets it to the watched prefix.
     allowed_prefixes: list[str] = []
+    # The vision stage waits this long for a store that is down (connection refused, 5xx)
+    # before the read counts as a failed attempt: an outage must not turn images into errors.
+    outage_retry_s: float = Field(120.0, ge=0.0)
 
 
 class Settings(BaseSettings):
