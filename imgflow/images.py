@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import logging
 import posixpath
 import stat
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,8 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgflow.errors import BadInput
+
+log = logging.getLogger(__name__)
 
 # Pillow refuses images over 2x this many pixels and warns above it; we make both an
 # error (a decompression bomb is bad input, not something to decode).
@@ -157,4 +161,18 @@ class ImageSource:
             from imgflow.s3 import s3_client
 
             self._client = s3_client(self.settings)
-        return read_object(self._client, loc.bucket, loc.key, self.max_bytes)
+        from imgflow.s3 import S3Error
+
+        deadline = time.monotonic() + self.settings.s3.outage_retry_s
+        delay = 0.5
+        while True:
+            try:
+                return read_object(self._client, loc.bucket, loc.key, self.max_bytes)
+            except S3Error as exc:
+                # A store that is down or restarting: wait for it (s3.outage_retry_s) rather
+                # than fail images that are fine.
+                if not exc.retriable or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s: retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)

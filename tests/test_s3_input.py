@@ -72,7 +72,7 @@ def test_vision_reads_objects_only_below_allowed_prefixes_and_within_the_size_li
     secret = s3_server.secret_access_key
     for broken, says, retriable in [
         (with_s3(settings, secret_access_key=SecretStr("wrong" + secret)), "IMGFLOW_S3__SECRET_ACCESS_KEY", False),
-        (with_s3(settings, endpoint_url="http://127.0.0.1:9", max_attempts=1, timeout_s=1.0),
+        (with_s3(settings, endpoint_url="http://127.0.0.1:9", max_attempts=1, timeout_s=1.0, outage_retry_s=1.0),
          "IMGFLOW_S3__ENDPOINT_URL", True),
     ]:
         with pytest.raises(S3Error) as err:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
@@ -17,7 +18,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from imgflow.events import s3_image_event
-from imgflow.s3 import S3Error, parse_s3_uri, s3_client
+from imgflow.images import ImageSource
+from imgflow.s3 import S3Error, parse_s3_uri, s3_client, s3_uri
 from tests.conftest import make_settings, new_bucket, settings_env
 from tests.kafka_helpers import decoded, produce, wait_until
 from watchers.s3 import S3Watcher, current_event_ids, iter_objects, parse_notification
@@ -213,8 +215,11 @@ def test_seaweedfs_notifications_and_an_s3_restart(broker, tmp_path, caplog):
             wait_until(lambda: len(events_on(settings)) >= 4, 30, interval=0.2, what="the notified object")
             assert time.monotonic() - t0 < 20
             stack.kill_s3()
+            # The vision stage's read waits for the store instead of failing a good image.
+            read = ThreadPoolExecutor(1).submit(ImageSource(settings).read, s3_uri(bucket, "k/5-1.jpg"))
             wait_until(lambda: "retrying with back-off" in caplog.text, 30, interval=0.2,
                        what="the watcher to see S3 down")
+            assert read.result(timeout=90) == b"x1" and "S3 endpoint unreachable" in caplog.text
             wait_until(lambda: _s3_up(c), 60, what="SeaweedFS restarted")
             for name in ("0-b", "0-c"):
                 c.put_object(Bucket=bucket, Key=f"k/{name}.jpg", Body=name.encode())
