@@ -41,7 +41,8 @@ class LagReader:
         self.round_timeout_s = round_timeout_s
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        small = {"enable.partition.eof": True, "queued.max.messages.kbytes": 8192, "fetch.max.bytes": 8 << 20}
+        small = {"enable.partition.eof": True, "queued.max.messages.kbytes": 8192, "fetch.max.bytes": 8 << 20,
+                 "fetch.wait.max.ms": 100}  # a round waits for the end of each partition: short polls
         # Reads the records (its own group id: it only assigns, never joins or commits).
         self.reader = Consumer(consumer_config(settings, f"{group_id}.lag-reader", **small))
         # Asks the stage's group for its committed offsets (never subscribes or commits).
@@ -61,6 +62,8 @@ class LagReader:
         committed = self._committed(parts)
         self._assign(parts, committed)
         self._read_to_end()
+        # Between rounds the reader fetches nothing (librdkafka would keep polling the broker).
+        self.reader.pause([TopicPartition(t, p) for t, p in self.start_offset])
         for tp in self.known:
             offsets = self.pending[tp]
             done = committed.get(tp, -1)
@@ -87,6 +90,8 @@ class LagReader:
         return {(tp.topic, tp.partition): tp.offset for tp in found if tp.error is None}
 
     def _assign(self, parts: list[TP], committed: dict[TP, int]) -> None:
+        if self.start_offset:
+            self.reader.resume([TopicPartition(t, p) for t, p in self.start_offset])
         new = []
         for tp in parts:
             done = committed.get(tp, -1)
