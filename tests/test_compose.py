@@ -83,11 +83,12 @@ def test_the_stack_has_every_part():
     devices = services["vision"]["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in d["capabilities"] for d in devices)
     minio_env = services["minio"]["environment"]
-    assert minio_env["MINIO_NOTIFY_KAFKA_ENABLE_PRIMARY"] == "on"
-    topic = minio_env["MINIO_NOTIFY_KAFKA_TOPIC_PRIMARY"]
+    assert minio_env["MINIO_NOTIFY_KAFKA_ENABLE_IMGFLOW"] == "on"
+    topic = minio_env["MINIO_NOTIFY_KAFKA_TOPIC_IMGFLOW"]
     assert services["s3-watcher"]["environment"]["IMGFLOW_WATCH__S3_NOTIFY_TOPIC"] == topic
-    assert "arn:minio:sqs::PRIMARY:kafka" in " ".join(services["minio-init"]["command"])
-    assert services["sink"]["environment"]["IMGFLOW_SINK__OUT_DIR"].startswith("s3://")
+    assert "arn:minio:sqs::IMGFLOW:kafka" in " ".join(services["minio-init"]["command"])
+    _, sink = _leaf(services["sink"]["command"])
+    assert sink.params["out"].startswith("s3://results/")
     assert any(v.endswith(":/models:ro") for v in services["vision"]["volumes"])  # models from a host folder
 
 
