@@ -92,9 +92,9 @@ def test_run_on_a_bucket_prefix_once(s3_server, s3_bucket, tmp_path):
     c.put_object(Bucket=s3_bucket, Key="elsewhere/dog.jpg", Body=objects["in/sub/coffee.jpg"])
     out, data_dir = tmp_path / "out", tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGFLOW_", "AWS_"))}
-    # Credentials as the standard AWS variables (boto3's chain); only the endpoint from settings.
+    # Endpoint and credentials as the standard AWS variables only (boto3's own chain).
     env.update({"AWS_ACCESS_KEY_ID": s3_server.access_key_id, "AWS_SECRET_ACCESS_KEY": s3_server.secret_access_key,
-                "AWS_DEFAULT_REGION": "us-east-1", "IMGFLOW_S3__ENDPOINT_URL": s3_server.endpoint,
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server.endpoint,
                 "IMGFLOW_MODELS__LLM": "smollm2-135m", "HF_HUB_OFFLINE": "1", "IMGFLOW_STAGE__MAX_ATTEMPTS": "2"})
     proc = subprocess.run([sys.executable, "-m", "imgflow.cli", "run", f"s3://{s3_bucket}/in/", "--once",
                            "--out", str(out), "--data-dir", str(data_dir), "--port", "0"],
