@@ -34,6 +34,23 @@ def path_from_uri(uri: str) -> Path:
     return Path(unquote(parsed.path))
 
 
+def image_event(uri: str, image_path: str, size: int, version: str, *, source: str, run_id: str,
+                priority: str = "NORMAL", force: bool = False) -> dict:
+    """An ImageEvent; its id from the URI and the content version (see event_id_for)."""
+    return {
+        "event_id": event_id_for(uri, version),
+        "uri": uri,
+        "image_path": image_path,
+        "size": size,
+        "version": version,
+        "source": source,
+        "priority": priority,
+        "run_id": run_id,
+        "published_at": int(time.time() * 1000),
+        "force": force,
+    }
+
+
 def s3_image_event(bucket: str, key: str, etag: str, size: int, *, source: str, run_id: str,
                    priority: str = "NORMAL", force: bool = False) -> dict:
     """The ImageEvent of one S3 object version. The content version is the ETag (quotes
@@ -43,19 +60,9 @@ def s3_image_event(bucket: str, key: str, etag: str, size: int, *, source: str, 
     from imgflow.s3 import s3_uri
 
     uri = s3_uri(bucket, key)
-    version = etag.strip('"')
-    return {
-        "event_id": event_id_for(uri, version),
-        "uri": uri,
-        "image_path": f"s3://{bucket}/{key}",  # as the user would write it (the uri is quoted)
-        "size": int(size),
-        "version": version,
-        "source": source,
-        "priority": priority,
-        "run_id": run_id,
-        "published_at": int(time.time() * 1000),
-        "force": force,
-    }
+    # image_path: as the user would write it (the uri is percent-quoted)
+    return image_event(uri, f"s3://{bucket}/{key}", int(size), etag.strip('"'), source=source, run_id=run_id,
+                       priority=priority, force=force)
 
 
 UNSTATABLE = "unstatable"  # the version of a file that cannot be stat'ed (it still gets an error row)
@@ -67,16 +74,5 @@ def local_image_event(path: Path, st: os.stat_result | None, *, source: str, run
         where, version, size = Path(os.path.abspath(path)), UNSTATABLE, 0
     else:
         where, version, size = path.resolve(), str(st.st_mtime_ns), st.st_size
-    uri = "file://" + quote(str(where))
-    return {
-        "event_id": event_id_for(uri, version),
-        "uri": uri,
-        "image_path": str(where),
-        "size": size,
-        "version": version,
-        "source": source,
-        "priority": priority,
-        "run_id": run_id,
-        "published_at": int(time.time() * 1000),
-        "force": force,
-    }
+    return image_event("file://" + quote(str(where)), str(where), size, version, source=source, run_id=run_id,
+                       priority=priority, force=force)
