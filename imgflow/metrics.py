@@ -212,7 +212,12 @@ def serve_metrics(port: int, role: str = "", addr: str = "127.0.0.1") -> int:
     threading.Thread(target=_sample_resources, daemon=True, name="metrics-sampler").start()
     if not port:
         return 0
-    start_http_server(port, addr=addr)
+    try:
+        start_http_server(port, addr=addr)
+    except OSError as exc:  # metrics are not worth stopping the pipeline for: say so, go on
+        log.error("cannot serve metrics on %s:%d (%s): this %s serves none (metrics_port / "
+                  "IMGFLOW_METRICS_PORT)", addr, port, exc.strerror or exc, role or "process")
+        return 0
     _serving = True
     log.info("%s metrics on http://%s:%d/metrics", role or "process", addr, port)
     return port
