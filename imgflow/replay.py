@@ -41,7 +41,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from imgflow.kafka import consumer_config, ensure_compacted_topic, ensure_topics, producer_config, read_latest_by_key
 from imgflow.settings import Settings
-from imgflow.stage import RangeBounds
+from imgflow.stage import CrashPoints, RangeBounds
 from imgflow.topics import TopicSpec
 
 log = logging.getLogger(__name__)
@@ -484,6 +484,7 @@ def execute(settings: Settings, record: RunRecord, logs_dir: Path, stopping, say
     say(f"run {record.run_id}: {record.stage} over {record.range_from}..{record.range_to} "
         f"({record.records_in_range()} records) -> {record.out}")
     started = time.monotonic()
+    crash = CrashPoints("replay")
     for stage in stages_from(record.stage):
         t0 = time.monotonic()
         say(f"  {stage}: running (log: {logs_dir / f'{record.run_id}-{stage}.log'})")
@@ -492,6 +493,7 @@ def execute(settings: Settings, record: RunRecord, logs_dir: Path, stopping, say
             say(f"  {stage}: stopped (exit {code}); run the same command again to resume")
             return code or 1
         say(f"  {stage}: done in {time.monotonic() - t0:.1f}s")
+        crash.reach("after_stage")
     record.results, record.errors = count_results(settings, record.out)
     record.status = "done"
     record.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -5,7 +5,6 @@ and re-run; range ends found from record timestamps on a broker that cannot look
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -99,18 +98,74 @@ def test_points_and_time_ranges(settings):
         reader.close()
 
 
-def test_replay_enrich_killed_and_rerun_then_sink_by_time(settings, tmp_path):
-    """Replay of enrich (and the sink after it) over the live images.vision: SIGKILL of the
-    replay command mid-run, the same command again resumes it; every record in range
-    exactly once in the run's own output with the run's id; the live output and the live
-    group's offsets untouched. Then a sink replay over a time range of images.enriched."""
+def test_sink_replay_by_time_with_kills(settings, tmp_path):
+    """A sink replay over a time range of the live images.enriched and images.dlq: the replay's
+    sink SIGKILLed in the middle of a write (restarted by the replay), then the replay command
+    itself SIGKILLed and run again. The run's output holds every record of the range once,
+    with the run's id; the live output and the live sink group's offsets are untouched."""
+    env = settings_env(settings)
+    t = settings.topics
+    now = int(time.time() * 1000)
+    produce_at(settings, t.enriched, "EnrichedRecord", [enriched(i) for i in range(6)], now - 20_000)
+    produce_at(settings, t.enriched, "EnrichedRecord", [enriched(i) for i in range(10, 22)], now - 10_000)
+    failed = {"event_id": "r0030", "stage": "vision", "error": "not an image", "attempts": 1, "failed_at": now,
+              "input_topic": t.new, "input_partition": 0, "input_offset": 0, "event": event(30), "vision": None,
+              "raw_value": None}
+    produce_at(settings, t.dlq, "DeadLetter", [failed], now - 10_000)
+    live = Consumer(consumer_config(settings, "imgflow-sink"))
+    live.commit(offsets=[TopicPartition(t.enriched, p, 1) for p in range(3)], asynchronous=False)
+    live.close()
+    before = committed(settings, "imgflow-sink", t.enriched)
+    boundary = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((now - 15_000) / 1000)) + \
+        f".{(now - 15_000) % 1000:03d}Z"
+    wanted = sorted([f"r{i:04d}" for i in range(10, 22)] + ["r0030"])
+
+    # 1. The run's sink is killed after writing an Avro file, before the CSV: the replay
+    # restarts it, and the restarted sink completes the CSV from the Avro file.
+    out = tmp_path / "run-a"
+    crashed_sink = subprocess.run(replay_cmd("--stage", "sink", "--from", boundary, "--run-id", "by-time",
+                                             "--out", str(out)), cwd=ROOT, capture_output=True, text=True,
+                                  timeout=120, env={**env, "IMGFLOW_CRASH_AT": "sink:after_avro"})
+    assert crashed_sink.returncode == 0, crashed_sink.stdout + crashed_sink.stderr
+    sink_log = (settings.data_dir / "logs" / "replay" / "by-time-sink.log").read_text()
+    assert "crash point after_avro reached" in sink_log and "CSV rows found only in Avro files" in sink_log
+    rows = run_rows(out)
+    assert sorted(r["event_id"] for r in rows) == wanted
+    assert {r["run_id"] for r in rows} == {"by-time"}
+    assert [r["error"] for r in rows if r["event_id"] == "r0030"] == ["vision: not an image"]
+
+    # 2. The replay command itself is killed (after its stage, before it records the run as
+    # done); the same command again resumes that run and changes nothing in its output.
+    killed = subprocess.run(replay_cmd("--stage", "sink", "--from", boundary), cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env={**env, "IMGFLOW_CRASH_AT": "replay:after_stage"})
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    run_id = re.search(r"run (\S+):", killed.stdout).group(1)
+    again = subprocess.run(replay_cmd("--stage", "sink", "--from", boundary), cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resuming run {run_id}" in again.stdout and f"run {run_id} complete: 13 results (1 with errors)" in again.stdout
+    rows = run_rows(settings.sink.out_dir / "runs" / run_id)
+    assert sorted(r["event_id"] for r in rows) == wanted and {r["run_id"] for r in rows} == {run_id}
+
+    # The live pipeline saw nothing of it.
+    assert not (settings.sink.out_dir / "results.csv").exists()
+    assert committed(settings, "imgflow-sink", t.enriched) == before
+    listing = subprocess.run(replay_cmd("--list"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    lines = {line.split()[0]: line for line in listing.stdout.splitlines()[1:] if line.strip()}
+    for rid in ("by-time", run_id):
+        assert "sink" in lines[rid] and "13 (1 errors)" in lines[rid] and boundary[:19] in lines[rid], lines[rid]
+
+
+@pytest.mark.slow
+def test_enrich_replay_killed_and_rerun(settings):
+    """Replay of enrich (with the small shipped LLM) and the sink after it, over the live
+    images.vision: the replay command SIGKILLed while enrich works, the same command again
+    resumes it; every record once in the run's output; live offsets and output untouched."""
     env = settings_env(settings)
     env["IMGFLOW_MODELS__LLM"] = "smollm2-135m"
     env["IMGFLOW_STAGE__BATCH_SIZE"] = "1"  # a kill between batches leaves some done, some not
     t = settings.topics
-    now = int(time.time() * 1000)
-    produce_at(settings, t.vision, "VisionResult", [vision_result(i) for i in range(3)], now - 10_000)
-    # The live enrich group has made some progress: a replay must not move it.
+    produce_at(settings, t.vision, "VisionResult", [vision_result(i) for i in range(3)], int(time.time() * 1000))
     live = Consumer(consumer_config(settings, "imgflow-enrich"))
     live.commit(offsets=[TopicPartition(t.vision, p, 1) for p in range(3)], asynchronous=False)
     live.close()
@@ -130,44 +185,21 @@ def test_replay_enrich_killed_and_rerun_then_sink_by_time(settings, tmp_path):
     first.wait(10)
 
     again = subprocess.run(replay_cmd("--stage", "enrich"), cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=240)
+                           timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"resuming run {run_id}" in again.stdout and f"run {run_id} complete: 3 results" in again.stdout
-
     out = settings.sink.out_dir / "runs" / run_id
     rows = run_rows(out)
     assert sorted(r["event_id"] for r in rows) == [f"r{i:04d}" for i in range(3)]
     assert {r["run_id"] for r in rows} == {run_id}
     # The LLM's answer, or the reason there is none (a small model can fail): a row either way.
     assert all(json.loads(r["llama_extracted"]) if not r["error"] else r["error"].startswith("enrich:") for r in rows)
-    assert not (settings.sink.out_dir / "results.csv").exists()  # the live output got nothing
+    assert not (settings.sink.out_dir / "results.csv").exists()
     assert committed(settings, "imgflow-enrich", t.vision) == before
     assert read_topic(settings, t.enriched, timeout=10) == []  # replayed records stay in run topics
     record = RunRegistry(settings).get(run_id)
     assert (record.status, record.results, record.stage) == ("done", 3, "enrich")
-
-    # The same command once more: a finished run is not redone.
     done = subprocess.run(replay_cmd("--stage", "enrich", "--run-id", run_id), cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "already complete: 3 results" in done.stdout
     assert len(run_rows(out)) == 3
-
-    # A sink replay by time: only the records at or after --from, stamped with the run id.
-    produce_at(settings, t.enriched, "EnrichedRecord", [enriched(i) for i in range(4)], now - 5000)
-    produce_at(settings, t.enriched, "EnrichedRecord", [enriched(i) for i in range(10, 14)], now - 1000)
-    boundary = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((now - 3000) / 1000)) + f".{(now - 3000) % 1000:03d}Z"
-    sink_out = tmp_path / "sink-replay"
-    res = subprocess.run(replay_cmd("--stage", "sink", "--from", boundary, "--run-id", "sink-by-time",
-                                    "--out", str(sink_out)), cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, res.stdout + res.stderr
-    rows = run_rows(sink_out)
-    assert sorted(r["event_id"] for r in rows) == [f"r{i:04d}" for i in range(10, 14)]
-    assert {r["run_id"] for r in rows} == {"sink-by-time"}
-
-    listing = subprocess.run(replay_cmd("--list"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert listing.returncode == 0
-    lines = {line.split()[0]: line for line in listing.stdout.splitlines()[1:]}
-    assert "enrich" in lines[run_id] and f"3 ({record.errors} errors)" in lines[run_id]
-    assert "4 (0 errors)" in lines["sink-by-time"] and boundary[:19] in lines["sink-by-time"]
-    assert not os.path.exists(settings.sink.out_dir / "results.csv")

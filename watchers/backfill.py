@@ -93,8 +93,9 @@ class FolderSource:
     def candidates(self, after: str | None, settings: Settings, run_id: str, priority: str,
                    force: bool) -> Iterator[Candidate]:
         after_key = self._order(after) if after is not None else None
+        skip = len(str(self.root)) + 1
         for path, st in scan_images(self.root, self.extensions):
-            rel = str(path.relative_to(self.root))
+            rel = str(path)[skip:]  # relative to the root (the walk's paths start with it)
             if after_key is not None and self._order(rel) <= after_key:
                 continue
             yield Candidate(rel, local_image_event(path, st, source="backfill", run_id=run_id, priority=priority,
