@@ -224,6 +224,15 @@ def test_every_port_prometheus_scrapes_is_served(monkeypatch):
     assert scraped == {n for n, s in services.items() if s["command"][0] in ("stage", "watch")}
 
 
+def test_dockerfile_imgflow_variables_are_valid_settings(monkeypatch):
+    env = dict(re.findall(r"(IMGFLOW_\w+)=(\S+)", (ROOT / "Dockerfile").read_text()))
+    assert env
+    for key, value in env.items():
+        assert _is_setting(key), key
+    settings = _settings_of({"environment": env}, monkeypatch)
+    assert settings.metrics_port == 9100 and settings.metrics_addr == "0.0.0.0"
+
+
 def test_dockerfile_installs_exactly_what_make_install_installs():
     dockerfile = (ROOT / "Dockerfile").read_text()
     makefile = (ROOT / "Makefile").read_text()
