@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.metrics_core import Metric
@@ -252,17 +253,30 @@ class ChildMetrics:
                     out.samples.append(Sample(s.name, {**s.labels, "process": process}, s.value, s.timestamp))
 
         add("run", self.own.collect())
-        for process, port in list(self.children.items()):
+        children = list(self.children.items())
+        # In parallel: a child busy in a model call answers slowly; the scrape waits for one.
+        with ThreadPoolExecutor(max_workers=max(1, len(children))) as pool:
+            texts = list(pool.map(lambda child: self._fetch(*child), children))
+        for (process, _port), text in zip(children, texts):
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=self.timeout_s) as resp:
-                    text = resp.read().decode("utf-8")
+                if text is None:
+                    raise ValueError("no answer")
                 add(process, text_string_to_metric_families(text))
                 up.add_sample("imgflow_process_up", {"process": process}, 1.0)
-            except (OSError, ValueError) as exc:  # not started yet, restarting, or dead
-                log.debug("metrics of %s (port %d): %s", process, port, exc)
+            except ValueError as exc:  # not started yet, restarting, or dead
+                log.debug("metrics of %s: %s", process, exc)
                 up.add_sample("imgflow_process_up", {"process": process}, 0.0)
         yield up
         yield from merged.values()
+
+
+    def _fetch(self, process: str, port: int) -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=self.timeout_s) as resp:
+                return resp.read().decode("utf-8")
+        except OSError as exc:
+            log.debug("metrics of %s (port %d): %s", process, port, exc)
+            return None
 
 
 def serve_children(port: int, children: ChildMetrics, addr: str = "127.0.0.1") -> None:
