@@ -270,6 +270,8 @@ class S3Watcher:
             self.state.set_cursor(self.location.uri, high, full_after, full_started)
             if self.stopping:
                 return published
+            if self.notifications is not None:  # a long pass must not hold new objects back
+                published += self.handle_notifications(0)
         self.state.set_cursor(self.location.uri, high, None, full_started)
         return published
 
