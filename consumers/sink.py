@@ -48,6 +48,10 @@ dedupe window, not on the history:
   are keyed by event_id too, so the same reasoning holds between the results topic and the
   dead-letter topic (the window holds the ids of both).
 * A partition the group has no committed offset for is read from its first file.
+* Not covered (unlike the unbounded id set this replaced): the same event *published again*
+  long after its row was written - beyond the window, e.g. by a watcher whose state was
+  deleted - gets a second row. Publishers guard against that (watcher state; ``backfill``
+  checks the output with ``imgflow.results.ResultIndex`` unless forced).
 
 Locally ``results.csv`` is one file: a half-written tail is cut back to the committed length,
 and the rows of a file without index are appended unless they are already among the rows
@@ -456,16 +460,16 @@ class SinkRunner:
         return True
 
     def run(self) -> None:
-        extra = {}
-        if self.bounds is not None:
-            self.bounds.seed_group(self.settings, self.group_id)
-            extra["enable.partition.eof"] = True
+        extra = {"enable.partition.eof": True} if self.bounds is not None else {}
         consumer = Consumer(consumer_config(self.settings, self.group_id, **extra))
         lag = None
         try:
             if not self.start(consumer):
                 return
-            consumer.subscribe(self.topics)
+            if self.bounds is None:
+                consumer.subscribe(self.topics)
+            else:  # a replay's sink: its range, from its group's committed offsets
+                consumer.assign(self.bounds.assignment(consumer))
             metrics.init_stage("sink", self.topics)
             metrics.init_sink()
             lag = LagReader(self.settings, "sink", self.group_id, self.topics).start() if metrics.serving() else None

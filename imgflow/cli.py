@@ -70,6 +70,7 @@ def run(
     if not s3_input and not input_dir.is_dir():
         typer.echo(f"error: input folder does not exist: {input_dir}", err=True)
         raise typer.Exit(2)
+    _check_output(settings)
     from imgflow.stack import StackError
 
     try:
@@ -79,6 +80,20 @@ def run(
         typer.echo(f"error: the embedded broker did not start: {exc}", err=True)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
+
+
+def _check_output(settings) -> None:
+    """An s3:// output must be writable before anything starts (exit 2 naming the setting);
+    a sink started on its own retries instead, as a service should."""
+    from imgflow.results import is_s3_output, open_output
+    from imgflow.s3 import S3Error
+
+    if is_s3_output(settings.sink.out_dir):
+        try:
+            open_output(settings.sink.out_dir, settings).check()
+        except S3Error as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
 
 
 class StageName(str, Enum):
@@ -251,6 +266,54 @@ def models(load: Annotated[bool, typer.Option("--load", help="Also load every mo
         failed += not ok
         typer.echo(f"{'ok ' if ok else 'ERR'} {job:<15} {where}{'' if ok else '  ' + message}")
     raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def backfill(
+    source: Annotated[str, typer.Argument(help="Folder (searched recursively) or s3://BUCKET/PREFIX.")],
+    force: Annotated[bool, typer.Option("--force", help="Reprocess images that already have a result "
+                                        "(as a run of its own: new rows with this backfill's run id).")] = False,
+    high: Annotated[bool, typer.Option("--high", help="Publish to the high-priority topic.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be published and skipped; publish nothing.")] = False,
+    run_id: Annotated[Optional[str], typer.Option(
+        "--run-id", help="Name of the backfill (default: new, or the unfinished one of the same command).")] = None,
+    out: Annotated[Optional[str], typer.Option(
+        "--out", help="Output whose results the skip check reads (default: sink.out_dir).")] = None,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Events per Kafka transaction.")] = 5000,
+    data_dir: DataDir = None,
+) -> None:
+    """Publish one event per image of SOURCE in bulk, skipping images that already have a result.
+    Safe to interrupt: the same command again resumes and publishes nothing twice."""
+    settings = _settings(data_dir=data_dir)
+    from confluent_kafka import KafkaException
+
+    from imgflow.kafka import ensure_topics
+    from watchers.backfill import Backfill, BackfillError, ProgressBar, open_source, pick_job
+
+    try:
+        src = open_source(source, settings)
+        ensure_topics(settings)
+        job, resumed = pick_job(settings, source, force, high, run_id)
+        if job.status == "done":
+            typer.echo(f"backfill {job.job_id} is already complete: {job.published} published, {job.skipped} skipped")
+            return
+        typer.echo(f"{'resuming' if resumed else 'starting'} backfill {job.job_id} of {job.source}"
+                   f"{' (dry run)' if dry_run else ''}: events with run_id {job.run_id!r}"
+                   f"{', forced' if force else ''} to {settings.topics.new_high if high else settings.topics.new}")
+        runner = Backfill(settings, job, out or settings.sink.out_dir, chunk=chunk_size)
+        signal.signal(signal.SIGTERM, runner.request_stop)
+        signal.signal(signal.SIGINT, runner.request_stop)
+        bar = ProgressBar(src.count(), job.published + job.skipped, "backfill")
+        try:
+            job = runner.run(src, bar, dry_run=dry_run)
+        finally:
+            bar.close()
+    except (BackfillError, KafkaException) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2 if isinstance(exc, BackfillError) else 1) from None
+    verb = "would publish" if dry_run else "published"
+    state = "complete" if job.status == "done" else "interrupted (run the same command again to resume)"
+    typer.echo(f"backfill {job.job_id} {state}: {verb} {job.published}, skipped {job.skipped} that have a result")
 
 
 @app.command()

@@ -120,3 +120,39 @@ def fetch_schemas(settings: Settings, codec: Codec, timeout: float = 20) -> int:
         return count
     finally:
         consumer.close()
+
+
+def ensure_compacted_topic(settings: Settings, topic: str, timeout: float = 15) -> None:
+    """A one-partition compacted topic for small records kept by key (run and backfill
+    registries): durable wherever the broker is."""
+    admin = admin_client(settings)
+    if topic in admin.list_topics(timeout=timeout).topics:
+        return
+    new = NewTopic(topic, num_partitions=1, replication_factor=1, config={"cleanup.policy": "compact"})
+    try:
+        admin.create_topics([new], operation_timeout=timeout)[topic].result(timeout)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            # A broker that refuses the compaction setting still keeps the records.
+            ensure_topics(settings, [TopicSpec(topic, 1, "")])
+
+
+def read_latest_by_key(settings: Settings, topic: str, timeout: float = 30) -> dict[str, bytes]:
+    """The latest value of every key of a one-partition topic, read to its end
+    (PARTITION_EOF: the end a broker reports may be wrong), committed records only."""
+    consumer = Consumer(consumer_config(settings, "imgflow-registry-reader", **{"enable.partition.eof": True,
+                                                                              "fetch.wait.max.ms": 10}))
+    latest: dict[str, bytes] = {}
+    try:
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(10_000, 0.05):
+                if msg.error():
+                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                        return latest
+                    raise KafkaException(msg.error())
+                latest[msg.key().decode()] = msg.value()
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"could not read {topic} to its end in {timeout:.0f}s"))
+    finally:
+        consumer.close()

@@ -11,9 +11,17 @@ Exactly once, and why it holds on a broker that does not filter aborted records
   same id, which fences the old owner and aborts its open transaction. A broker that
   never times out a dead producer's transaction (tansu) is unblocked this way.
 * The outputs of a batch and the input offsets commit in one transaction (steps below).
-* Every record is keyed by its ``event_id``; a stage drops event_ids it has already
-  handled, and the sink drops those already written, so records of aborted
+* Every record is keyed by its ``event_id``; a stage drops (event_id, run_id) pairs it
+  has already handled, and the sink drops those already written, so records of aborted
   transactions that a broker still delivers never make a second result.
+
+Runs: live, replays, forced backfills
+-------------------------------------
+Exactly once is per (image event, run) (``imgflow.events.dedupe_key``): a replay or a
+forced backfill is a run of its own and is never dropped as already handled. A replay
+(``imgflow.replay``) runs this same loop with a ``run_id`` (stamped on every event it
+reads, so its outputs and rows carry it), its own group and topics, and ``RangeBounds``:
+start at given offsets, stop before given ends, exit when every partition is done.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from imgflow import metrics
 from imgflow.errors import BadInput
+from imgflow.events import dedupe_key
 from imgflow.kafka import consumer_config, fetch_schemas, producer_config, publish_schemas
+from imgflow.lag import LagReader
 from imgflow.settings import Settings
 from schemas.codec import Codec, SchemaError, get_codec
 
@@ -48,6 +58,12 @@ class InputRecord:
     value: dict | None  # None when the value could not be decoded
     raw: bytes | None
     error: str | None = None  # why the value could not be decoded
+    run_id: str = ""  # the run this record belongs to (its event's run_id)
+
+    @property
+    def dedupe_key(self) -> str:
+        """Its dedupe key: one result per (image event, run)."""
+        return dedupe_key(self.event_id, self.run_id)
 
 
 @dataclass
@@ -74,6 +90,11 @@ class Transform(ABC):
 
     def setup(self) -> None:
         """Load or check models before the first message is consumed."""
+
+    def batch_size(self, settings: Settings) -> int:
+        """Most records per ``process`` call (a stage whose model decodes many at once asks
+        for more)."""
+        return settings.stage.batch_size
 
     @abstractmethod
     def process(self, records: list[InputRecord]) -> list[list[Output] | BaseException]: ...
@@ -112,20 +133,87 @@ class CrashPoints:
 
 
 class HandledIds:
-    """Bounded memory of event_ids this process has committed (oldest forgotten first)."""
+    """Bounded memory of the dedupe keys (event_id, run) this process has committed (oldest
+    forgotten first)."""
 
     def __init__(self, capacity: int = 200_000) -> None:
         self._ids: OrderedDict[str, None] = OrderedDict()
         self.capacity = capacity
 
-    def __contains__(self, event_id: str) -> bool:
-        return event_id in self._ids
+    def __contains__(self, key: str) -> bool:
+        return key in self._ids
 
-    def add(self, event_id: str) -> None:
-        self._ids[event_id] = None
-        self._ids.move_to_end(event_id)
+    def add(self, key: str) -> None:
+        self._ids[key] = None
+        self._ids.move_to_end(key)
         while len(self._ids) > self.capacity:
             self._ids.popitem(last=False)
+
+
+TP = tuple[str, int]
+
+
+@dataclass
+class RangeBounds:
+    """A bounded run over input partitions: ``start`` is where a group with no committed
+    offset begins, ``end`` the offset to stop before (exclusive). Partitions left out are
+    not read at all."""
+
+    start: dict[TP, int]
+    end: dict[TP, int]
+
+    def assignment(self, consumer: Consumer) -> list[TopicPartition]:
+        """The range's partitions, each from the group's committed offset, else the start.
+        A bounded run assigns them itself (one process per stage of a run: no group join to
+        wait for); its transactional producers fence an earlier process as after a rebalance."""
+        committed = consumer.committed([TopicPartition(t, p) for t, p in self.end], timeout=30)
+        return [TopicPartition(tp.topic, tp.partition,
+                               tp.offset if tp.offset >= 0 else self.start[(tp.topic, tp.partition)])
+                for tp in committed]
+
+
+class RangeTracker:
+    """Which partitions of a bounded run are done. A partition is done once this process
+    has committed up to its end, or met a record at or past the end, or reached the end of
+    the partition (PARTITION_EOF) at or past it: the last offsets of a range may be
+    transaction markers that are never delivered, so the committed offset alone can stop
+    short of the end."""
+
+    def __init__(self, bounds: RangeBounds) -> None:
+        self.bounds = bounds
+        self.finished: set[TP] = {tp for tp, end in bounds.end.items() if bounds.start.get(tp, 0) >= end}
+
+    def take(self, consumer: Consumer, msgs: list[Message]) -> list[Message]:
+        """The records of ``msgs`` inside the range (other errors are the caller's). A
+        PARTITION_EOF event or a record past the end marks its partition; a partition past
+        its end is paused, so nothing more of it is fetched."""
+        kept, past = [], set()
+        for msg in msgs:
+            tp = (msg.topic(), msg.partition())
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    self.reached(tp, msg.offset())
+                continue
+            end = self.bounds.end.get(tp)
+            if end is None or msg.offset() >= end:
+                self.finished.add(tp)
+                past.add(tp)
+            else:
+                kept.append(msg)
+        if past:
+            consumer.pause([TopicPartition(t, p) for t, p in past])
+        return kept
+
+    def reached(self, tp: TP, next_offset: int) -> None:
+        """Committed up to, or found the partition's end at, ``next_offset``."""
+        if tp in self.bounds.end and next_offset >= self.bounds.end[tp]:
+            self.finished.add(tp)
+
+    def rewound(self, tp: TP) -> None:
+        self.finished.discard(tp)
+
+    def done(self) -> bool:
+        return self.finished >= set(self.bounds.end)
 
 
 def decode_messages(msgs: list[Message], transform: Transform, codec: Codec, settings: Settings) -> list[InputRecord]:
@@ -154,18 +242,21 @@ def decode_messages(msgs: list[Message], transform: Transform, codec: Codec, set
 
 class StageRunner:
     def __init__(self, transform: Transform, settings: Settings, group_id: str | None = None,
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, bounds: RangeBounds | None = None) -> None:
         self.transform = transform
         self.settings = settings
         self.group_id = group_id or f"imgflow-{transform.name}"
-        self.run_id = run_id or settings.run_id
+        # None: the live pipeline, records keep their own run_id (a forced backfill's events
+        # carry theirs). A replay stamps its run_id on every event it reads.
+        self.run_id = run_id
+        self.bounds = bounds
+        self.range = RangeTracker(bounds) if bounds is not None else None
         self.codec = get_codec()
         self.topics = transform.input_topics(settings)
         self.producers: dict[tuple[str, int], Producer] = {}
         self.handled = HandledIds()
         self.crash = CrashPoints(transform.name)
         self.stopping = False
-        self.paused: list[TopicPartition] = []
         self.consumer: Consumer | None = None
         self.txn_started: float | None = None  # monotonic time the open transaction began
 
@@ -197,7 +288,6 @@ class StageRunner:
             producer = self.producers.pop((tp.topic, tp.partition), None)
             if producer is not None:
                 producer.flush(5)
-        self.paused = [p for p in self.paused if (p.topic, p.partition) not in {(t.topic, t.partition) for t in partitions}]
         log.info("revoked %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
 
     # ---- the loop -------------------------------------------------------------------------
@@ -207,25 +297,40 @@ class StageRunner:
         self.stopping = True
 
     def run(self, max_batches: int | None = None) -> None:
+        # Series at 0 before the models load: a counter's first step is then seen as one.
+        metrics.init_stage(self.transform.name, self.topics)
         self.transform.setup()
         threading.Thread(target=self._watch_transactions, daemon=True, name="txn-watchdog").start()
         publish_schemas(self.settings, self.codec, self.transform.output_schemas + ["DeadLetter"])
-        self.consumer = Consumer(consumer_config(self.settings, self.group_id))
-        self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_revoke)
+        if self.bounds is None:
+            self.consumer = Consumer(consumer_config(self.settings, self.group_id))
+            self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                    on_lost=self._on_revoke)
+        else:
+            self.consumer = Consumer(consumer_config(self.settings, self.group_id, **{"enable.partition.eof": True}))
+            partitions = self.bounds.assignment(self.consumer)
+            self._on_assign(self.consumer, partitions)
+            self.consumer.assign(partitions)
         log.info("stage %s consuming %s as group %s", self.transform.name, self.topics, self.group_id)
+        lag = LagReader(self.settings, self.transform.name, self.group_id, self.topics).start() \
+            if metrics.serving() else None
         batches = 0
         try:
             while not self.stopping and (max_batches is None or batches < max_batches):
-                msgs = self.consumer.consume(self.settings.stage.batch_size, self.settings.stage.max_wait_s)
-                msgs = [m for m in msgs if self._usable(m)]
+                if self.range is not None and self.range.done():
+                    log.info("stage %s: every partition of the range is done", self.transform.name)
+                    break
+                raw = self._consume()
+                msgs = [m for m in raw if self._usable(m)]
+                if self.range is not None:
+                    msgs = self.range.take(self.consumer, raw)
                 if not msgs:
-                    self._prioritise(False)
                     continue
-                self._prioritise(any(m.topic() == self.topics[0] for m in msgs))
                 self._handle_batch(msgs)
                 batches += 1
         finally:
+            if lag is not None:
+                lag.stop()
             self.consumer.close()  # leaves the group now: its partitions move at once
             for producer in self.producers.values():
                 producer.flush(5)
@@ -239,29 +344,39 @@ class StageRunner:
             return False
         return True
 
-    def _prioritise(self, high_seen: bool) -> None:
-        """While the first input topic (e.g. images.new.high) yields records, pause the others."""
-        if len(self.topics) < 2 or self.consumer is None:
-            return
-        if high_seen and not self.paused:
-            self.paused = [tp for tp in self.consumer.assignment() if tp.topic != self.topics[0]]
-            if self.paused:
-                self.consumer.pause(self.paused)
-        elif not high_seen and self.paused:
-            self.consumer.resume(self.paused)
-            self.paused = []
+    def _consume(self) -> list[Message]:
+        """The next batch, the first input topic (images.new.high) first. One queue holds the
+        fetched records of every partition in arrival order, so a high-priority record would
+        wait behind a prefetched backlog of the others: they are paused while the first topic
+        is looked at (pausing also drops what was prefetched of them) and resumed, to refetch
+        from their position, only when it has nothing."""
+        size, wait = self.transform.batch_size(self.settings), self.settings.stage.max_wait_s
+        if len(self.topics) < 2:
+            return self.consumer.consume(size, wait)
+        finished = self.range.finished if self.range is not None else set()
+        lower = [tp for tp in self.consumer.assignment()
+                 if tp.topic != self.topics[0] and (tp.topic, tp.partition) not in finished]
+        if not lower:
+            return self.consumer.consume(size, wait)
+        self.consumer.pause(lower)
+        first = self.consumer.consume(size, 0)
+        if any(not m.error() for m in first):
+            return first
+        self.consumer.resume(lower)
+        return first + self.consumer.consume(size, wait)
 
     def _handle_batch(self, msgs: list[Message]) -> None:
         records = decode_messages(msgs, self.transform, self.codec, self.settings)
         for rec in records:
             metrics.MESSAGES_IN.labels(self.transform.name, rec.topic).inc()
+            self._scope_to_run(rec)
         todo, seen = [], set()
         for rec in records:
-            if rec.error is None and (rec.event_id in self.handled or rec.event_id in seen):
+            if rec.error is None and (rec.dedupe_key in self.handled or rec.dedupe_key in seen):
                 metrics.DUPLICATES_DROPPED.labels(self.transform.name).inc()
                 log.info("duplicate dropped", extra={"event_id": rec.event_id, "stage": self.transform.name})
                 continue
-            seen.add(rec.event_id)
+            seen.add(rec.dedupe_key)
             todo.append(rec)
         outputs = self._transform(todo)
         by_partition: dict[tuple[str, int], list[InputRecord]] = defaultdict(list)
@@ -270,6 +385,17 @@ class StageRunner:
         # Highest-priority topic first.
         for tp in sorted(by_partition, key=lambda t: (self.topics.index(t[0]), t[1])):
             self._commit_partition(tp, by_partition[tp], outputs)
+
+    def _scope_to_run(self, rec: InputRecord) -> None:
+        """The record's run: its event's run_id, or this runner's for a replay (stamped on the
+        event, so every output and dead letter of the replay carries it)."""
+        event = self.transform.event_of(rec.value) if rec.value is not None else None
+        if self.run_id is not None:
+            if event is not None:
+                event["run_id"] = self.run_id
+            rec.run_id = self.run_id
+        elif event is not None:
+            rec.run_id = event.get("run_id", "")
 
     # ---- transform with retries and batch halving --------------------------------------------
     def _transform(self, records: list[InputRecord]) -> dict[int, list[Output]]:
@@ -293,8 +419,6 @@ class StageRunner:
                 result = self._process_one(rec)
             if isinstance(result, BaseException):
                 message = f"{type(result).__name__}: {result}" if not isinstance(result, BadInput) else str(result)
-                log.error("failed after %d attempt(s): %s", attempts, message,
-                          extra={"event_id": rec.event_id, "stage": self.transform.name})
                 outputs[id(rec)] = [self._dead_letter(rec, message, attempts)]
             else:
                 outputs[id(rec)] = result
@@ -331,6 +455,9 @@ class StageRunner:
 
     def _dead_letter(self, rec: InputRecord, error: str, attempts: int) -> Output:
         metrics.MESSAGES_FAILED.labels(self.transform.name).inc()
+        # The one log line of a dead letter says exactly what the dead letter says.
+        log.error("dead-lettered after %d attempt(s): %s", attempts, error,
+                  extra={"event_id": rec.event_id, "stage": self.transform.name})
         value = {
             "event_id": rec.event_id,
             "stage": self.transform.name,
@@ -372,6 +499,7 @@ class StageRunner:
             # Step 4. Commit, retrying while the error is retriable (e.g. broker restarting).
             self._commit_with_retry(producer)
             metrics.TRANSACTIONS.labels(self.transform.name, "committed").inc()
+            metrics.COMMIT_SECONDS.labels(self.transform.name).observe(time.monotonic() - self.txn_started)
             self.crash.reach("after_commit")
         except KafkaException as exc:
             err = exc.args[0]
@@ -386,12 +514,20 @@ class StageRunner:
                 log.error("abort failed: %s", abort_exc)
             # Redo these records: rewind to the first offset of the batch.
             self.consumer.seek(TopicPartition(tp[0], tp[1], records[0].offset))
+            if self.range is not None:
+                self.range.rewound(tp)
             return
         finally:
             self.txn_started = None
-        # Step 5. Only now remember the event_ids: an aborted batch must be redone.
+        # Step 5. Only now remember the dedupe keys: an aborted batch must be redone.
         for rec in records:
-            self.handled.add(rec.event_id)
+            self.handled.add(rec.dedupe_key)
+            # One line per image and stage: `grep <event_id>` over the logs shows its path.
+            log.info("committed %s[%d]@%d -> %s", rec.topic, rec.partition, rec.offset,
+                     ", ".join(out.topic for out in outputs.get(id(rec), [])) or "nothing (duplicate)",
+                     extra={"event_id": rec.event_id, "stage": self.transform.name})
+        if self.range is not None:
+            self.range.reached(tp, records[-1].offset + 1)
 
     @staticmethod
     def _commit_with_retry(producer: Producer, attempts: int = 30) -> None:
