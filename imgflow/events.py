@@ -69,10 +69,12 @@ UNSTATABLE = "unstatable"  # the version of a file that cannot be stat'ed (it st
 
 
 def local_image_event(path: Path, st: os.stat_result | None, *, source: str, run_id: str, priority: str = "NORMAL",
-                      force: bool = False) -> dict:
+                      force: bool = False, canonical: bool = False) -> dict:
+    """``canonical``: the caller knows ``path`` is already absolute with no symlink in it
+    (resolving costs several system calls per file: it shows in a bulk backfill)."""
     if st is None:  # dangling symlink, symlink loop, no permission: not resolvable, named as found
         where, version, size = Path(os.path.abspath(path)), UNSTATABLE, 0
     else:
-        where, version, size = path.resolve(), str(st.st_mtime_ns), st.st_size
+        where, version, size = path if canonical else path.resolve(), str(st.st_mtime_ns), st.st_size
     return image_event("file://" + quote(str(where)), str(where), size, version, source=source, run_id=run_id,
                        priority=priority, force=force)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
@@ -18,13 +19,32 @@ from tests.kafka_helpers import decoded
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def backfill(settings, *args: str, env_extra: dict | None = None, s3=None) -> subprocess.CompletedProcess:
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def backfill(settings, *args: str, env_extra: dict | None = None, s3=None) -> Result:
+    """`imgflow backfill ARGS`: in this process (quicker), or as a child process when it is
+    to be killed at a crash point."""
     env = settings_env(settings)
     if s3 is not None:
         env.update(s3.env())
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "imgflow.cli", "backfill", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    if "IMGFLOW_CRASH_AT" in env:
+        done = subprocess.run([sys.executable, "-m", "imgflow.cli", "backfill", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        return Result(done.returncode, done.stdout, done.stderr)
+    from typer.testing import CliRunner
+
+    from imgflow.cli import app
+
+    result = CliRunner().invoke(app, ["backfill", *args], env={k: v for k, v in env.items() if k.startswith("IMGFLOW_")})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Result(result.exit_code, result.stdout, result.stderr)
 
 
 def make_folder(root: Path, n: int) -> list[Path]:
@@ -40,20 +60,26 @@ def make_folder(root: Path, n: int) -> list[Path]:
     return images
 
 
-def mark_done(settings, events: list[dict]) -> None:
-    """Results for these events in the live output, written by the sink's own store."""
+def result_row(event: dict, offset: int) -> PendingRow:
+    """A final record of ``event`` as the sink takes it."""
+    vision = {"event": event, "text": "t", "image_text": "", "labels": [], "text_vector": [0.0],
+              "word2vec_vector": [0.0], "image_vector": [0.0], "width": 1, "height": 1, "models": {},
+              "seconds": 0.0, "processed_at": 0}
+    enriched = {"vision": vision, "description": "d", "category": "c", "keywords": [], "image_text": "",
+                "llama_extracted": "{}", "models": {}, "seconds": 0.0, "processed_at": 0}
+    return PendingRow("images.enriched", 0, offset, row_from_enriched(enriched, "images.enriched", 0, offset))
+
+
+def live_store(settings) -> ResultStore:
     store = ResultStore(settings.sink.out_dir, settings=settings)
     store.lock()
     store.recover()
-    pending = []
-    for n, event in enumerate(events):
-        vision = {"event": event, "text": "t", "image_text": "", "labels": [], "text_vector": [0.0],
-                  "word2vec_vector": [0.0], "image_vector": [0.0], "width": 1, "height": 1, "models": {},
-                  "seconds": 0.0, "processed_at": 0}
-        enriched = {"vision": vision, "description": "d", "category": "c", "keywords": [], "image_text": "",
-                    "llama_extracted": "{}", "models": {}, "seconds": 0.0, "processed_at": 0}
-        pending.append(PendingRow("images.enriched", 0, n, row_from_enriched(enriched, "images.enriched", 0, n)))
-    store.write(pending)
+    return store
+
+
+def mark_done(settings, events: list[dict]) -> None:
+    """Results for these events in the live output, written by the sink's own store."""
+    live_store(settings).write([result_row(e, n) for n, e in enumerate(events)])
 
 
 def test_folder_skip_interrupt_resume_force_high(settings, tmp_path):
@@ -114,3 +140,33 @@ def test_bucket_prefix(settings, s3_server, s3_bucket, tmp_path):
     bad = backfill(settings, "s3://no-such-bucket-xyz/p/", s3=s3_server)
     assert bad.returncode == 2 and "no-such-bucket-xyz" in bad.stderr
     assert s3_server.secret_access_key not in bad.stderr + bad.stdout
+
+
+def test_forced_events_are_not_swallowed_by_dedupe(settings):
+    """What --force relies on: the stage loop and the sink dedupe per (event_id, run_id), so an
+    event published again by a forced backfill (its own run_id) is processed and written
+    again, while a redelivered copy within one run is still dropped."""
+    import threading
+
+    from imgflow.stage import StageRunner
+    from tests.kafka_helpers import produce_events, wait_until
+    from tests.test_stage_loop import events
+    from tests.toy_stage import ToyTransform
+
+    live = dict(events(["a.jpg"])[0], run_id="live")
+    forced = dict(live, run_id="redo", force=True)
+    produce_events(settings, [live, live, forced, forced])
+    runner = StageRunner(ToyTransform(settings), settings, group_id="g-forced")
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    try:
+        out = wait_until(lambda: len(decoded(settings, settings.topics.vision, "ImageEvent")) >= 2
+                         and decoded(settings, settings.topics.vision, "ImageEvent"), 60, what="2 outputs")
+    finally:
+        runner.request_stop()
+        thread.join(30)
+    assert sorted(e["run_id"] for e in out) == ["live", "redo"]
+
+    written = live_store(settings).write([result_row(live, 0), result_row(live, 1), result_row(forced, 2),
+                                          result_row(forced, 3)])
+    assert sorted(p.row["run_id"] for p in written) == ["live", "redo"]

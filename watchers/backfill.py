@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -98,8 +99,10 @@ class FolderSource:
             rel = str(path)[skip:]  # relative to the root (the walk's paths start with it)
             if after_key is not None and self._order(rel) <= after_key:
                 continue
+            # The root is resolved and the walk follows no folder links: only the file itself
+            # can be a link.
             yield Candidate(rel, local_image_event(path, st, source="backfill", run_id=run_id, priority=priority,
-                                                   force=force))
+                                                   force=force, canonical=not os.path.islink(path)))
 
     def count(self) -> int:
         return sum(1 for _ in scan_images(self.root, self.extensions))
