@@ -57,9 +57,15 @@ class VisionTransform(Transform):
             m = self.models
             images = [p.image for _, p in ready]
             with model_timer("read_text", m.reader.model_id):
-                seen_text = m.reader.read_text(images)
+                reads = m.reader.read(images)
+            seen_text = [r.text for r in reads]
+            # How much of each image is text (a sign vs a photo with a label on it), when the
+            # reader knows; a describer that reads the image itself does not need it.
+            areas = [r.area for r in reads]
             with model_timer("describe", m.describer.model_id):
-                descriptions = m.describer.describe(images, seen_text)
+                descriptions = (m.describer.describe(images, seen_text, areas)
+                                if any(a is not None for a in areas)
+                                else m.describer.describe(images, seen_text))
             texts = [d.text for d in descriptions]
             with model_timer("embed_image", m.image_embedder.model_id):
                 image_vectors = m.image_embedder.embed_images(images)

@@ -31,6 +31,7 @@ class StructureInput:
     description: str  # the full description from the vision stage
     image_text: str  # text read in the image (grounds the `image_text` field)
     labels: list[str] = field(default_factory=list)  # label hints, best first
+    scores: list[float] = field(default_factory=list)  # the labels' scores (same order); [] if unknown
 
 
 class ModelAdapter(ABC):
@@ -56,11 +57,19 @@ class ModelAdapter(ABC):
         """Load weights now (normally done lazily on first use)."""
 
 
+@dataclass(frozen=True)
+class ReadText:
+    text: str  # the text read, lines in reading order ("" when none)
+    area: float | None = None  # share of the image the kept text covers; None if not known
+
+
 class Describer(ModelAdapter):
     job = "describe"
 
     @abstractmethod
-    def describe(self, images: list[Image.Image], seen_text: list[str]) -> list[Description]: ...
+    def describe(self, images: list[Image.Image], seen_text: list[str],
+                 text_areas: list[float | None] | None = None) -> list[Description]:
+        """``seen_text[i]``/``text_areas[i]``: what the TextReader read in ``images[i]``."""
 
 
 class TextReader(ModelAdapter):
@@ -68,6 +77,10 @@ class TextReader(ModelAdapter):
 
     @abstractmethod
     def read_text(self, images: list[Image.Image]) -> list[str]: ...
+
+    def read(self, images: list[Image.Image]) -> list[ReadText]:
+        """The text and, where the reader knows it, the share of the image it covers."""
+        return [ReadText(t) for t in self.read_text(images)]
 
 
 class ImageEmbedder(ModelAdapter):
@@ -102,9 +115,16 @@ class TextStructurer(ModelAdapter):
 
     @abstractmethod
     def structure(self, items: list[StructureInput]) -> list[dict]:
-        """One dict per item with exactly the keys description (str), category (str),
-        keywords (list[str]), image_text (str). Output is constrained by a JSON schema,
-        never parsed from free text."""
+        """One dict per item with exactly the keys description (str), category (str: one of
+        ``imgflow.models.categories.CATEGORY_NAMES``), keywords (list[str]), image_text (str:
+        the OCR text). Output is constrained by a JSON schema, never parsed from free text,
+        and grounded by ``imgflow.models.grounding``."""
+
+    def structure_each(self, items: list[StructureInput]) -> list[dict | Exception]:
+        """Like ``structure``, but an item whose answer is invalid gets its exception in its
+        place instead of failing the others (an adapter that decodes items together
+        overrides this)."""
+        return list(self.structure(items))
 
 
 STRUCTURED_JSON_SCHEMA = {

