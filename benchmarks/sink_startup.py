@@ -116,6 +116,16 @@ def commit_offsets(settings, committed: dict[tuple[str, int], int]) -> None:
         consumer.close()
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: that survives exec, so a child would
+    report the peak of the (large) benchmark process that forked it."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child() -> None:
     """What `imgflow stage sink` does before it consumes: lock, committed offsets, recover."""
     t0 = time.monotonic()
@@ -129,13 +139,13 @@ def child() -> None:
     runner = SinkRunner(settings, GROUP)
     consumer = Consumer(consumer_config(settings, GROUP))
     t1 = time.monotonic()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = peak_rss_mb()
     runner.start(consumer)
     t2 = time.monotonic()
     consumer.close()
     print(json.dumps({"recover_s": t2 - t1, "imports_s": t1 - t0, "known": len(runner.store.known),
                       "peak_rss_before_recover_mb": rss_before,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": peak_rss_mb()}))
 
 
 def measure_startup(settings, s3: dict, out) -> dict:
