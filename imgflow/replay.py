@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -238,7 +238,6 @@ class RunRecord:
     finished_at: str = ""
     results: int = -1
     errors: int = -1
-    models: dict[str, str] = field(default_factory=dict)
 
     def bounds(self) -> RangeBounds:
         parsed = {(k.rsplit(":", 1)[0], int(k.rsplit(":", 1)[1])): v for k, v in self.ranges.items()}

@@ -37,7 +37,7 @@ from confluent_kafka import KafkaException, Producer
 from imgflow import metrics
 from imgflow.events import local_image_event, s3_image_event
 from imgflow.kafka import ensure_compacted_topic, producer_config, publish_schemas, read_latest_by_key
-from imgflow.s3 import explain, is_s3_uri, parse_s3_uri, s3_client
+from imgflow.s3 import S3Error, explain, is_s3_uri, parse_s3_uri, s3_client
 from imgflow.settings import Settings
 from imgflow.stage import CrashPoints
 from schemas.codec import get_codec
@@ -118,13 +118,15 @@ class BucketSource:
         self.extensions = settings.watch.extensions
 
     def _objects(self, after: str | None):
+        from botocore.exceptions import BotoCoreError, ClientError
+
         try:
+            # A zero-byte image object is published like any other: its row says why it failed.
             for obj in iter_objects(self.client, self.location.bucket, self.location.key, start_after=after):
-                if is_image_key(obj.key, self.extensions) and obj.size > 0:
+                if is_image_key(obj.key, self.extensions):
                     yield obj
-        except Exception as exc:
-            err = explain(exc, self.location.uri)
-            raise BackfillError(str(err)) from None
+        except (BotoCoreError, ClientError) as exc:
+            raise BackfillError(str(explain(exc, self.location.uri))) from None
 
     def candidates(self, after: str | None, settings: Settings, run_id: str, priority: str,
                    force: bool) -> Iterator[Candidate]:
@@ -202,7 +204,7 @@ class Backfill:
 
         try:
             return ResultIndex(self.results_out, self.settings).existing(event_ids)
-        except Exception as exc:  # an S3 output that cannot be read: say which setting
+        except (S3Error, OSError) as exc:  # S3Error names the setting to fix
             raise BackfillError(f"cannot read the results in {self.results_out} for the skip check: {exc}") from None
 
     def _batches(self, source) -> Iterator[list[Candidate]]:
