@@ -29,6 +29,10 @@ class EnrichTransform(Transform):
         if self.models is None:
             self.models = build_enrich_models(self.settings)
 
+    def batch_size(self, settings: Settings) -> int:
+        # Enough records to keep every LLM sequence slot busy (models.llm_batch).
+        return max(settings.stage.batch_size, settings.models.llm_batch)
+
     def event_of(self, value: dict) -> dict | None:
         return value["event"]
 
@@ -40,15 +44,19 @@ class EnrichTransform(Transform):
         structurer = self.models.structurer
         items = [
             StructureInput(description=r.value["text"], image_text=r.value["image_text"],
-                           labels=[label["label"] for label in r.value["labels"]])
+                           labels=[label["label"] for label in r.value["labels"]],
+                           scores=[label["score"] for label in r.value["labels"]])
             for r in records
         ]
         with model_timer("structure_text", structurer.model_id):
-            structured = structurer.structure(items)
+            structured = structurer.structure_each(items)  # an invalid answer fails its record only
         seconds = (time.monotonic() - started) / max(1, len(records))
         now = int(time.time() * 1000)
         results: list[list[Output] | BaseException] = []
         for rec, data in zip(records, structured):
+            if isinstance(data, Exception):
+                results.append(data)
+                continue
             value = {
                 "vision": rec.value,
                 "description": data["description"],

@@ -81,7 +81,11 @@ class ModelSettings(_Section):
     word_vectors: str = ""
     llm: str = ""
     llm_threads: int = Field(0, ge=0)  # 0: half the cores (the other half for the vision stage)
-    llm_ctx: int = Field(2048, ge=256)
+    llm_ctx: int = Field(2048, ge=256)  # tokens per sequence (prompt + answer)
+    # Items the enrich stage's LLM decodes at once (one llama_decode per token for all of
+    # them; a finished item's slot takes the next at once); 1: one at a time. Outputs at > 1
+    # can differ in rounding from one at a time (llama.cpp on CPU). See README "Performance".
+    llm_batch: int = Field(16, ge=1, le=64)
     llm_max_tokens: int = Field(256, ge=16)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # -- production (GPU-profile) models: where they load from. Setting one of these picks

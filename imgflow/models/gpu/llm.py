@@ -1,7 +1,8 @@
 """Structured JSON from a user's GGUF (Llama-3.1-8B-Instruct Q4_K_M) with llama-cpp-python.
 
 The same adapter as the embedded profile's (``embedded.llm.LlamaCppStructurer``: the same
-JSON-schema grammar, prompt, greedy decoding and grounding rules), on a path from
+JSON-schema grammar, prompt, batched greedy decoding (``models.llm_batch`` sequences at once,
+``imgflow.models.llama_batch``) and grounding rules), on a path from
 ``models.llm``; on the CPU by default (``models.llm_device``), ``models.llm_threads`` /
 ``models.llm_ctx`` configurable. Its ``model_id`` hashes the file cheaply (size, first and
 last MiB) instead of reading ~5 GB.
@@ -21,10 +22,10 @@ SETTING = "llm"
 
 class GgufStructurer(LlamaCppStructurer):
     def __init__(self, cache: ModelCache, spec: str, n_ctx: int = 4096, n_threads: int = 0,
-                 max_tokens: int = 256, device: str = "cpu") -> None:
+                 max_tokens: int = 256, device: str = "cpu", n_parallel: int = 8) -> None:
         path = Path(required(SETTING, spec, "Llama-3.1-8B-Instruct (a .gguf file)")).expanduser()
         super().__init__(cache, str(path), path.parent, n_ctx=n_ctx, n_threads=n_threads,
-                         max_tokens=max_tokens, device=device)
+                         max_tokens=max_tokens, device=device, n_parallel=n_parallel)
 
     @property
     def model_id(self) -> str:
