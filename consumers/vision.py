@@ -34,6 +34,7 @@ class VisionTransform(Transform):
         return [settings.topics.new_high, settings.topics.new]
 
     def setup(self) -> None:
+        self.source.check()  # before loading models: a wrong S3 setting fails fast
         if self.models is None:
             self.models = build_vision_models(self.settings)
         if not self.source.roots:

@@ -126,6 +126,7 @@ def stage(name: Annotated[StageName, typer.Argument(help="Which stage.")],
         settings, group = plan.settings, plan.group_id
         scope = {"bounds": plan.bounds, "run_id": plan.run_id}
     from imgflow.metrics import serve_metrics
+    from imgflow.errors import StageConfigError
     from imgflow.models.base import ModelConfigError
 
     serve_metrics(settings.metrics_port, name.value, settings.metrics_addr)
@@ -147,7 +148,7 @@ def stage(name: Annotated[StageName, typer.Argument(help="Which stage.")],
         runner.request_stop()
     try:
         runner.run()
-    except ModelConfigError as exc:
+    except (ModelConfigError, StageConfigError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     except Exception as exc:
@@ -180,13 +181,11 @@ def watch_local(folder: Annotated[Path, typer.Argument(help="Folder to watch (re
 def _checked_s3_location(settings, uri: str):
     """The parsed s3://BUCKET/PREFIX, after one listing proves bucket and credentials work
     (exit 2 with the setting to fix otherwise)."""
-    from imgflow.s3 import S3Error, parse_s3_uri, s3_client
+    from imgflow.s3 import S3Error, check_location, parse_s3_uri, s3_client
 
     try:
         location = parse_s3_uri(uri)
-        from watchers.s3 import check_listing
-
-        check_listing(s3_client(settings), location)
+        check_location(s3_client(settings), location)
     except (ValueError, S3Error) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

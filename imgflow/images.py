@@ -106,6 +106,23 @@ class ImageSource:
             raise StageConfigError(f"s3.allowed_prefixes (IMGFLOW_S3__ALLOWED_PREFIXES): {exc}") from None
         self._client = None
 
+    def check(self) -> None:
+        """At start-up: a prefix that cannot be read for a reason a retry will not fix (wrong
+        credentials, missing bucket) stops the stage with the setting to fix, instead of every
+        image becoming an error row; a store that is down is only a warning."""
+        from imgflow.errors import StageConfigError
+        from imgflow.s3 import S3Error, check_location, s3_client
+
+        for prefix in self.prefixes:
+            try:
+                if self._client is None:
+                    self._client = s3_client(self.settings)
+                check_location(self._client, prefix)
+            except S3Error as exc:
+                if not exc.retriable:
+                    raise StageConfigError(f"s3.allowed_prefixes: {exc}") from None
+                log.warning("%s (images there are retried when read)", exc)
+
     def read(self, uri: str) -> bytes:
         if uri.startswith("s3://"):
             return self.read_s3(uri)

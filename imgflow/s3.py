@@ -180,3 +180,12 @@ def read_object(client, bucket: str, key: str, max_bytes: int, chunk_size: int =
         raise S3Error(f"{what}: read {len(data)} of {length} bytes (connection cut)", retriable=True,
                       code="Truncated")
     return data
+
+
+def check_location(client, location: S3Location) -> None:
+    """Raises S3Error naming the setting to fix when ``location`` cannot be listed (wrong
+    endpoint or credentials, missing bucket)."""
+    try:
+        client.list_objects_v2(Bucket=location.bucket, Prefix=location.key, MaxKeys=1)
+    except Exception as exc:  # noqa: BLE001
+        raise explain(exc, location.uri) from None

@@ -17,7 +17,7 @@ from PIL import Image
 from pydantic import SecretStr
 from skimage import data
 
-from imgflow.errors import BadInput
+from imgflow.errors import BadInput, StageConfigError
 from imgflow.events import s3_image_event
 from imgflow.images import ImageSource
 from imgflow.s3 import S3Error, s3_uri
@@ -78,6 +78,14 @@ def test_vision_reads_objects_only_below_allowed_prefixes_and_within_the_size_li
         with pytest.raises(S3Error) as err:
             ImageSource(broken).read(s3_uri(s3_bucket, "in/a cat ü.jpg"))
         assert says in str(err.value) and err.value.retriable is retriable and secret not in str(err.value)
+        if retriable:  # at start-up, a store that is down is a warning: the stage starts
+            ImageSource(broken).check()
+        else:  # wrong credentials stop the stage at once, naming the setting
+            with pytest.raises(StageConfigError, match=says):
+                ImageSource(broken).check()
+    with pytest.raises(StageConfigError, match="bucket does not exist"):
+        ImageSource(with_s3(settings, allowed_prefixes=["s3://no-such-bucket-x/in/"])).check()
+    ImageSource(settings).check()
 
 
 def test_run_on_a_bucket_prefix_once(s3_server, s3_bucket, tmp_path):

@@ -38,7 +38,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from imgflow import metrics
 from imgflow.events import s3_image_event
 from imgflow.kafka import consumer_config, producer_config, publish_schemas
-from imgflow.s3 import S3Error, S3Location, explain, s3_client
+from imgflow.s3 import S3Error, S3Location, check_location, explain, s3_client
 from imgflow.settings import Settings
 from schemas.codec import get_codec
 from watchers.local import transaction
@@ -137,15 +137,6 @@ def current_event_ids(location: S3Location, settings: Settings, client=None) -> 
                 for o in iter_objects(client, location.bucket, location.key)
                 if is_image_key(o.key, settings.watch.extensions)}
     except Exception as exc:  # noqa: BLE001 - reported with the setting to fix
-        raise explain(exc, location.uri) from None
-
-
-def check_listing(client, location: S3Location) -> None:
-    """Raises S3Error naming the setting to fix when ``location`` cannot be listed (wrong
-    endpoint or credentials, missing bucket)."""
-    try:
-        client.list_objects_v2(Bucket=location.bucket, Prefix=location.key, MaxKeys=1)
-    except Exception as exc:  # noqa: BLE001
         raise explain(exc, location.uri) from None
 
 
@@ -368,7 +359,7 @@ class S3Watcher:
         return min(30.0, self.settings.watch.poll_interval_s * 2 ** min(self._failures, 6))
 
     def check(self) -> None:
-        check_listing(self.client, self.location)
+        check_location(self.client, self.location)
 
     def run(self) -> None:
         metrics.init_watcher("s3")
