@@ -88,6 +88,7 @@ from imgflow.results import (  # noqa: F401 - CSV_COLUMNS, read_csv_rows, row_fr
     csv_bytes,
     csv_cell,
     data_key,
+    fetch_all,
     file_stem,
     index_bytes,
     iso_time,
@@ -301,9 +302,10 @@ class ResultStore:
             after = {kind: partition_prefix(kind, topic, partition) + file_stem(topic, partition, start) if start else ""
                      for kind in (AVRO, INDEX)}
             indexed = set()
-            for key in list(self.output.list(partition_prefix(INDEX, topic, partition), after[INDEX])):
+            index_keys = list(self.output.list(partition_prefix(INDEX, topic, partition), after[INDEX]))
+            for key, data in fetch_all(self.output, index_keys):  # in parallel on S3
                 indexed.add(parse_key(key)[2])
-                for e in parse_index(self.output.get(key) or b'{"rows": []}'):
+                for e in parse_index(data or b'{"rows": []}'):
                     self.known.add(tp, e.offset, dedupe_key(e.event_id, e.run_id))
             for key in self.output.list(partition_prefix(AVRO, topic, partition), after[AVRO]):
                 first = parse_key(key)[2]

@@ -363,7 +363,7 @@ def read_avro(data: bytes) -> list[dict]:
     return list(fastavro.reader(io.BytesIO(data)))
 
 
-def _fetch_all(output: Output, keys: list[str], threads: int = 10) -> Iterator[tuple[str, bytes | None]]:
+def fetch_all(output: Output, keys: list[str], threads: int = 10) -> Iterator[tuple[str, bytes | None]]:
     """(key, bytes) in order; S3 GETs run in parallel (latency, not bandwidth, bounds them;
     10 threads: the size of boto3's connection pool)."""
     if not output.is_s3:
@@ -392,11 +392,11 @@ class ResultIndex:
         """[offset, event_id, run_id, error] of every row in the output."""
         avro_keys = list(all_keys(self.output, AVRO))
         index_keys = set(all_keys(self.output, INDEX))
-        for _, data in _fetch_all(self.output, sorted(index_keys)):
+        for _, data in fetch_all(self.output, sorted(index_keys)):
             if data is not None:
                 yield from json.loads(data)["rows"]
         missing = [k for k in avro_keys if sibling_key(k, INDEX) not in index_keys]
-        for _, data in _fetch_all(self.output, missing):
+        for _, data in fetch_all(self.output, missing):
             for row in read_avro(data) if data is not None else []:
                 yield [row["source_offset"], row["event_id"], row["run_id"], bool(row["error"])]
         if not avro_keys and not self.output.is_s3:
@@ -443,7 +443,7 @@ class CommittedResults:
             for topic, partition in partitions(self.output, INDEX):
                 prefix = partition_prefix(INDEX, topic, partition)
                 new += self.output.list(prefix, self._last.get(prefix, ""))
-            for key, data in _fetch_all(self.output, new):
+            for key, data in fetch_all(self.output, new):
                 prefix = key.rsplit("/", 1)[0] + "/"
                 self._last[prefix] = max(self._last.get(prefix, ""), key)
                 for entry in parse_index(data) if data is not None else []:
@@ -497,7 +497,7 @@ def export_csv(out, settings: Settings, dest, progress=None) -> ExportSummary:
     part_set = set(parts)
     summary.incomplete = sum(1 for k in all_keys(output, AVRO) if sibling_key(k, CSV_PARTS) not in part_set)
     dest.write(csv_bytes([], header=True))
-    for n, (key, data) in enumerate(_fetch_all(output, parts), 1):
+    for n, (key, data) in enumerate(fetch_all(output, parts), 1):
         if data is None:
             continue
         # Each part starts with the header line (no newline inside it): skip it.
