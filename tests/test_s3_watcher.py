@@ -166,6 +166,19 @@ def test_wrong_credentials_missing_bucket_unreachable_endpoint_are_clear_errors(
         # The loop does not die: it logs the reason and backs off.
         assert watcher._failed(err.value) > 0
         watcher.state.close()
+    # Running with a wrong secret: the loop stays up, says why once (not once per retry), backs off.
+    caplog.clear()
+    watcher = S3Watcher(parse_s3_uri(f"s3://{s3_bucket}/p/"), wrong_secret)
+    thread = threading.Thread(target=watcher.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: watcher._failures >= 2, 30, interval=0.1, what="two failed polls")
+        assert thread.is_alive()
+    finally:
+        watcher.request_stop()
+        thread.join(30)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and "SECRET_ACCESS_KEY" in r.getMessage()]
+    assert len(errors) == 1 and "retrying with back-off" in errors[0].getMessage()
     assert secret not in caplog.text and "not-" + secret not in caplog.text
 
     # The command: exit 2 at once, the setting named, no secret on the terminal.
