@@ -55,7 +55,8 @@ def images() -> dict[str, Image.Image]:
 
 @pytest.fixture(scope="module")
 def settings() -> Settings:
-    return Settings(models={"models_dir": str(default_models_dir())})
+    # llm_batch=1: the LLM tests compare exact text across calls (batched rounding may differ)
+    return Settings(models={"models_dir": str(default_models_dir()), "llm_batch": 1})
 
 
 @pytest.fixture(scope="module")

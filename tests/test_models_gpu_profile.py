@@ -76,6 +76,7 @@ def tiny(tmp_path_factory) -> dict:
 def gpu_settings(tiny: dict, **models) -> Settings:
     base = dict(profile="gpu", vlm=str(tiny["vlm"]), clip=tiny["clip"], sentence=str(tiny["sentence"]),
                 word_vectors=str(tiny["fasttext"]), llm=str(tiny["llm"]), llm_ctx=1024, llm_threads=2,
+                llm_batch=1,  # exact-text comparisons: one sequence at a time (batched rounding may differ)
                 vlm_max_new_tokens=6, vlm_text_max_new_tokens=4, device="cpu")
     base.update(models)
     return Settings(models=base)
