@@ -302,12 +302,16 @@ class StageRunner:
         self.transform.setup()
         threading.Thread(target=self._watch_transactions, daemon=True, name="txn-watchdog").start()
         publish_schemas(self.settings, self.codec, self.transform.output_schemas + ["DeadLetter"])
+        # With a priority lane the lower lanes are resumed before most batches (see _consume):
+        # their fetch must not wait behind a long poll of the idle high lane.
+        extra = {"fetch.wait.max.ms": 20} if len(self.topics) > 1 else {}
         if self.bounds is None:
-            self.consumer = Consumer(consumer_config(self.settings, self.group_id))
+            self.consumer = Consumer(consumer_config(self.settings, self.group_id, **extra))
             self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                     on_lost=self._on_revoke)
         else:
-            self.consumer = Consumer(consumer_config(self.settings, self.group_id, **{"enable.partition.eof": True}))
+            self.consumer = Consumer(consumer_config(self.settings, self.group_id, **extra,
+                                                     **{"enable.partition.eof": True}))
             partitions = self.bounds.assignment(self.consumer)
             self._on_assign(self.consumer, partitions)
             self.consumer.assign(partitions)

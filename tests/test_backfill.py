@@ -108,20 +108,21 @@ def test_folder_skip_interrupt_resume_force_high(settings, tmp_path):
     # Half of them have results now: a new backfill skips those (after a new image arrives).
     mark_done(settings, events[:6])
     (tmp_path / "in" / "new.png").write_bytes(b"\x89PNG")
-    second = backfill(settings, src, "--high", "--run-id", "second")
+    second_id, redo_id = f"second-{settings.topics.new}", f"redo-{settings.topics.new}"  # broker-wide ids
+    second = backfill(settings, src, "--high", "--run-id", second_id)
     assert second.returncode == 0, second.stderr
     assert "published 7, skipped 6 that have a result" in second.stdout
     high = decoded(settings, settings.topics.new_high, "ImageEvent")
     assert {e["event_id"] for e in high} == {e["event_id"] for e in events[6:]} | {
         e["event_id"] for e in high if e["image_path"].endswith("new.png")}
     assert len(high) == 7 and {e["priority"] for e in high} == {"HIGH"}
-    assert "already complete" in backfill(settings, src, "--high", "--run-id", "second").stdout
+    assert "already complete" in backfill(settings, src, "--high", "--run-id", second_id).stdout
 
     # --force: every image again, as a run of its own (run_id = the job) that dedupe keeps apart.
-    forced = backfill(settings, src, "--force", "--run-id", "redo")
+    forced = backfill(settings, src, "--force", "--run-id", redo_id)
     assert forced.returncode == 0, forced.stderr
     assert "published 13, skipped 0" in forced.stdout
-    redo = [e for e in decoded(settings, settings.topics.new, "ImageEvent") if e["run_id"] == "redo"]
+    redo = [e for e in decoded(settings, settings.topics.new, "ImageEvent") if e["run_id"] == redo_id]
     assert len(redo) == 13 and all(e["force"] for e in redo)
     assert Counter(e["event_id"] for e in redo).most_common(1)[0][1] == 1
 

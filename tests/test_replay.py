@@ -119,19 +119,20 @@ def test_sink_replay_by_time_with_kills(settings, tmp_path):
     boundary = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((now - 15_000) / 1000)) + \
         f".{(now - 15_000) % 1000:03d}Z"
     wanted = sorted([f"r{i:04d}" for i in range(10, 22)] + ["r0030"])
+    by_time = f"by-time-{t.new.split('.')[0]}"  # run ids are broker-wide: one of this test's own
 
     # 1. The run's sink is killed after writing an Avro file, before the CSV: the replay
     # restarts it, and the restarted sink completes the CSV from the Avro file.
     out = tmp_path / "run-a"
-    crashed_sink = subprocess.run(replay_cmd("--stage", "sink", "--from", boundary, "--run-id", "by-time",
+    crashed_sink = subprocess.run(replay_cmd("--stage", "sink", "--from", boundary, "--run-id", by_time,
                                              "--out", str(out)), cwd=ROOT, capture_output=True, text=True,
                                   timeout=120, env={**env, "IMGFLOW_CRASH_AT": "sink:after_avro"})
     assert crashed_sink.returncode == 0, crashed_sink.stdout + crashed_sink.stderr
-    sink_log = (settings.data_dir / "logs" / "replay" / "by-time-sink.log").read_text()
+    sink_log = (settings.data_dir / "logs" / "replay" / f"{by_time}-sink.log").read_text()
     assert "crash point after_avro reached" in sink_log and "CSV rows found only in Avro files" in sink_log
     rows = run_rows(out)
     assert sorted(r["event_id"] for r in rows) == wanted
-    assert {r["run_id"] for r in rows} == {"by-time"}
+    assert {r["run_id"] for r in rows} == {by_time}
     assert [r["error"] for r in rows if r["event_id"] == "r0030"] == ["vision: not an image"]
 
     # 2. The replay command itself is killed (after its stage, before it records the run as
@@ -152,7 +153,7 @@ def test_sink_replay_by_time_with_kills(settings, tmp_path):
     assert committed(settings, "imgflow-sink", t.enriched) == before
     listing = subprocess.run(replay_cmd("--list"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     lines = {line.split()[0]: line for line in listing.stdout.splitlines()[1:] if line.strip()}
-    for rid in ("by-time", run_id):
+    for rid in (by_time, run_id):
         assert "sink" in lines[rid] and "13 (1 errors)" in lines[rid] and boundary[:19] in lines[rid], lines[rid]
 
 
