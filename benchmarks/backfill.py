@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from consumers.sink import PendingRow, ResultStore
-from imgflow.results import row_from_enriched
+from consumers.sink import ResultStore
 from imgflow.settings import Settings
 from imgflow.stack import EmbeddedStack
 from imgflow.kafka import ensure_topics
+from tests.test_backfill import result_row
 from watchers.backfill import Backfill, FolderSource, pick_job
 
 RESULTS = Path(__file__).resolve().parent / "results" / "backfill.json"
@@ -43,15 +43,7 @@ def write_results(out: Path, events: list[dict], settings: Settings) -> None:
     store.lock()
     store.recover()
     for start in range(0, len(events), 5000):
-        pending = []
-        for n, event in enumerate(events[start:start + 5000], start):
-            vision = {"event": event, "text": "t", "image_text": "", "labels": [], "text_vector": [0.0],
-                      "word2vec_vector": [0.0], "image_vector": [0.0], "width": 1, "height": 1, "models": {},
-                      "seconds": 0.0, "processed_at": 0}
-            enriched = {"vision": vision, "description": "d", "category": "c", "keywords": [], "image_text": "",
-                        "llama_extracted": "{}", "models": {}, "seconds": 0.0, "processed_at": 0}
-            pending.append(PendingRow("images.enriched", 0, n, row_from_enriched(enriched, "images.enriched", 0, n)))
-        store.write(pending)
+        store.write([result_row(event, n) for n, event in enumerate(events[start:start + 5000], start)])
 
 
 def main() -> None:
