@@ -60,14 +60,22 @@ def _record(cls, topic: str, offset: int, event_id: str, value: dict):
 def run_config(items, env: dict[str, str], batch: int = 8, progress=print) -> list[dict]:
     """Every item through VisionTransform then EnrichTransform; one output dict per item with
     the CSV's fields (text, description, category, keywords, image_text)."""
-    os.environ.update(env)
     from consumers.enrich import EnrichTransform
     from consumers.vision import VisionTransform
     from imgflow.events import local_image_event
     from imgflow.settings import Settings
     from imgflow.stage import InputRecord
 
-    settings = Settings()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        settings = Settings()  # the configuration's settings; the environment is put back
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     vision, enrich = VisionTransform(settings), EnrichTransform(settings)
     vision.setup()
     enrich.setup()

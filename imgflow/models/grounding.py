@@ -86,6 +86,8 @@ def facts(item: StructureInput) -> Facts:
     labels, scores = [n for n, _ in pairs], [p for _, p in pairs]
     subject = labels[0] if labels and scores[0] >= SUBJECT_MIN_SCORE else ""
     alts = [n for n, p in zip(labels[1:], scores[1:]) if p >= ALTERNATIVE_MIN_SCORE][:2]
+    if cands[0] in categories.TEXT_CATEGORIES and categories.has_text(item.image_text):
+        subject, alts = "", []  # a sign or page: what the classifier saw in it is not the subject
     colours = [c for c in COLOURS if re.search(rf"\b{c}\b", item.description.lower())
                and re.search(r"colours are|mostly", item.description)]
     return Facts(subject, alts, cands, item.image_text.strip(), colours, norm(item.description))
@@ -138,8 +140,9 @@ def description_problem(desc: str, f: Facts, category: str | None = None) -> str
     quoted = [q for q in _QUOTED.findall(desc) if norm(q).lower() not in text]
     if quoted:
         return f"text that was not read: {quoted}"
-    if norm(desc).lower() == f.full.lower():
-        return "a copy of the full description"
+    full = words(f.full)
+    if len(w) >= 4 and any(full[i:i + len(w)] == w for i in range(len(full) - len(w) + 1)):
+        return "a copy of (part of) the full description"
     vocab = f.vocabulary()
     invented = [x for x in w if x in object_words() and x not in vocab and x.rstrip("s") not in vocab]
     invented += [x for x in w if x in categories.CATEGORIES and x not in f.candidates and x not in vocab]

@@ -22,7 +22,6 @@ from imgflow.models.embedded.glove import data_dir as glove_dir
 
 NAME = "rapidocr-ppocrv6"
 MIN_SCORE = 0.5  # RapidOCR's own cut-off: boxes below it are not even returned
-SINGLE_CHAR_MIN_SCORE = 0.95  # lone characters in photos are mostly texture
 TEXT_SINGLE_CHAR_MIN_SCORE = 0.7  # on a sign or page a lone "3" is real ("PLATFORM 3": 0.80)
 # Text on a photo (read text covering less than TEXT_IMAGE_AREA of the image) is kept only
 # when read confidently: box score >= PHOTO_MIN_SCORE, and every word either a known word
@@ -144,8 +143,9 @@ def fix_lookalikes(text: str, vocabulary: frozenset[str]) -> str:
 class RapidOcrReader(TextReader):
     """Lines of text read in each image, in reading order; "" when nothing is read.
 
-    Kept: boxes at ``min_score`` (0.5) or more with a letter or digit, single characters
-    only at 0.95 (on photos these are mostly texture: skimage chelsea reads "0" at 0.73).
+    Kept: boxes at ``min_score`` (0.5) or more with a letter or digit; a single character only
+    on a sign or page (at 0.7; on photos they are texture: skimage chelsea reads "0" at 0.73,
+    the coffee cup "8").
     On a photo (little text area) only confident text: see PHOTO_MIN_SCORE and the constants
     above it. Rendered text (signs, tickets, pages) is kept as read."""
 
@@ -186,7 +186,9 @@ class RapidOcrReader(TextReader):
         text = text.strip()
         if not text or score < self.min_score or not any(ch.isalnum() for ch in text):
             return False
-        return len(text) > 1 or score >= (SINGLE_CHAR_MIN_SCORE if photo else TEXT_SINGLE_CHAR_MIN_SCORE)
+        if photo:  # a lone character on a photo is texture or a fragment ("8" on a coffee cup)
+            return sum(ch.isalnum() for ch in text) > 1
+        return len(text) > 1 or score >= TEXT_SINGLE_CHAR_MIN_SCORE
 
     def _confident_on_photo(self, text: str, score: float, height: float) -> bool:
         if score < PHOTO_MIN_SCORE or height < MIN_BOX_HEIGHT:
