@@ -65,6 +65,7 @@ class Facts:
     text: str  # OCR text as read
     colours: list[str]
     full: str  # the full description (vision stage)
+    classified: bool = True  # a classifier gave labels (False: a VLM wrote ``full``)
 
     @property
     def category(self) -> str:
@@ -90,7 +91,8 @@ def facts(item: StructureInput) -> Facts:
         subject, alts = "", []  # a sign or page: what the classifier saw in it is not the subject
     colours = [c for c in COLOURS if re.search(rf"\b{c}\b", item.description.lower())
                and re.search(r"colours are|mostly", item.description)]
-    return Facts(subject, alts, cands, item.image_text.strip(), colours, norm(item.description))
+    return Facts(subject, alts, cands, item.image_text.strip(), colours, norm(item.description),
+                 bool(item.labels))
 
 
 def _quote(text: str, limit: int = 60) -> str:
@@ -112,9 +114,7 @@ def short_description(f: Facts, category: str | None = None) -> str:
     if f.subject:
         s = _article(f.subject)
         s = s[0].upper() + s[1:]
-    elif f.full and category == "other":
-        s = "An image with no clearly recognised subject"
-    elif f.full:  # no classifier (GPU profile): the describer's first sentence
+    elif f.full and not f.classified:  # no classifier (GPU profile): the describer's first sentence
         first = re.split(r"(?<=[.!?])\s", f.full, maxsplit=1)[0]
         return " ".join(first.split()[:MAX_WORDS])
     else:
