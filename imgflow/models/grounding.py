@@ -100,10 +100,6 @@ def _quote(text: str, limit: int = 60) -> str:
     return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
 
 
-def _article(noun: str) -> str:
-    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
-
-
 def short_description(f: Facts, category: str | None = None) -> str:
     """One short sentence from the facts alone (used when the LLM's fails a rule); worded
     unlike the full description, so the two columns differ."""
@@ -112,7 +108,9 @@ def short_description(f: Facts, category: str | None = None) -> str:
         noun = "sign" if category == "sign" else "document"
         return f'A {noun} that reads "{_quote(f.text)}".'
     if f.subject:
-        s = _article(f.subject)
+        from imgflow.models.embedded.describe import with_article
+
+        s = with_article(f.subject)
         s = s[0].upper() + s[1:]
     elif f.full and not f.classified:  # no classifier (GPU profile): the describer's first sentence
         first = re.split(r"(?<=[.!?])\s", f.full, maxsplit=1)[0]
