@@ -35,7 +35,7 @@ def machine() -> dict:
     except OSError:
         load = None
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "load_avg_1m_at_start": load, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "load_avg_1m": load, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def mixed_images(folder: Path, n: int, size: int | None = None) -> list[Path]:
