@@ -9,7 +9,7 @@ import signal
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from pydantic import ValidationError
@@ -24,6 +24,19 @@ app.add_typer(export_app, name="export")
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Broker and watcher state "
                                                  "(default: $IMGFLOW_DATA_DIR or ~/.local/state/imgflow).")]
 
+
+
+def _exit_with_error(exc: BaseException, code: int = 2) -> NoReturn:
+    """The one way a command fails on a user's error: the message on stderr, exit ``code``."""
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(code) from None
+
+
+def _stop_on_signals(runner) -> None:
+    """SIGTERM and Ctrl-C ask ``runner`` to finish its current work and stop."""
+    from imgflow.stage import install_signal_handlers
+
+    install_signal_handlers(runner)
 
 def _settings(**env: object):
     """Command-line options become IMGFLOW_* variables, so child processes see them too."""
@@ -92,8 +105,7 @@ def _check_output(settings) -> None:
         try:
             open_output(settings.sink.out_dir, settings).check()
         except S3Error as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
+            _exit_with_error(exc)
 
 
 class StageName(str, Enum):
@@ -121,8 +133,7 @@ def stage(name: Annotated[StageName, typer.Argument(help="Which stage.")],
         try:
             plan = stage_plan(settings, name.value, run_id)
         except ReplayError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
+            _exit_with_error(exc)
         settings, group = plan.settings, plan.group_id
         scope = {"bounds": plan.bounds, "run_id": plan.run_id}
     from imgflow.metrics import serve_metrics
@@ -142,19 +153,16 @@ def stage(name: Annotated[StageName, typer.Argument(help="Which stage.")],
         else:
             from consumers.enrich import EnrichTransform as T
         runner = StageRunner(T(settings), settings, group_id=group, **scope)
-    signal.signal(signal.SIGTERM, runner.request_stop)
-    signal.signal(signal.SIGINT, runner.request_stop)
+    _stop_on_signals(runner)
     if early_stop:
         runner.request_stop()
     try:
         runner.run()
     except (ModelConfigError, StageConfigError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _exit_with_error(exc)
     except Exception as exc:
         if name is StageName.sink and isinstance(exc, SinkLockedError):
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
+            _exit_with_error(exc)
         raise
 
 
@@ -171,10 +179,8 @@ def watch_local(folder: Annotated[Path, typer.Argument(help="Folder to watch (re
     try:
         watcher = LocalWatcher(folder, settings, priority="HIGH" if high else "NORMAL")
     except NotADirectoryError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    signal.signal(signal.SIGTERM, watcher.request_stop)
-    signal.signal(signal.SIGINT, watcher.request_stop)
+        _exit_with_error(exc)
+    _stop_on_signals(watcher)
     watcher.run()
 
 
@@ -187,8 +193,7 @@ def _checked_s3_location(settings, uri: str):
         location = parse_s3_uri(uri)
         check_location(s3_client(settings), location)
     except (ValueError, S3Error) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _exit_with_error(exc)
     return location
 
 
@@ -211,18 +216,15 @@ def watch_s3(uri: Annotated[str, typer.Argument(help="s3://BUCKET/PREFIX to watc
     try:
         location = parse_s3_uri(uri)
     except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _exit_with_error(exc)
     serve_metrics(settings.metrics_port, "watcher", settings.metrics_addr)
     try:
         watcher = S3Watcher(location, settings, priority="HIGH" if high else "NORMAL")
         if check:
             watcher.check()
     except S3Error as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    signal.signal(signal.SIGTERM, watcher.request_stop)
-    signal.signal(signal.SIGINT, watcher.request_stop)
+        _exit_with_error(exc)
+    _stop_on_signals(watcher)
     watcher.run()
 
 
@@ -300,16 +302,14 @@ def backfill(
                    f"{' (dry run)' if dry_run else ''}: events with run_id {job.run_id!r}"
                    f"{', forced' if force else ''} to {settings.topics.new_high if high else settings.topics.new}")
         runner = Backfill(settings, job, out or settings.sink.out_dir, chunk=chunk_size)
-        signal.signal(signal.SIGTERM, runner.request_stop)
-        signal.signal(signal.SIGINT, runner.request_stop)
+        _stop_on_signals(runner)
         bar = ProgressBar(src.count(), job.published + job.skipped, "backfill")
         try:
             job = runner.run(src, bar, dry_run=dry_run)
         finally:
             bar.close()
     except (BackfillError, KafkaException) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2 if isinstance(exc, BackfillError) else 1) from None
+        _exit_with_error(exc, 2 if isinstance(exc, BackfillError) else 1)
     verb = "would publish" if dry_run else "published"
     state = "complete" if job.status == "done" else "interrupted (run the same command again to resume)"
     typer.echo(f"backfill {job.job_id} {state}: {verb} {job.published}, skipped {job.skipped} that have a result")
@@ -354,8 +354,7 @@ def replay(
             raise rp.ReplayError("--from must not be 'end' and --to must not be 'start'")
         record, resumed = rp.prepare_run(settings, stage_name.value, start, stop, run_id, out)
     except rp.ReplayError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _exit_with_error(exc)
     if resumed and record.status != "done":
         typer.echo(f"resuming run {record.run_id}")
     stop_requested: list[int] = []
@@ -389,8 +388,7 @@ def export_csv(src: Annotated[str, typer.Argument(help="A sink output: folder or
                                                                                          total=total))
             os.replace(tmp, out)  # the file appears whole or not at all
     except (S3Error, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _exit_with_error(exc)
     finally:
         if tmp is not None and tmp.exists():
             tmp.unlink()
