@@ -22,6 +22,8 @@ from typing import Any
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
+from schemas.fastcodec import Compiled, Decline, compile_schema
+
 SCHEMA_DIR = Path(__file__).resolve().parent
 # Named types referenced by later schemas must be parsed first.
 SCHEMA_NAMES = ["ImageEvent", "VisionResult", "EnrichedRecord", "DeadLetter", "ResultRow"]
@@ -53,6 +55,14 @@ class Codec:
             fp = self._fingerprint(parse_schema(json.loads(self.schema_json(name))))
             self._fp[name] = fp
             self._writers[fp] = parsed
+        # The fast path (schemas.fastcodec): same bytes as fastavro, ~5x quicker for records
+        # with vectors; it declines what it does not cover and fastavro takes over.
+        self._fast: dict[str, Compiled] = {}
+        for name, parsed in self._parsed.items():
+            try:
+                self._fast[name] = compile_schema(parsed, self._named)
+            except Decline:
+                pass
 
     @staticmethod
     def _fingerprint(parsed: Any) -> bytes:
@@ -82,6 +92,12 @@ class Codec:
         return fp in self._writers
 
     def encode(self, name: str, record: dict) -> bytes:
+        fast = self._fast.get(name)
+        if fast is not None:
+            try:
+                return MAGIC + self._fp[name] + fast.encode(record)
+            except Decline:
+                pass
         buf = io.BytesIO()
         buf.write(MAGIC)
         buf.write(self._fp[name])
@@ -101,6 +117,12 @@ class Codec:
         writer = self._writers.get(fp)
         if writer is None:
             raise SchemaError(f"unknown writer schema fingerprint {fp.hex()}")
+        fast = self._fast.get(name) if fp == self._fp.get(name) else None
+        if fast is not None:  # written with our own schema: no resolution needed
+            try:
+                return fast.decode(data, 10)
+            except Decline:
+                pass  # fastavro decodes it or says what is wrong with it
         try:
             return fastavro.schemaless_reader(io.BytesIO(data[10:]), writer, self._parsed[name])
         except Exception as exc:  # fastavro raises many types on corrupt bodies
