@@ -11,10 +11,13 @@ order (wide, narrow, ...) so that load from other processes hits them alike:
   ``create_chat_completion`` per image with the schema and prompt of that time (it also
   generated ``image_text``; frozen below from commit f370c01), the grammar applied to the
   whole vocabulary at every token;
-- ``per-image``: the same per-image call with today's schema and prompt (isolates the
-  engine's gain from the shorter answers);
-- ``batch N``: ``imgflow.models.llama_batch.BatchGenerator`` with N sequences, as the enrich
-  stage runs it (shared prefix, slot refill, greedy grammar check).
+- ``per-image``: the same per-image call with the request the enrich stage makes now (the
+  facts as notes, a per-image grammar: keywords, the category only when there is a choice,
+  a caption only when ``--description`` / the model says so);
+- ``batch N, today's request``: the batched engine on the old request (the engine's gain
+  alone, without the shorter answers);
+- ``batch N``: ``imgflow.models.llama_batch.BatchGenerator`` with N sequences on the current
+  request, as the enrich stage runs it (shared prefix, slot refill, greedy grammar check).
 
 Per variant: images/s (wall), CPU seconds per image (this process; robust to other load when
 threads = 1), prompt and answer tokens per image, valid answers, and for batch 1 how many
@@ -74,12 +77,12 @@ def structure_inputs(values: list[dict]):
                            scores=[lab["score"] for lab in v["labels"]]) for v in values]
 
 
-def run_per_image(llm, grammar, items, messages_of, max_tokens: int) -> dict:
+def run_per_image(llm, grammar_of, items, messages_of, max_tokens: int) -> dict:
     from imgflow.models.embedded.llm import SEED
 
     texts, tin, tout = [], 0, 0
     for item in items:
-        resp = llm.create_chat_completion(messages=messages_of(item), grammar=grammar, temperature=0.0,
+        resp = llm.create_chat_completion(messages=messages_of(item), grammar=grammar_of(item), temperature=0.0,
                                           top_k=1, seed=SEED, max_tokens=max_tokens)
         texts.append(resp["choices"][0]["message"]["content"] or "")
         tin += resp["usage"]["prompt_tokens"]
@@ -87,13 +90,15 @@ def run_per_image(llm, grammar, items, messages_of, max_tokens: int) -> dict:
     return {"texts": texts, "prompt_tokens": tin, "completion_tokens": tout}
 
 
-def run_engine(llm, grammar, items, prefix, n_parallel: int, n_ctx: int, threads: int, max_tokens: int) -> dict:
-    from imgflow.models.embedded import llm as L
+def run_engine(llm, grammar_of, items, messages_of, prefix, n_parallel: int, n_ctx: int, threads: int,
+               max_tokens: int) -> dict:
+    from dataclasses import replace
+
     from imgflow.models.llama_batch import BatchGenerator, render_chat
 
-    gen = BatchGenerator(llm, grammar, n_parallel, n_ctx, threads, threads, prefix=prefix)
+    gen = BatchGenerator(llm, grammar_of(items[0]), n_parallel, n_ctx, threads, threads, prefix=prefix)
     try:
-        prompts = [render_chat(llm, L.messages(L.LlamaCppStructurer.prompt(it))) for it in items]
+        prompts = [replace(render_chat(llm, messages_of(it)), grammar=grammar_of(it)) for it in items]
         out = gen.generate(prompts, max_tokens)
         full = gen.full_grammar_passes
     finally:
@@ -114,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--ctx", type=int, default=2048, help="context per sequence (models.llm_ctx)")
     ap.add_argument("--skip-today", action="store_true", help="leave out the two per-image variants")
+    ap.add_argument("--description", default="auto", choices=["auto", "llm", "facts"],
+                    help="models.llm_description for the current request (default auto: as the enrich stage)")
     args = ap.parse_args(argv)
 
     from llama_cpp import Llama, LlamaGrammar
@@ -132,23 +139,35 @@ def main(argv: list[str] | None = None) -> int:
     llm = Llama(model_path=str(path), n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads,
                 seed=L.SEED, verbose=False)
     today_grammar = LlamaGrammar.from_json_schema(json.dumps(TODAY_SCHEMA), verbose=False)
-    grammar = LlamaGrammar.from_json_schema(json.dumps(L.GENERATION_SCHEMA), verbose=False)
-    a, b = render_chat(llm, L.messages("a")).tokens, render_chat(llm, L.messages("b")).tokens
-    prefix = a[:common_prefix(a, b)]
+    # The request the enrich stage makes now (as LlamaCppStructurer builds it for this model).
+    describe = L.LlamaCppStructurer(None, args.llm, default_models_dir(),
+                                    description=args.description).writes_description
+    grammars = L.Grammars(describe)
 
     def today_messages(item):
         return [{"role": "system", "content": TODAY_SYSTEM}, {"role": "user", "content": today_prompt(item)}]
 
     def current_messages(item):
-        return L.messages(L.LlamaCppStructurer.prompt(item))
+        return L.messages(L.LlamaCppStructurer.prompt(item), describe)
 
+    def prefix_of(messages_of) -> list[int]:
+        from imgflow.models.base import StructureInput
+
+        a, b = (render_chat(llm, messages_of(StructureInput(x, "", [], []))).tokens for x in ("a", "b"))
+        return a[:common_prefix(a, b)]
+
+    prefix, today_prefix = prefix_of(current_messages), prefix_of(today_messages)
     variants: dict[str, callable] = {}
     if not args.skip_today:
-        variants["today"] = lambda: run_per_image(llm, today_grammar, items, today_messages, args.max_tokens)
-        variants["per-image"] = lambda: run_per_image(llm, grammar, items, current_messages, args.max_tokens)
+        variants["today"] = lambda: run_per_image(llm, lambda _: today_grammar, items, today_messages, args.max_tokens)
+        variants["per-image"] = lambda: run_per_image(llm, grammars.for_item, items, current_messages, args.max_tokens)
+    top = max(int(x) for x in args.batches.split(",") if x)
+    variants[f"batch {top}, today's request"] = (lambda: run_engine(
+        llm, lambda _: today_grammar, items, today_messages, today_prefix, top, args.ctx, args.threads,
+        args.max_tokens))
     for n in [int(x) for x in args.batches.split(",") if x]:
-        variants[f"batch {n}"] = (lambda n=n: run_engine(llm, grammar, items, prefix, n, args.ctx, args.threads,
-                                                         args.max_tokens))
+        variants[f"batch {n}"] = (lambda n=n: run_engine(llm, grammars.for_item, items, current_messages, prefix, n,
+                                                         args.ctx, args.threads, args.max_tokens))
     names = list(variants)
     order = [names[i // 2] if i % 2 == 0 else names[-1 - i // 2] for i in range(len(names))]
     order = list(dict.fromkeys(order))  # interleave wide and narrow: today, batch 16, per-image, batch 8, ...
@@ -161,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         valid = 0
         for item, text in zip(items, r["texts"]):
             try:
-                if name == "today":
+                if "today" in name:
                     json.loads(text)
                 else:
-                    L.validate(text, item)
+                    L.validate(text, item, describe=describe)
                 valid += 1
             except Exception:
                 pass
@@ -199,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 ["variant", "images/s", "CPU s/img", "vs today", "vs today (CPU)", "prompt tok", "answer tok",
                  "valid", "same as per-image"], rows)
     write_result("enrich_batch", {"images": n, "model": spec.name, "threads": args.threads,
+                                  "writes_description": describe,
                                   "order": order, "variants": out,
                                   "texts": {k: v["texts"] for k, v in results.items()}})
     return 0

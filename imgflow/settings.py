@@ -45,6 +45,11 @@ class KafkaSettings(_Section):
     # A transaction step hanging longer than this (seen on tansu right after a broker
     # restart) makes the stage exit, so that a restart reconnects; 0 disables.
     transaction_stall_s: float = Field(120.0, ge=0.0)
+    # A stage's transactional producers: how long a partition's records may wait to be sent
+    # together. A transaction's commit sends what waits at once, so a long linger costs no
+    # latency and makes one produce request per partition and batch (each request is
+    # storage writes on the broker: on tansu, objects in SeaweedFS).
+    txn_linger_ms: int = Field(100, ge=0, le=60000)
 
 
 class TopicSettings(_Section):
@@ -87,6 +92,11 @@ class ModelSettings(_Section):
     # can differ in rounding from one at a time (llama.cpp on CPU). See README "Performance".
     llm_batch: int = Field(16, ge=1, le=64)
     llm_max_tokens: int = Field(256, ge=16)
+    # Who writes the short `description`: "llm" (the LLM's caption, kept only when it passes
+    # the grounding rules), "facts" (a sentence composed from what the models found; the LLM
+    # then only picks the category and keywords), "auto": llm for a user's GGUF (the
+    # production Llama), facts for the shipped small models (README "Output quality").
+    llm_description: Literal["auto", "llm", "facts"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # -- production (GPU-profile) models: where they load from. Setting one of these picks
     # the production implementation of its job(s) in any profile (README "Models:

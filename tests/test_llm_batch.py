@@ -103,15 +103,15 @@ def test_enrich_stage_fails_only_the_bad_record():
     transform = EnrichTransform(settings, EnrichModels(structurer=structurer))
     assert transform.batch_size(settings) == max(settings.stage.batch_size, 2)
 
-    def record(i: int, text: str, image_text: str = "") -> InputRecord:
+    def record(i: int, text: str, image_text: str = "", label: str = "Egyptian cat") -> InputRecord:
         event = {"event_id": f"e{i}"}
         value = {"event": event, "text": text, "image_text": image_text,
-                 "labels": [{"label": "Egyptian cat", "score": 0.8}]}
+                 "labels": [{"label": label, "score": 0.8}]}
         return InputRecord("images.vision", 0, i, f"e{i}", value, b"")
 
     try:
         results = transform.process([record(0, ITEMS[0].description),
-                                     record(1, "word " * 2000),  # does not fit 512 tokens
+                                     record(1, "cat", label="word " * 2000),  # does not fit 512 tokens
                                      record(2, ITEMS[1].description, "HARBOR TICKET 2041")])
     finally:
         structurer._cache.clear()

@@ -292,19 +292,28 @@ def test_validate_rules():
     assert rec["image_text"] == "" and rec["category"] == "animal"
     assert rec["keywords"][:2] == ["Egyptian cat", "animal"]  # the facts first
     assert "cat" in rec["keywords"] and "pet" not in rec["keywords"]  # "pet": in no note
-    assert rec["description"] == "An Egyptian cat."  # "chair": an object no model reported
-    rec = validate(ok.replace("A cat on a chair.", "A brown cat sitting down."), item)
-    assert rec["description"] == "A brown cat sitting down."  # colours that were found: fine
-    rec = validate(ok.replace("A cat on a chair.", "A white cat sitting down."), item)
-    assert rec["description"] == "An Egyptian cat."  # "white" was not found
+    facts_caption = "An Egyptian cat, in brown tones."
+    assert rec["description"] == facts_caption  # "chair": an object no model reported
+    rec = validate(ok.replace("A cat on a chair.", "A brown Egyptian cat."), item)
+    assert rec["description"] == "A brown Egyptian cat."  # the notes' words only: fine
+    for invented in ("A white Egyptian cat.",  # "white" was not found
+                     "A brown cat sitting down.",  # words in no note
+                     "A brown cat with the word CAT on it.",  # text, but none was read
+                     "An Egyptian cat from the UK."):
+        assert validate(ok.replace("A cat on a chair.", invented), item)["description"] == facts_caption
+    no_category = validate(ok.replace('"category": "animal", ', ""), item)  # asked only for a choice
+    assert no_category["category"] == "animal"
+    facts_only = validate('{"keywords": ["cat", "pet"]}', item, describe=False)
+    assert facts_only["description"] == facts_caption and facts_only["category"] == "animal"
     rec = validate(ok, StructureInput("A sign reading \"OPEN\".", "OPEN", ["text"], [0.3]))
     assert rec["image_text"] == "OPEN" and rec["category"] == "sign"  # not the LLM's "animal"
     for bad in ("not json", "[1]", '{"description": "a"}',
                 ok.replace('["cat", "Cat", " pet "]', '"cat"'),
-                ok.replace('"category": "animal", ', ""),
                 ok.replace('"keywords"', '"image_text": "x", "keywords"')):
         with pytest.raises(StructuringError):
             validate(bad, item)
+    with pytest.raises(StructuringError):
+        validate('{"keywords": ["cat", "pet"]}', item)  # a caption was asked for
 
 
 def test_image_text_is_the_ocr_text():

@@ -114,3 +114,16 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert all(r["category"] in categories.CATEGORIES for r in items)
     assert all(r["description"] != r["text"] for r in items)
     assert "category_accuracy" in capsys.readouterr().out
+
+
+def test_notes_are_the_facts_only_and_bounded():
+    """The LLM gets the facts (not the composed full description, which small models copied),
+    a page of read text is cut (the record keeps all of it), and the category is asked for
+    only when there is a choice."""
+    page = "INVOICE 42\n" + "line of small print " * 300
+    item = StructureInput("A document with the text ...", page, ["web site", "text"], [0.2, 0.4])
+    notes = grounding.notes(item)
+    assert len(notes) < 600 and "A document with the text" not in notes and '..." ...' not in notes
+    assert grounding.ground({"keywords": ["invoice"]}, item)["image_text"] == page.strip()
+    cat = StructureInput("A photo of an Egyptian cat.", "", ["Egyptian cat"], [0.9])
+    assert "Category: animal" in grounding.notes(cat) and "choose" not in grounding.notes(cat)

@@ -8,8 +8,12 @@ The LLM sees only text (the notes built by ``notes``), never the image. What it 
 - ``description``: one short sentence in its own words, kept only if it passes
   ``description_problem``: no percentages, no number the image's text does not show, no
   quoted text that was not read, no object (ImageNet class word) or category the notes do
-  not mention, 3 to 30 words, not a copy of the full description, and naming the subject or
-  the category. Otherwise ``short_description`` (built from the same facts) is used.
+  not mention, 3 to 30 words, not a copy of the full description, naming the subject or
+  the category, no capitalised word that was not read; and when the notes were facts only
+  (a classifier, not a VLM), no word outside the notes and a few caption words
+  (``CAPTION_WORDS``), and no claim of text when none was read. Otherwise, or when the LLM
+  was not asked for one (``models.llm_description``), ``short_description`` is used: a
+  sentence a person would write from the same facts (subject, text shown, main colours).
 - ``keywords``: kept only if every word occurs in the notes; the subject and the category
   come first, then the LLM's grounded keywords, then other facts; 3 to 5 of them.
 - ``image_text`` is never generated: it is the OCR text as read (the vision stage already
@@ -28,12 +32,26 @@ from imgflow.models.base import StructureInput
 MIN_KEYWORDS, MAX_KEYWORDS = 3, 5
 MIN_WORDS, MAX_WORDS = 3, 30
 SUBJECT_MIN_SCORE = 0.10  # a label below this is not named as the subject
+SUBJECT_SURE_SCORE = 0.30  # below this the short description says "probably" (as describe's "may show")
+QUOTE_CHARS = 60  # read text quoted in the short description
+NOTES_TEXT_CHARS = 300  # read text given to the LLM (the record keeps all of it)
 ALTERNATIVE_MIN_SCORE = 0.10
 COLOURS = ("black", "white", "grey", "red", "orange", "yellow", "green", "blue", "purple",
            "pink", "brown")
 _WORD = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*")
 _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
 _QUOTED = re.compile(r"[\"“”]([^\"“”]+)[\"“”]")
+# Words a caption may use besides the notes' own (when the notes are facts only).
+CAPTION_WORDS = frozenset({
+    "a", "an", "the", "of", "and", "or", "in", "on", "with", "at", "to", "by", "its", "it", "is",
+    "are", "this", "that", "which", "showing", "shows", "photo", "picture", "image", "close",
+    "sign", "document", "text", "word", "words", "written", "reads", "reading", "saying", "says",
+    "tones", "tone", "colours", "coloured", "colors", "colored", "probably", "possibly",
+    "maybe", "some", "small", "large", "front", "number", "numbers", "letters",
+})
+# Words that claim text is visible.
+TEXT_CLAIMS = frozenset({"text", "word", "words", "written", "reads", "reading", "saying", "says",
+                         "number", "numbers", "letters"})
 _STOP = {"a", "an", "the", "of", "and", "or", "in", "on", "with", "for", "to", "it", "is", "its",
          "this", "that", "at", "by", "from", "as", "be", "are", "photo", "image", "picture"}
 
@@ -66,6 +84,7 @@ class Facts:
     colours: list[str]
     full: str  # the full description (vision stage)
     classified: bool = True  # a classifier gave labels (False: a VLM wrote ``full``)
+    sure: bool = True  # the subject's score reached SUBJECT_SURE_SCORE ("probably" below it)
 
     @property
     def category(self) -> str:
@@ -91,34 +110,45 @@ def facts(item: StructureInput) -> Facts:
         subject, alts = "", []  # a sign or page: what the classifier saw in it is not the subject
     colours = [c for c in COLOURS if re.search(rf"\b{c}\b", item.description.lower())
                and re.search(r"colours are|mostly", item.description)]
+    sure = bool(subject) and scores[0] >= SUBJECT_SURE_SCORE
     return Facts(subject, alts, cands, item.image_text.strip(), colours, norm(item.description),
-                 bool(item.labels))
+                 bool(item.labels), sure)
 
 
-def _quote(text: str, limit: int = 60) -> str:
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
+def _quote(text: str, limit: int = QUOTE_CHARS) -> tuple[str, bool]:
+    """The read text on one line, cut at a word boundary; and whether it was cut."""
+    line = norm(text)
+    if len(line) <= limit:
+        return line, False
+    return line[:limit].rsplit(" ", 1)[0], True
 
 
 def short_description(f: Facts, category: str | None = None) -> str:
-    """One short sentence from the facts alone (used when the LLM's fails a rule); worded
-    unlike the full description, so the two columns differ."""
+    """One short sentence from the facts alone, as a person would caption the image (used
+    when the LLM's fails a rule): the subject ("probably" when the classifier was unsure),
+    the text shown, the main colours. Worded unlike the full description, so the two
+    columns differ; never a score or a number the image does not show."""
     category = category or f.category
     if category in categories.TEXT_CATEGORIES and f.text:
         noun = "sign" if category == "sign" else "document"
-        return f'A {noun} that reads "{_quote(f.text)}".'
+        quote, cut = _quote(f.text)
+        return f'A {noun} that {"begins" if cut else "reads"} "{quote}".'
     if f.subject:
         from imgflow.models.embedded.describe import with_article
 
-        s = with_article(f.subject)
+        s = with_article(f.subject) if f.sure else "probably " + with_article(f.subject)
         s = s[0].upper() + s[1:]
     elif f.full and not f.classified:  # no classifier (GPU profile): the describer's first sentence
         first = re.split(r"(?<=[.!?])\s", f.full, maxsplit=1)[0]
         return " ".join(first.split()[:MAX_WORDS])
     else:
-        s = "An image with no clearly recognised subject"
+        s = "A photo with no clearly recognised subject"
     if f.text:
-        s += f' with the text "{_quote(f.text)}"'
+        quote, cut = _quote(f.text, 40)
+        s += f' and the text "{quote}"' if not f.subject else f' with the text "{quote}"'
+        s += " ..." if cut else ""
+    if f.colours:
+        s += f", in {' and '.join(f.colours)} tones"
     return s + "."
 
 
@@ -146,6 +176,15 @@ def description_problem(desc: str, f: Facts, category: str | None = None) -> str
     invented += [x for x in w if x in categories.CATEGORIES and x not in f.candidates and x not in vocab]
     if invented:
         return f"things no model reported: {sorted(set(invented))}"
+    if f.classified:  # the notes were facts only: the caption may use their words and no others
+        unknown = [x for x in w if x not in vocab and x not in CAPTION_WORDS and x.rstrip("s") not in vocab]
+        if unknown:
+            return f"words that are not in the notes: {sorted(set(unknown))}"
+        if not f.text and set(w) & TEXT_CLAIMS:
+            return "mentions text, but none was read"
+    shouted = [x for x in re.findall(r"\b[A-Z]{2,}\b", desc) if x.lower() not in words(f.text)]
+    if shouted:
+        return f"text that was not read: {shouted}"
     anchors = set(words(f.subject)) | {category} | set(words(f.text))
     if f.subject and not anchors & set(w):
         return "names neither the subject nor the category"
@@ -167,11 +206,11 @@ def fact_keywords(f: Facts, category: str | None = None) -> list[str]:
 def ground(answer: dict, item: StructureInput) -> dict:
     """The final record from the LLM's answer (description, category, keywords) and the facts."""
     f = facts(item)
-    category = answer.get("category", "")
+    category = answer.get("category", "")  # asked for only when there were several candidates
     if category not in f.candidates:
         category = f.category
-    desc = norm(answer.get("description", ""))
-    if description_problem(desc, f, category) is not None:
+    desc = norm(answer.get("description", ""))  # absent: the LLM was not asked for one
+    if not desc or description_problem(desc, f, category) is not None:
         desc = short_description(f, category)
     vocab = f.vocabulary() | {category}
     proposed = [norm(k) for k in answer.get("keywords", []) if norm(k)]
@@ -188,16 +227,26 @@ def ground(answer: dict, item: StructureInput) -> dict:
 
 
 def notes(item: StructureInput) -> str:
-    """The user message: the facts, labelled, for the LLM to turn into a record."""
+    """The user message: the facts, labelled, for the LLM to caption. Only the facts: given
+    the composed full description too, the small models copied it instead of captioning
+    (and it doubled the prompt). A VLM's description (no classifier) is the fact itself."""
     f = facts(item)
     lines = []
     if f.subject:
-        lines.append(f"Subject: {f.subject}")
+        lines.append(f"Subject: {f.subject}" + ("" if f.sure else " (not sure)"))
         if f.alternatives:
-            lines.append("It could also be: " + ", ".join(f.alternatives))
-    lines.append("Category (pick one): " + ", ".join(f.candidates))
-    lines.append(f"Text read in the image: {f.text!r}" if f.text else "Text read in the image: none")
+            lines.append("Could also be: " + ", ".join(f.alternatives))
+    if len(f.candidates) > 1:
+        lines.append("Category, choose one of: " + ", ".join(f.candidates))
+    else:
+        lines.append(f"Category: {f.category}")
+    if f.text:  # a page's worth would only slow the LLM down (or overflow its context)
+        quote, cut = _quote(f.text, NOTES_TEXT_CHARS)
+        lines.append(f'Text in the image: "{quote}"' + (" ..." if cut else ""))
+    else:
+        lines.append("Text in the image: none")
     if f.colours:
-        lines.append("Main colours: " + ", ".join(f.colours))
-    lines.append(f"Full description: {f.full or '(none)'}")
+        lines.append("Colours: " + ", ".join(f.colours))
+    if not f.classified and f.full:
+        lines.append(f"Description: {f.full}")
     return "\n".join(lines)

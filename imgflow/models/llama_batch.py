@@ -12,7 +12,8 @@ low-level API directly so that one ``llama_decode`` call advances every active s
   starts there, so only the item's own part of the prompt is evaluated;
 - one ``llama_batch`` per step holding each decoding slot's next token, plus the prompts of
   items that just took a free slot (a finished item's slot is refilled at once);
-- one grammar sampler per slot; greedy sampling checks the argmax token against the grammar
+- one grammar sampler per slot (an item may bring its own grammar: ``Prompt.grammar``);
+  greedy sampling checks the argmax token against the grammar
   first and only applies the grammar to the whole vocabulary when it is rejected (what
   llama.cpp's own sampler does; the chosen token is the same as a full pass's);
 - the prompt is rendered by the ``Llama``'s own chat handler and the text is detokenised,
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 class Prompt:
     tokens: list[int]
     stop: tuple[str, ...] = ()  # stop strings from the chat template (e.g. "<|im_end|>")
+    grammar: object = None  # this item's LlamaGrammar; None: the generator's own
 
 
 @dataclass
@@ -99,6 +101,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class _Slot:
     seq: int
     sampler: object  # llama_sampler_p: this slot's grammar
+    grammar: object = None  # the LlamaGrammar the sampler was made from
     index: int = -1  # which item (position in the call's list); -1: free
     prompt: Prompt | None = None
     n_past: int = 0  # tokens of this item already in the KV cache
@@ -142,14 +145,14 @@ class BatchGenerator:
         self.vocab = llm._model.vocab
         self.n_vocab = llm.n_vocab()
         self.batch = lc.llama_batch_init(self.n_batch, 0, 1)
-        self.slots = [
-            _Slot(seq=s, sampler=lc.llama_sampler_init_grammar(
-                self.vocab, grammar._grammar.encode(), grammar._root.encode()))
-            for s in range(self.n_parallel)
-        ]
-        if any(not s.sampler for s in self.slots):
+        self.grammar = grammar
+        self.slots = [_Slot(seq=s, sampler=None) for s in range(self.n_parallel)]
+        try:
+            for slot in self.slots:
+                self._use_grammar(slot, grammar)
+        except RuntimeError:
             self.close()
-            raise RuntimeError("llama.cpp rejected the grammar")
+            raise
         # Candidate arrays for the sampler: one token (the greedy check) and the whole vocabulary.
         self._one = (lc.llama_token_data * 1)()
         self._one_arr = lc.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
@@ -216,13 +219,27 @@ class BatchGenerator:
                     self._free(slot)
         return results  # type: ignore[return-value]
 
+    def _use_grammar(self, slot: _Slot, grammar) -> None:
+        """Give the slot a sampler for ``grammar`` (kept while the next item uses the same one)."""
+        lc = self.lc
+        if slot.sampler and slot.grammar is grammar:
+            lc.llama_sampler_reset(slot.sampler)
+            return
+        if slot.sampler:
+            lc.llama_sampler_free(slot.sampler)
+        slot.sampler = lc.llama_sampler_init_grammar(self.vocab, grammar._grammar.encode(),
+                                                     grammar._root.encode())
+        slot.grammar = grammar if slot.sampler else None
+        if not slot.sampler:
+            raise RuntimeError("llama.cpp rejected the grammar")
+
     def _start(self, slot: _Slot, index: int, prompt: Prompt, max_tokens: int) -> None:
         lc = self.lc
         slot.index, slot.prompt, slot.out, slot.text, slot.pending = index, prompt, [], b"", None
         n = len(prompt.tokens)
         # as create_completion: never past the context
         slot.max_tokens = max_tokens if max_tokens + n < self.n_ctx_seq else self.n_ctx_seq - n
-        lc.llama_sampler_reset(slot.sampler)
+        self._use_grammar(slot, prompt.grammar or self.grammar)
         # Start from the shared prefix where the prompt begins with it; at least the last
         # prompt token is evaluated, for its logits.
         match = min(common_prefix(self.prefix, prompt.tokens), n - 1)

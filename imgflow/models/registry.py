@@ -243,7 +243,8 @@ def _llama_cpp(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter
 
     m = settings.models
     return LlamaCppStructurer(cache, spec, m.models_dir, n_ctx=m.llm_ctx, n_threads=m.llm_threads,
-                              max_tokens=m.llm_max_tokens, device=m.llm_device, n_parallel=m.llm_batch)
+                              max_tokens=m.llm_max_tokens, device=m.llm_device, n_parallel=m.llm_batch,
+                              description=m.llm_description)
 
 
 register("embedded", "describe", "composed", _composed, default=True)
@@ -299,7 +300,8 @@ def _gguf(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter:
     if (spec or m.llm).strip() in (QWEN_NAME, SMOLLM2_NAME):  # a shipped GGUF, by name
         return _llama_cpp(settings, cache, (spec or m.llm).strip())
     return GgufStructurer(cache, spec or m.llm, n_ctx=m.llm_ctx, n_threads=m.llm_threads,
-                          max_tokens=m.llm_max_tokens, device=m.llm_device, n_parallel=m.llm_batch)
+                          max_tokens=m.llm_max_tokens, device=m.llm_device, n_parallel=m.llm_batch,
+                          description=m.llm_description)
 
 
 register("gpu", "describe", "qwen2-vl", _qwen2vl("describe"), default=True)
