@@ -8,7 +8,7 @@ import time
 
 from imgflow.metrics import model_timer
 from imgflow.models.base import StructureInput
-from imgflow.models.registry import EnrichModels, build_enrich_models
+from imgflow.models.registry import EnrichModels, build_enrich_models, warm_up
 from imgflow.settings import Settings
 from imgflow.stage import InputRecord, Output, Transform
 
@@ -28,6 +28,7 @@ class EnrichTransform(Transform):
     def setup(self) -> None:
         if self.models is None:
             self.models = build_enrich_models(self.settings)
+            warm_up(self.models, self.settings)  # loads while the stage joins its group
 
     def batch_size(self, settings: Settings) -> int:
         # Enough records to keep every LLM sequence slot busy (models.llm_batch).

@@ -9,7 +9,7 @@ from imgflow.errors import BadInput
 from imgflow.images import ImageSource, PreparedImage, prepare_image
 from imgflow.metrics import model_timer
 from imgflow.models.common import release_gpu_memory_if_low
-from imgflow.models.registry import VisionModels, build_vision_models
+from imgflow.models.registry import VisionModels, build_vision_models, warm_up
 from imgflow.settings import Settings
 from imgflow.stage import InputRecord, Output, Transform
 
@@ -37,6 +37,7 @@ class VisionTransform(Transform):
         self.source.check()  # before loading models: a wrong S3 setting fails fast
         if self.models is None:
             self.models = build_vision_models(self.settings)
+            warm_up(self.models, self.settings)  # loads while the stage joins its group
         if not self.source.roots:
             log.warning("no allowed_roots configured: images anywhere on this machine may be read")
 

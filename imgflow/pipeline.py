@@ -91,6 +91,7 @@ class Pipeline:
         self.data_dir = data_dir.resolve()
         self.port = port
         self.once = once
+        self.finished = False  # --once: every image's row is written
         self.children: dict[str, Child] = {}
         self.stopping = False
         self.stack: EmbeddedStack | None = None
@@ -159,7 +160,7 @@ class Pipeline:
             print(f"processing {source} -> {self.out_dir} (logs in {logs})", flush=True)
             return self._supervise(target)
         finally:
-            self._stop_children()
+            self._stop_children(together=self.finished)
             self.stack.stop()
             if is_s3_output(self.out_dir):
                 print(f"results: {self.out_dir}avro/ and {self.out_dir}csv/ (one CSV: imgflow export csv "
@@ -203,13 +204,14 @@ class Pipeline:
                               failed=counter.count(t.dlq), written=len(tail.done), errors=tail.errors,
                               new_rows=len(tail.done) - done_before, elapsed=time.monotonic() - started)
                 if self.once and target <= tail.done:
+                    self.finished = True
                     progress.finish()
                     print(f"done: {len(target)} images, {tail.errors} with errors, "
                           f"in {time.monotonic() - started:.1f}s", flush=True)
                     return 0
                 if not self._restart_dead():
                     return 1
-                time.sleep(1.0)
+                time.sleep(0.5)
             progress.finish()
             return 0
         finally:
@@ -230,15 +232,20 @@ class Pipeline:
             child.start()
         return True
 
-    def _stop_children(self, timeout: float = 60) -> None:
-        for role in reversed(ROLES):  # watcher first, sink last: the sink drains what is committed
-            child = self.children.get(role)
-            if child and child.alive():
+    def _stop_children(self, timeout: float = 60, together: bool = False) -> None:
+        """Stop every stage: one after the other, watcher first and sink last, so the sink
+        drains what the others commit while they stop; or, when ``--once`` found every row
+        written (nothing left to drain), all at once."""
+        waves = [list(reversed(ROLES))] if together else [[role] for role in reversed(ROLES)]
+        for roles in waves:
+            stopping = [c for c in (self.children.get(r) for r in roles) if c and c.alive()]
+            for child in stopping:
                 child.proc.send_signal(signal.SIGTERM)
+            for child in stopping:
                 try:
                     child.proc.wait(timeout)
                 except subprocess.TimeoutExpired:
-                    log.error("%s did not stop in %ss: killing it", role, timeout)
+                    log.error("%s did not stop in %ss: killing it", child.role, timeout)
                     child.proc.kill()
                     child.proc.wait()
 

@@ -85,7 +85,9 @@ class ModelSettings(_Section):
     embed_text: str = ""
     word_vectors: str = ""
     llm: str = ""
-    llm_threads: int = Field(0, ge=0)  # 0: half the cores (the other half for the vision stage)
+    # 0: half the cores (the other half for the vision stage), and every core while the other
+    # processes leave them idle (re-checked every 0.5 s); a number: exactly that many.
+    llm_threads: int = Field(0, ge=0)
     llm_ctx: int = Field(2048, ge=256)  # tokens per sequence (prompt + answer)
     # Items the enrich stage's LLM decodes at once (one llama_decode per token for all of
     # them; a finished item's slot takes the next at once); 1: one at a time. Outputs at > 1

@@ -120,3 +120,22 @@ def test_enrich_stage_fails_only_the_bad_record():
         (out,) = results[i]
         assert out.key == f"e{i}" and out.value["description"] and out.value["keywords"]
     assert results[2][0].value["image_text"] == "HARBOR TICKET 2041"
+
+
+def test_idle_cores_are_given_back_to_a_busy_process():
+    """The LLM takes idle cores only: a process that keeps a core busy gets it back."""
+    import subprocess
+    import sys
+    import time
+
+    from imgflow.models.llama_batch import IdleCores
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        idle = IdleCores(interval_s=0.3)
+        time.sleep(0.6)
+        assert idle.others_busy() >= 0.5  # the busy loop, seen as another process's CPU
+        assert idle.threads(1, idle.cores) == 1
+    finally:
+        busy.kill()
+        busy.wait()

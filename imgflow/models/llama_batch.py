@@ -112,6 +112,59 @@ class _Slot:
     logit_row: int = -1  # row of this slot's logits in the last decode
 
 
+class IdleCores:
+    """How many of this machine's cores other processes left idle, measured between calls
+    from /proc/stat (all processes' busy time) minus this process's own CPU time.
+
+    On a machine shared with the vision stage the LLM takes half the cores; when the other
+    stages wait (the pipeline's start and tail, a backlog only the LLM has), it may take
+    them all. llama.cpp's threads spin while they wait, so taking a busy core is far worse
+    than leaving an idle one: any other process using more than ``busy`` of a core gives
+    it back at the next check (a fair share of a contended core is ~0.5 of it)."""
+
+    def __init__(self, interval_s: float = 0.5, busy: float = 0.3) -> None:
+        import os
+        import time
+
+        self._clock = time.monotonic
+        self.interval_s, self.busy = interval_s, busy
+        self.cores = len(os.sched_getaffinity(0))
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._last = self._sample()
+        self.others = float(self.cores)  # until measured: assume busy
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        import os
+
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / self._tick  # all but idle, iowait
+        t = os.times()
+        return self._clock(), busy, t.user + t.system
+
+    def others_busy(self) -> float:
+        """Cores' worth of CPU the other processes used over the last interval (re-measured
+        at most every ``interval_s``)."""
+        now = self._sample()
+        if now is None or self._last is None:
+            return float(self.cores)
+        if now[0] - self._last[0] >= self.interval_s:
+            wall = now[0] - self._last[0]
+            self.others = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2])) / wall
+            self._last = now
+        return self.others
+
+    def threads(self, base: int, most: int) -> int:
+        """``base`` threads, or up to ``most`` while the other cores stay idle."""
+        if most <= base:
+            return base
+        free = self.cores - self.others_busy()
+        return max(base, min(most, int(free + 0.5))) if self.others <= self.busy else base
+
+
 class BatchGenerator:
     """Greedy generation under one grammar, ``n_parallel`` sequences per ``llama_decode``.
 
@@ -119,7 +172,8 @@ class BatchGenerator:
     and samplers; the ``Llama`` (model weights, tokenizer) stays the caller's."""
 
     def __init__(self, llm, grammar, n_parallel: int, n_ctx_seq: int, n_threads: int,
-                 n_threads_batch: int, n_batch: int = 2048, prefix: list[int] | None = None) -> None:
+                 n_threads_batch: int, n_batch: int = 2048, prefix: list[int] | None = None,
+                 max_threads: int = 0) -> None:
         import llama_cpp as lc
 
         self.lc = lc
@@ -162,6 +216,11 @@ class BatchGenerator:
             [("id", np.int32), ("logit", np.float32), ("p", np.float32)]))
         self._ids = np.arange(self.n_vocab, dtype=np.int32)
         self.prefix: list[int] = []
+        # More threads than n_threads_batch while other processes leave cores idle.
+        self.base_threads, self.max_threads = n_threads_batch, max(max_threads, n_threads_batch)
+        self.idle = IdleCores() if self.max_threads > self.base_threads else None
+        self.threads_now = n_threads_batch
+        self.thread_steps: dict[int, int] = {}  # decode steps per thread count (for benchmarks)
         self.full_grammar_passes = 0  # how often the argmax token was rejected (for benchmarks)
         self.steps = 0
         if prefix:
@@ -268,6 +327,12 @@ class BatchGenerator:
         return i
 
     def _decode(self) -> None:
+        if self.idle is not None:
+            n = self.idle.threads(self.base_threads, self.max_threads)
+            if n != self.threads_now:
+                self.lc.llama_set_n_threads(self.ctx, n, n)
+                self.threads_now = n
+        self.thread_steps[self.threads_now] = self.thread_steps.get(self.threads_now, 0) + 1
         rc = self.lc.llama_decode(self.ctx, self.batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed (code {rc}) for a batch of {self.batch.n_tokens} tokens")

@@ -26,8 +26,10 @@ message is consumed), so a wrong path stops the stage at start-up.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from imgflow.models.base import (
     Describer,
@@ -153,6 +155,26 @@ def build_enrich_models(settings: Settings, cache: ModelCache | None = None,
     cache = cache if cache is not None else get_model_cache(settings)
     a = _checked({"structure_text": build_adapter(settings, "structure_text", cache)}, check)
     return EnrichModels(structurer=a["structure_text"])
+
+
+def warm_up(models: VisionModels | EnrichModels, settings: Settings) -> threading.Thread:
+    """Load a stage's models in a background thread, so that loading overlaps the rest of the
+    stage's start (imports, the consumer group join: seconds on tansu) and the first batch
+    finds them loaded; the cache loads each once however many threads ask. At most
+    ``models.cache_size`` of them, so warming up never evicts. A failure is left for the
+    first batch, which raises it through the stage's normal error handling."""
+    adapters = list(dict.fromkeys(getattr(models, f.name) for f in fields(models)))
+
+    def load_all() -> None:
+        for adapter in adapters[: settings.models.cache_size]:
+            try:
+                adapter.load()
+            except Exception as exc:  # reported by the first batch that needs it
+                logging.getLogger(__name__).debug("warm-up of %s failed: %s", adapter, exc)
+
+    thread = threading.Thread(target=load_all, name="model-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def _configured(settings: Settings, job: str) -> str:

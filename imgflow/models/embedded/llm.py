@@ -246,7 +246,7 @@ class _LoadedLlm:
     context copies its parameters and has ``n_ctx`` tokens per sequence."""
 
     def __init__(self, path: Path, n_ctx: int, n_threads: int, n_gpu_layers: int,
-                 n_parallel: int = 1, describe: bool = True) -> None:
+                 n_parallel: int = 1, describe: bool = True, max_threads: int = 0) -> None:
         from llama_cpp import Llama
 
         from imgflow.models.llama_batch import BatchGenerator, common_prefix, render_chat
@@ -265,7 +265,8 @@ class _LoadedLlm:
         a, b = self.render(messages("a", describe)).tokens, self.render(messages("b", describe)).tokens
         try:
             self.generator = BatchGenerator(self.llm, self.grammar, n_parallel, n_ctx, n_threads,
-                                            n_threads, prefix=a[:common_prefix(a, b)])
+                                            n_threads, prefix=a[:common_prefix(a, b)],
+                                            max_threads=max_threads)
         except BaseException:
             self.llm.close()
             raise
@@ -291,6 +292,9 @@ class LlamaCppStructurer(TextStructurer):
         # with the vision stage's (also spinning) torch threads made generation 10-100x slower
         # in a one-machine pipeline (a batch of 8 took over 10 minutes instead of ~30 s).
         self.n_threads = n_threads if n_threads > 0 else max(1, (os.cpu_count() or 2) // 2)
+        # ... and by default every core while the other processes leave them idle (the
+        # pipeline's start and tail): llama_batch.IdleCores. A set llm_threads is fixed.
+        self.max_threads = 0 if n_threads > 0 or device == "cuda" else len(os.sched_getaffinity(0))
         self.max_tokens = max_tokens
         self.n_parallel = max(1, n_parallel)  # sequences decoded at once (models.llm_batch)
         self.n_gpu_layers = -1 if device == "cuda" else 0
@@ -329,7 +333,7 @@ class LlamaCppStructurer(TextStructurer):
             path = ensure_qwen_gguf(self.path.parent) if self.llm_spec.joined else self.path
             self.check()
             return _LoadedLlm(path, self.n_ctx, self.n_threads, self.n_gpu_layers, self.n_parallel,
-                              self.writes_description)
+                              self.writes_description, self.max_threads)
 
         key = f"llm:{self.llm_spec.name}" if self.llm_spec.named else f"llm:{self.path}"
         key += f"@{self.n_parallel}x{self.n_ctx}"  # one loaded context shape per key
