@@ -32,7 +32,7 @@ import signal
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,6 +259,8 @@ class StageRunner:
         self.stopping = False
         self.consumer: Consumer | None = None
         self.txn_started: float | None = None  # monotonic time the open transaction began
+        self._first_start: dict[tuple[str, int], int] = {}  # committed offsets of first-topic partitions
+        self._lower_paused = False  # the lower lanes are paused (see _consume)
 
     def _watch_transactions(self) -> None:
         """Exit the process if one transaction hangs: a crash is always safe here (that is
@@ -275,8 +277,10 @@ class StageRunner:
     # ---- partition ownership ------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
+            self._first_start.pop((tp.topic, tp.partition), None)
             txn_id = f"{self.group_id}.{tp.topic}.{tp.partition}"
-            producer = Producer(producer_config(self.settings, txn_id))
+            producer = Producer(producer_config(self.settings, txn_id,
+                                                **{"linger.ms": self.settings.kafka.txn_linger_ms}))
             # Fences the previous owner of this partition and aborts its open transaction.
             producer.init_transactions(60)
             self.producers[(tp.topic, tp.partition)] = producer
@@ -362,17 +366,57 @@ class StageRunner:
                  if tp.topic != self.topics[0] and (tp.topic, tp.partition) not in finished]
         if not lower:
             return self.consumer.consume(size, wait)
+        if self._first_topic_drained():
+            if self._lower_paused:  # left paused by a batch taken from the first topic
+                self.consumer.resume(lower)
+                self._lower_paused = False
+            return self.consumer.consume(size, wait)
         self.consumer.pause(lower)
+        self._lower_paused = True
         first = self.consumer.consume(size, 0)
         if any(not m.error() for m in first):
             return first
         self.consumer.resume(lower)
+        self._lower_paused = False
         return first + self.consumer.consume(size, wait)
+
+    def _first_topic_drained(self) -> bool:
+        """True when every assigned partition of the first topic is known to hold nothing past
+        what this consumer has taken (its high watermark as of the last fetch response, which
+        covers every assigned partition, at most its next offset): then a batch can be taken
+        from the shared queue without pausing the lower lanes. Pausing drops their
+        prefetched records, which are then fetched again: a second read of every record
+        from the broker's storage, the vision stage's largest cost on the broker path.
+        Anything unknown (no fetch yet, no position, a bounded run) counts as not drained.
+        A record arriving in the first topic after the last fetch waits one batch, as one
+        arriving just after the paused look does."""
+        if self.bounds is not None:
+            return False
+        high = [tp for tp in self.consumer.assignment() if tp.topic == self.topics[0]]
+        if not high:
+            return True
+        try:
+            positions = self.consumer.position(high)
+            missing = [tp for tp in positions if tp.offset < 0 and (tp.topic, tp.partition) not in self._first_start]
+            if missing:  # nothing taken from it since it was assigned: it starts at the committed offset
+                for tp in self.consumer.committed(missing, timeout=10):
+                    self._first_start[(tp.topic, tp.partition)] = tp.offset
+            for tp in positions:
+                low, high_mark = self.consumer.get_watermark_offsets(tp, cached=True)
+                nxt = tp.offset if tp.offset >= 0 else self._first_start[(tp.topic, tp.partition)]
+                if nxt < 0:  # no committed offset: auto.offset.reset=earliest starts at the low mark
+                    nxt = low
+                if high_mark < 0 or nxt < 0 or high_mark > nxt:
+                    return False
+        except KafkaException:
+            return False
+        return True
 
     def _handle_batch(self, msgs: list[Message]) -> None:
         records = decode_messages(msgs, self.transform, self.codec, self.settings)
+        for topic, n in Counter(rec.topic for rec in records).items():  # a count per batch, not per record
+            metrics.MESSAGES_IN.labels(self.transform.name, topic).inc(n)
         for rec in records:
-            metrics.MESSAGES_IN.labels(self.transform.name, rec.topic).inc()
             self._scope_to_run(rec)
         todo, seen = [], set()
         for rec in records:
@@ -489,10 +533,11 @@ class StageRunner:
             # Step 1. Begin: everything until step 4 becomes visible together or not at all.
             producer.begin_transaction()
             # Step 2. Produce results and dead letters, keyed by event_id.
+            produced: Counter[str] = Counter()
             for rec in records:
                 for out in outputs.get(id(rec), []):
                     producer.produce(out.topic, key=out.key, value=self.codec.encode(out.schema, out.value))
-                    metrics.MESSAGES_OUT.labels(self.transform.name, out.topic).inc()
+                    produced[out.topic] += 1
             self.crash.reach("after_produce")
             # Step 3. Add the input offsets to the same transaction: the progress is
             # committed only together with the outputs it stands for. The group metadata
@@ -503,6 +548,8 @@ class StageRunner:
             # Step 4. Commit, retrying while the error is retriable (e.g. broker restarting).
             self._commit_with_retry(producer)
             metrics.TRANSACTIONS.labels(self.transform.name, "committed").inc()
+            for topic, n in produced.items():  # counted once committed: an aborted batch is redone
+                metrics.MESSAGES_OUT.labels(self.transform.name, topic).inc(n)
             metrics.COMMIT_SECONDS.labels(self.transform.name).observe(time.monotonic() - self.txn_started)
             self.crash.reach("after_commit")
         except KafkaException as exc:

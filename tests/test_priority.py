@@ -53,3 +53,43 @@ def test_high_lane_overtakes_a_backlog_of_200(settings):
     finally:
         runner.request_stop()
         thread.join(30)
+
+
+def test_an_empty_high_lane_does_not_pause_the_normal_one(settings):
+    """Pausing drops the normal lane's prefetched records (read again from the broker): once
+    the high lane is known to be drained, batches come from the normal lane unpaused; a
+    high-priority image published then is still taken first."""
+    settings = settings.model_copy(update={"stage": settings.stage.model_copy(update={"batch_size": 8})})
+    produce_events(settings, events([f"a{i:03d}.jpg" for i in range(40)]))
+    transform = RecordingToy(settings)
+    runner = StageRunner(transform, settings, group_id="g-unpaused")
+    pauses: list[int] = []
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: runner.consumer is not None and len(transform.order) >= 40, 60, 0.05, "40 images")
+        runner.consumer = _CountingPauses(runner.consumer, pauses)
+        produce_events(settings, [dict(e, event_id=f"b{i}") for i, e in
+                                  enumerate(events([f"b{i:03d}.jpg" for i in range(40)]))])
+        wait_until(lambda: len(transform.order) >= 80, 60, 0.05, "40 more images")
+        assert pauses == [], "the normal lane was paused although the high lane was empty"
+        produce_events(settings, [dict(events(["high.jpg"])[0], event_id="h1", version="h")],
+                       topic=settings.topics.new_high)
+        wait_until(lambda: "/imgs/high.jpg" in transform.order, 60, 0.05, "the high-priority image")
+    finally:
+        runner.request_stop()
+        thread.join(30)
+
+
+class _CountingPauses:
+    """The runner's consumer, counting pause() calls."""
+
+    def __init__(self, consumer, calls: list[int]) -> None:
+        self._consumer, self._calls = consumer, calls
+
+    def pause(self, partitions):
+        self._calls.append(len(partitions))
+        return self._consumer.pause(partitions)
+
+    def __getattr__(self, name):
+        return getattr(self._consumer, name)
