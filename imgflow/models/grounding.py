@@ -213,7 +213,9 @@ def ground(answer: dict, item: StructureInput) -> dict:
     if not desc or description_problem(desc, f, category) is not None:
         desc = short_description(f, category)
     vocab = f.vocabulary() | {category}
-    proposed = [norm(k) for k in answer.get("keywords", []) if norm(k)]
+    # Read text comes in capitals ("NO PARKING"); a keyword is a word, not a shout.
+    proposed = [norm(k).lower() if norm(k).isupper() else norm(k) for k in answer.get("keywords", [])
+                if norm(k)]
     grounded = [k for k in proposed if set(words(k)) and set(words(k)) <= vocab]
     facts_kw = fact_keywords(f, category)
     ordered = facts_kw[:2] + grounded + facts_kw[2:]
@@ -241,7 +243,9 @@ def notes(item: StructureInput) -> str:
     else:
         lines.append(f"Category: {f.category}")
     if f.text:  # a page's worth would only slow the LLM down (or overflow its context)
-        quote, cut = _quote(f.text, NOTES_TEXT_CHARS)
+        # " / " between lines: without it the LLM made keywords across them ("2041 ADULT SINGLE").
+        quote, cut = _quote(" / ".join(ln.strip() for ln in f.text.splitlines() if ln.strip()),
+                            NOTES_TEXT_CHARS)
         lines.append(f'Text in the image: "{quote}"' + (" ..." if cut else ""))
     else:
         lines.append("Text in the image: none")
