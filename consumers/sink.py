@@ -65,7 +65,7 @@ import fcntl
 import logging
 import os
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +81,7 @@ from imgflow.results import (  # noqa: F401 - CSV_COLUMNS, read_csv_rows, row_fr
     CSV_COLUMNS,
     CSV_PARTS,
     INDEX,
+    CsvLines,
     RESULTS_CSV,
     Output,
     avro_bytes,
@@ -192,8 +193,9 @@ class LocalCsv:
                 f.flush()
                 os.fsync(f.fileno())
                 self._set(self.length_path, f.tell())
+            lines = CsvLines()
             for i, row in enumerate(rows):
-                writer.writerow([csv_cell(c, row.get(c)) for c in CSV_COLUMNS])
+                f.write(lines.line(row))
                 if crash is not None and i == len(rows) // 2:
                     f.flush()
                     crash.reach("mid_csv")
@@ -375,7 +377,7 @@ class ResultStore:
 
     def _write_avro(self, topic: str, partition: int, rows: list[PendingRow]) -> str:
         key = data_key(AVRO, topic, partition, rows[0].offset)
-        self.output.put(key, avro_bytes(self.schema, [p.row for p in rows]))
+        self.output.put(key, avro_bytes([p.row for p in rows]))
         metrics.SINK_ROWS.labels("avro").inc(len(rows))
         return key
 
@@ -485,8 +487,8 @@ class SinkRunner:
                     msgs = self.range.take(consumer, raw)
                 if not msgs:
                     continue
-                for m in msgs:
-                    metrics.MESSAGES_IN.labels("sink", m.topic()).inc()
+                for topic, n in Counter(m.topic() for m in msgs).items():
+                    metrics.MESSAGES_IN.labels("sink", topic).inc(n)
                 pending = [self._to_pending(m) for m in msgs]
                 # An unwritable output (S3 down, bucket missing, credentials wrong) holds the
                 # batch and retries with back-off; nothing is committed until it is written.

@@ -34,6 +34,7 @@ import fastavro
 
 from imgflow.s3 import S3Error, explain, is_s3_uri, parse_s3_uri, s3_client, s3_uri
 from imgflow.settings import Settings
+from schemas.codec import get_codec
 
 log = logging.getLogger(__name__)
 
@@ -118,19 +119,59 @@ def csv_cell(column: str, value) -> str:
     if value is None:
         return ""
     if column in VECTOR_COLUMNS:
-        return "[" + ",".join(f"{x:.7g}" for x in value) + "]"
+        # One %-format for the whole vector: the same text as f"{x:.7g}" per item, built in
+        # one C call (this was a third of the sink's time per row).
+        return "[" + ("%.7g," * len(value) % tuple(value))[:-1] + "]" if len(value) else "[]"
     if column in LIST_COLUMNS or column == "models":
         return json.dumps(value, ensure_ascii=False)
     return str(value)
 
 
+# CSV_COLUMNS as runs of (is a vector column, first, end): the csv module scans a cell a
+# character at a time to decide on quoting, as long as formatting a vector took; a vector's
+# text (digits, signs, '.', 'e', 'nan', 'inf', ',', brackets) needs quotes only for its commas.
+_RUNS: list[tuple[bool, int, int]] = []
+for _i, _c in enumerate(CSV_COLUMNS):
+    if _RUNS and _RUNS[-1][0] == (_c in VECTOR_COLUMNS):
+        _RUNS[-1] = (_RUNS[-1][0], _RUNS[-1][1], _i + 1)
+    else:
+        _RUNS.append((_c in VECTOR_COLUMNS, _i, _i + 1))
+
+
+class CsvLines:
+    """Rows as CSV text, exactly what ``csv.writer`` (excel dialect) writes for
+    ``[csv_cell(c, row.get(c)) for c in CSV_COLUMNS]``, with the vector cells quoted here."""
+
+    def __init__(self) -> None:
+        self._buf = io.StringIO(newline="")
+        self._writer = csv.writer(self._buf)
+
+    def _plain(self, cells: list[str]) -> str:
+        if len(cells) == 1 and cells[0] == "":
+            return ""  # the csv module writes a lone empty field as '""', in a longer row as nothing
+        self._buf.seek(0)
+        self._buf.truncate()
+        self._writer.writerow(cells)
+        return self._buf.getvalue()[:-2]  # less the "\r\n"
+
+    def line(self, row: dict) -> str:
+        cells = [csv_cell(c, row.get(c)) for c in CSV_COLUMNS]
+        parts = []
+        for vector, start, end in _RUNS:
+            if vector:
+                parts.extend(f'"{s}"' if "," in s else s for s in cells[start:end])
+            else:
+                parts.append(self._plain(cells[start:end]))
+        return ",".join(parts) + "\r\n"
+
+
 def csv_bytes(rows: Iterable[dict], header: bool) -> bytes:
     buf = io.StringIO(newline="")
-    writer = csv.writer(buf)
     if header:
-        writer.writerow(CSV_COLUMNS)
+        csv.writer(buf).writerow(CSV_COLUMNS)
+    lines = CsvLines()
     for row in rows:
-        writer.writerow([csv_cell(c, row.get(c)) for c in CSV_COLUMNS])
+        buf.write(lines.line(row))
     return buf.getvalue().encode("utf-8")
 
 
@@ -150,10 +191,9 @@ def read_csv_rows(path: Path, limit: int | None = None, start: int = 0):
     yield from reader
 
 
-def avro_bytes(schema, rows: list[dict]) -> bytes:
-    buf = io.BytesIO()
-    fastavro.writer(buf, schema, rows, codec="deflate")
-    return buf.getvalue()
+def avro_bytes(rows: list[dict], schema: str = "ResultRow") -> bytes:
+    """An Avro container file (deflate) of result rows."""
+    return get_codec().container(schema, rows)
 
 
 def index_bytes(rows: list[dict]) -> bytes:

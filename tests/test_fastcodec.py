@@ -101,3 +101,47 @@ def test_truncated_and_trailing_bytes():
             codec.decode("VisionResult", data[:cut])
     # fastavro ignores bytes after the record; so does the codec (through the fallback)
     assert codec.decode("VisionResult", data + b"\x00") == fastavro_value(codec, "VisionResult", data)
+
+
+def test_sink_avro_files_read_back_with_fastavro():
+    """The sink's container files (written from the fast bodies) are plain Avro: fastavro
+    reads them back to the rows, several blocks included; deflate as before."""
+    from imgflow.results import avro_bytes, read_avro, row_from_enriched
+
+    rows = [row_from_enriched({**BIG_ENRICHED, "processed_at": 1_700_000_000_000 + i}, "images.enriched", 1, i)
+            for i in range(200)] + [ROW, ROW_NULLS]
+    data = avro_bytes(rows)
+    reader = fastavro.reader(io.BytesIO(data))
+    assert reader.codec == "deflate"
+    assert list(reader) == rows
+    assert read_avro(data) == rows
+    assert read_avro(avro_bytes([])) == []
+
+
+def test_csv_lines_are_what_the_csv_module_writes():
+    """The sink's CSV: vectors formatted and quoted without the csv module, the same bytes
+    as csv.writer over csv_cell (quotes, commas, newlines, empty and missing cells)."""
+    import csv
+
+    from imgflow.results import CSV_COLUMNS, CsvLines, csv_bytes, csv_cell, row_from_enriched
+
+    base = row_from_enriched(BIG_ENRICHED, "images.enriched", 0, 5)
+    nasty = ["", " ", "a,b", 'say "hi"', "line\nbreak", "cr\r", "ü", '"', ",", None]
+    vectors = [None, [], [0.5], [1.0, -2.5e-9, float("nan"), float("inf"), -0.0, 123456789.0]]
+    rows = []
+    for i in range(300):
+        row = dict(base)
+        for j, column in enumerate(CSV_COLUMNS):
+            if (i + j) % 4 == 0:
+                row[column] = vectors[(i + j) % len(vectors)] if column.endswith("_vector") else nasty[(i * j) % len(nasty)]
+        rows.append(row)
+    expected = io.StringIO(newline="")
+    writer = csv.writer(expected)
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        writer.writerow([csv_cell(c, row.get(c)) for c in CSV_COLUMNS])
+    assert csv_bytes(rows, header=True) == expected.getvalue().encode("utf-8")
+    one = io.StringIO(newline="")
+    csv.writer(one).writerow([csv_cell(c, base.get(c)) for c in CSV_COLUMNS])
+    assert CsvLines().line(base) == one.getvalue()
+    assert csv_cell("image_vector", [0.1, 1e-05, 3.0]) == "[" + ",".join(f"{x:.7g}" for x in [0.1, 1e-05, 3.0]) + "]"
