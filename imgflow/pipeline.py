@@ -3,7 +3,6 @@ its own process (a crash of one is a restart of one), with progress on the termi
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from imgflow.kafka import consumer_config
 from imgflow.metrics import ChildMetrics, serve_children
+from imgflow.process import own_session_dying_with_parent
 from imgflow.results import CommittedResults, is_s3_output
 from imgflow.s3 import S3Location
 from imgflow.settings import Settings
@@ -44,7 +44,7 @@ class Child:
         out = open(self.log_path, "ab")
         # Own session: a Ctrl-C in the terminal reaches only us; we stop children in order.
         self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                     preexec_fn=_own_session_dying_with_parent)
+                                     preexec_fn=own_session_dying_with_parent)
         out.close()
 
     def alive(self) -> bool:
@@ -248,13 +248,6 @@ class Pipeline:
                     log.error("%s did not stop in %ss: killing it", child.role, timeout)
                     child.proc.kill()
                     child.proc.wait()
-
-
-def _own_session_dying_with_parent() -> None:
-    """In the child before exec: its own session, and SIGTERM when `run` dies (even by
-    SIGKILL), so no stage outlives the command that started it."""
-    os.setsid()
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _port_free(port: int, addr: str = "127.0.0.1") -> bool:

@@ -40,6 +40,7 @@ from pathlib import Path
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from imgflow.kafka import consumer_config, ensure_compacted_topic, ensure_topics, producer_config, read_latest_by_key
+from imgflow.process import own_session_dying_with_parent
 from imgflow.settings import Settings
 from imgflow.stage import CrashPoints, RangeBounds
 from imgflow.topics import TopicSpec
@@ -436,12 +437,6 @@ def count_results(settings: Settings, out: str) -> tuple[int, int]:
     return len(results.done), results.errors
 
 
-def _child_preexec() -> None:
-    from imgflow.pipeline import _own_session_dying_with_parent
-
-    _own_session_dying_with_parent()
-
-
 def run_stage_process(stage: str, run_id: str, log_path: Path, stopping, max_failures: int = 8) -> int:
     """`imgflow stage STAGE --run RUN_ID` until it exits 0 (its range is done), restarted
     when it dies (a crashed stage resumes from its committed offsets)."""
@@ -451,7 +446,8 @@ def run_stage_process(stage: str, run_id: str, log_path: Path, stopping, max_fai
     while not stopping():
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_child_preexec)
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    preexec_fn=own_session_dying_with_parent)
         while proc.poll() is None:
             if stopping():
                 proc.terminate()
