@@ -377,7 +377,7 @@ class ResultStore:
 
     def _write_avro(self, topic: str, partition: int, rows: list[PendingRow]) -> str:
         key = data_key(AVRO, topic, partition, rows[0].offset)
-        self.output.put(key, avro_bytes([p.row for p in rows]))
+        self.output.put(key, avro_bytes([p.row for p in rows], codec=self.settings.sink.avro_codec))
         metrics.SINK_ROWS.labels("avro").inc(len(rows))
         return key
 

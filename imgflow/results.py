@@ -191,9 +191,9 @@ def read_csv_rows(path: Path, limit: int | None = None, start: int = 0):
     yield from reader
 
 
-def avro_bytes(rows: list[dict], schema: str = "ResultRow") -> bytes:
-    """An Avro container file (deflate) of result rows."""
-    return get_codec().container(schema, rows)
+def avro_bytes(rows: list[dict], schema: str = "ResultRow", codec: str = "deflate") -> bytes:
+    """An Avro container file of result rows (``codec``: deflate or null, sink.avro_codec)."""
+    return get_codec().container(schema, rows, codec)
 
 
 def index_bytes(rows: list[dict]) -> bytes:

@@ -137,6 +137,10 @@ class SinkSettings(_Section):
     out_dir: Path | str = Path("out")
     csv: bool = True
     avro: bool = True
+    # The Avro files' codec. deflate (zlib 6) saves ~7 % on rows of model vectors (float32
+    # compresses poorly) and costs ~1-3 ms of CPU a row, more than the rest of the broker
+    # path together (benchmarks/broker_path.py); "null" writes them uncompressed.
+    avro_codec: Literal["deflate", "null"] = "deflate"
     # Event_ids of the last N offsets of each partition are kept for dedupe (the records of
     # aborted transactions that some brokers deliver): see consumers/sink.py.
     dedupe_window: int = Field(10_000, ge=0)

@@ -118,13 +118,17 @@ class Codec:
         fastavro.schemaless_writer(buf, self._parsed[name], record)
         return buf.getvalue()
 
-    def container(self, name: str, records: list[dict], level: int = 6, block_bytes: int = 1 << 20) -> bytes:
-        """An Avro object container file (spec: header with the schema, deflate blocks of
-        about ``block_bytes``, each ended by the sync marker) of ``records``: what
-        ``fastavro.writer(..., codec="deflate")`` writes, readable by any Avro reader,
-        with the bodies from ``encode_body`` (fastavro's writer encodes a float at a time)."""
+    def container(self, name: str, records: list[dict], codec: str = "deflate", level: int = 6,
+                  block_bytes: int = 1 << 20) -> bytes:
+        """An Avro object container file (spec: header with the schema, blocks of about
+        ``block_bytes``, each ended by the sync marker; ``codec`` deflate or null) of
+        ``records``: what ``fastavro.writer(..., codec=codec)`` writes, readable by any Avro
+        reader, with the bodies from ``encode_body`` (fastavro's writer encodes a float at a
+        time)."""
+        if codec not in ("deflate", "null"):
+            raise ValueError(f"Avro codec {codec!r}: deflate or null")
         sync = os.urandom(16)
-        meta = {"avro.schema": self.schema_json(name).encode(), "avro.codec": b"deflate"}
+        meta = {"avro.schema": self.schema_json(name).encode(), "avro.codec": codec.encode()}
         out = [b"Obj\x01", _long(len(meta))]
         for key, value in meta.items():
             out += [_long(len(key)), key.encode(), _long(len(value)), value]
@@ -133,8 +137,10 @@ class Codec:
         size = 0
 
         def flush() -> None:
-            deflate = zlib.compressobj(level, zlib.DEFLATED, -15)  # raw deflate, as the spec says
-            data = deflate.compress(b"".join(block)) + deflate.flush()
+            data = b"".join(block)
+            if codec == "deflate":
+                deflate = zlib.compressobj(level, zlib.DEFLATED, -15)  # raw deflate, as the spec says
+                data = deflate.compress(data) + deflate.flush()
             out.extend([_long(len(block)), _long(len(data)), data, sync])
 
         for record in records:

@@ -116,6 +116,10 @@ def test_sink_avro_files_read_back_with_fastavro():
     assert list(reader) == rows
     assert read_avro(data) == rows
     assert read_avro(avro_bytes([])) == []
+    plain = fastavro.reader(io.BytesIO(avro_bytes(rows, codec="null")))  # sink.avro_codec = "null"
+    assert plain.codec == "null" and list(plain) == rows
+    with pytest.raises(ValueError, match="deflate or null"):
+        avro_bytes(rows, codec="snappy")
 
 
 def test_csv_lines_are_what_the_csv_module_writes():
