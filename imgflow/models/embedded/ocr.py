@@ -46,6 +46,9 @@ def model_files() -> dict[str, Path]:
     return {k: base / v for k, v in _FILES.items()}
 
 
+DETECT_MIN_SIDE = 320  # px: text detection runs on at least this shortest side
+
+
 class _RapidOcrEngine:
     """The cache entry: one RapidOCR engine (it is not documented as thread-safe, so
     calls are serialised)."""
@@ -57,6 +60,12 @@ class _RapidOcrEngine:
             "Global.log_level": "error",  # "no text found" is not a warning here
             "Global.text_score": MIN_SCORE,
             "EngineConfig.onnxruntime.intra_op_num_threads": threads,
+            # RapidOCR's default scales every image up to a shortest side of 736 px before
+            # detecting text: a prepared 384x256 image became 1104x736, 8x the pixels. Up to 320
+            # only, the 74 images of the quality set read exactly the same text, at ~1/5 of the
+            # CPU time (benchmarks/quality.py; README "Performance"); smaller images still grow.
+            "Det.limit_type": "min",
+            "Det.limit_side_len": DETECT_MIN_SIDE,
         }
         for part, path in files.items():
             params[f"{part}.model_path"] = str(path)
