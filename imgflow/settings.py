@@ -73,8 +73,9 @@ class ModelSettings(_Section):
     profile: Literal["embedded", "gpu"] = "embedded"
     image_max_size: int = Field(384, ge=32, le=8192)
     image_max_bytes: int = Field(200 * 1024 * 1024, ge=1)  # bigger files/objects are refused unread
-    # The original script had MODEL_CACHE_SIZE = 3; the vision stage alone uses 4 models at
-    # once (image net, OCR, sentence model, word vectors), so 3 would reload one every batch.
+    # The original script had MODEL_CACHE_SIZE = 3; the vision stage alone uses 5 models at
+    # once (image net, face detector, OCR, sentence model, word vectors), so 3 would reload
+    # some every batch.
     cache_size: int = Field(5, ge=1)
     cache_ttl_s: float = Field(0.0, ge=0.0)  # 0: never unload for idleness
     models_dir: Path = Field(default_factory=default_models_dir)
@@ -99,6 +100,13 @@ class ModelSettings(_Section):
     # then only picks the category and keywords), "auto": llm for a user's GGUF (the
     # production Llama), facts for the shipped small models (README "Output quality").
     llm_description: Literal["auto", "llm", "facts"] = "auto"
+    # Faces (embedded profile; MTCNN, shipped in facenet-pytorch): a face scoring at least
+    # face_min_score and at least face_min_height of the image's height makes "person" the
+    # first label (ImageNet-1k has no person class). Chosen on the quality set's tune split
+    # (README "Output quality"); faces = false turns the detector off.
+    faces: bool = True
+    face_min_score: float = Field(0.98, ge=0.0, le=1.0)
+    face_min_height: float = Field(0.06, gt=0.0, le=1.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # -- production (GPU-profile) models: where they load from. Setting one of these picks
     # the production implementation of its job(s) in any profile (README "Models:

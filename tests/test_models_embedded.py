@@ -81,7 +81,8 @@ def test_registry_builds_the_embedded_profile(vision):
     }
     assert ids["embed_image"].startswith("efficientnet-lite0@")
     assert len(ids["embed_image"].split("@")[1]) == 12
-    assert ids["describe"].endswith(ids["embed_image"])
+    assert ids["describe"] == f"composed+{ids['embed_image']}+{vision.describer.faces.model_id}"
+    assert vision.describer.faces.model_id.startswith("mtcnn@")
     assert ids["read_text"].startswith("rapidocr-")
     assert ids["embed_text"].startswith("all-MiniLM-L6-v2@")
     assert ids["word_vectors"].startswith("glove-6b-50d@")
@@ -168,7 +169,10 @@ def test_describer(vision, images):
     assert "%" not in cat.text and "text" not in cat.text.lower()
     assert cat.labels[0][0] == "Egyptian cat" and cat.labels[0][1] > 0.5
     assert "espresso" in coffee.text
-    assert astronaut.text.startswith(("A photo that may show", "A photo in which nothing"))
+    # ImageNet-1k has no person class: the face detector's label comes first
+    assert astronaut.text.startswith("A photo of a person."), astronaut.text
+    assert astronaut.labels[0][0] == "person" and astronaut.labels[0][1] >= 0.98
+    assert all(n != "person" for n, _ in cat.labels + coffee.labels + ticket.labels)
     # mostly text (area 0.3 of the image): a sign, whatever the classifier thought
     assert ticket.text.startswith('A sign reading "HARBOR TICKET 2041".'), ticket.text
     assert ("text", 0.3) in ticket.labels
@@ -187,6 +191,48 @@ def test_compose_wording():
         "A photo that may show a tripod or a reflex camera. It is mostly grey.")
     assert compose([("web site", 0.3), ("text", 0.4)], "TICKET 7\nSEAT 4\nROW 2") == (
         'A document with the text "TICKET 7 / SEAT 4 / ROW 2".')
+    # a person (the face detector's label): the classifier's labels are what else is there
+    assert compose([("person", 0.999), ("tripod", 0.9), ("reflex camera", 0.05)], "", ["grey"]) == (
+        "A photo of a person. The image may also show a tripod. It is mostly grey.")
+    assert compose([("person", 0.99)], "", [], people=2) == "A photo of two people."
+    assert compose([("person", 0.99)], "", [], people=7) == "A photo of a group of people."
+
+
+# -- faces -------------------------------------------------------------------------------
+
+
+def test_face_detector_finds_the_astronaut_and_nothing_on_the_coffee(vision, images):
+    faces = vision.describer.faces
+    small = [img.copy() for img in (images["astronaut"], images["coffee"])]
+    for img in small:
+        img.thumbnail((384, 384))  # the pipeline's size (models.image_max_size)
+    astronaut, coffee = faces.people(small)
+    assert len(astronaut) == 1, astronaut
+    face = astronaut[0]
+    assert face.score >= 0.98 and 0.1 < face.height < 0.5
+    x0, y0, x1, y1 = (v / 384 * 512 for v in face.box)  # her face: x ~190-260, y ~70-170 of 512
+    assert 150 < (x0 + x1) / 2 < 300 and 50 < (y0 + y1) / 2 < 200, face.box
+    assert coffee == []
+    assert all(f.score < faces.min_score for f in faces.detect(small[1:])[0])
+    assert faces.people([]) == [] and faces.detect([Image.new("RGB", (8, 8))]) == [[]]
+
+
+def test_face_detector_missing_file_is_a_clear_error(tmp_path):
+    from imgflow.models.embedded.faces import MtcnnFaceDetector, model_files
+
+    files = dict(model_files(), onet=tmp_path / "onet.pt")
+    detector = MtcnnFaceDetector(ModelCache(1), device="cpu", files=files)
+    with pytest.raises(ModelConfigError, match=r"onet\.pt is missing.*models\.faces"):
+        detector.check()
+    with pytest.raises(ModelConfigError, match=r"onet\.pt is missing"):
+        detector.people([Image.new("RGB", (64, 64))])
+
+
+def test_faces_off(images):
+    v = build_vision_models(Settings(models={"faces": False}), ModelCache(2))
+    assert v.describer.faces is None and "mtcnn" not in v.describer.model_id
+    d = build_vision_models(Settings(models={"face_min_score": 0.5, "face_min_height": 0.2}), ModelCache(2))
+    assert (d.describer.faces.min_score, d.describer.faces.min_height) == (0.5, 0.2)
 
 
 # -- text vectors ------------------------------------------------------------------------

@@ -4,7 +4,8 @@ models found.
 A category is never guessed by the LLM on its own: on the embedded profile it comes from the
 ImageNet classes the classifier reported (each mapped once, offline, to one category by
 ``scripts/build_imagenet_categories.py`` from the classes' WordNet synsets: see that script
-for how), and from the text read in the image (an image that is mostly text is a document or
+for how), from the face detector's ``PERSON_LABEL`` (ImageNet-1k has no person class), and
+from the text read in the image (an image that is mostly text is a document or
 a sign). The LLM may only choose among the candidates computed here (``candidates``); with no
 classifier labels (the GPU profile: Qwen2-VL writes free text) every category is a candidate
 and the grammar's enum still keeps it inside the list.
@@ -57,6 +58,12 @@ TEXT_WINS_BELOW = 0.45
 SIGN_MAX_WORDS = 4
 SIGN_MAX_LINES = 2
 
+# The label the embedded describer puts first when the face detector found a person
+# (``imgflow.models.embedded.faces``); its score is the face's detection score.
+PERSON_LABEL = "person"
+# Labels that are not ImageNet classes -> their category.
+EXTRA_LABELS: dict[str, str] = {PERSON_LABEL: "person"}
+
 _WORD = re.compile(r"[^\W_]+")
 
 
@@ -78,8 +85,9 @@ def _label_categories() -> dict[str, str]:
 
 
 def category_of_label(label: str) -> str | None:
-    """The category of a classifier label (an ImageNet class name); None if unknown."""
-    return _label_categories().get(label)
+    """The category of a classifier label (an ImageNet class name, or ``PERSON_LABEL``); None
+    if unknown."""
+    return EXTRA_LABELS.get(label) or _label_categories().get(label)
 
 
 def text_category(text: str) -> str:

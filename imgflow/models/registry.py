@@ -225,11 +225,22 @@ def _efficientnet_classifier(settings: Settings, cache: ModelCache):
     return EfficientNetClassifier(cache, device=settings.models.device)
 
 
+def _face_detector(settings: Settings, cache: ModelCache):
+    """MTCNN (``models.faces``, ``face_min_score``, ``face_min_height``); None when off."""
+    from imgflow.models.embedded.faces import MtcnnFaceDetector
+
+    m = settings.models
+    if not m.faces:
+        return None
+    return MtcnnFaceDetector(cache, device=m.device, min_score=m.face_min_score,
+                             min_height=m.face_min_height)
+
+
 def _composed(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter:
     from imgflow.models.embedded.describe import ComposedDescriber
 
     _no_spec("describe", spec)
-    return ComposedDescriber(_efficientnet_classifier(settings, cache))
+    return ComposedDescriber(_efficientnet_classifier(settings, cache), _face_detector(settings, cache))
 
 
 def _rapidocr(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter:

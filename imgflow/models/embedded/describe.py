@@ -1,5 +1,5 @@
-"""A full description composed from what the models found: the ImageNet classifier's subject,
-the category (``imgflow.models.categories``), the text read in the image and the image's
+"""A full description composed from what the models found: the ImageNet classifier's subject
+(or a person, when the face detector found one: ImageNet-1k has no person class), the category (``imgflow.models.categories``), the text read in the image and the image's
 main colours, in plain sentences a person would write (no scores, no percentages).
 
 No captioning model ships in any package, so this does not pretend to caption: it names what
@@ -15,6 +15,7 @@ from imgflow.models import categories
 from imgflow.models.base import Description, Describer
 from imgflow.models.common import to_rgb
 from imgflow.models.embedded.efficientnet import EfficientNetClassifier
+from imgflow.models.embedded.faces import MtcnnFaceDetector
 
 CONFIDENT = 0.30  # top label at or above this: "A photo of a ..."
 POSSIBLE = 0.10  # top label at or above this (but below CONFIDENT): "may show"
@@ -23,6 +24,7 @@ LABEL_MIN = 0.05  # labels kept in Description.labels
 MAX_ALTERNATIVES = 2
 COLOUR_SHARE = 0.25  # a colour covering at least this share of the image is named
 MAX_QUOTE = 160  # characters of read text quoted in the description
+_COUNT_WORDS = {2: "two", 3: "three"}  # more people: "a group of people"
 
 
 def article(noun: str) -> str:
@@ -75,9 +77,19 @@ def colour_names(img: Image.Image, top: int = 2) -> list[str]:
 # -- the description ---------------------------------------------------------------------
 
 
-def compose(labels: list[tuple[str, float]], seen_text: str, colours: list[str] | None = None) -> str:
+def people_phrase(count: int) -> str:
+    """"a person", "two people", "three people", "a group of people" (no digits: a number in
+    a description must be one the image shows)."""
+    if count <= 1:
+        return "a person"
+    return f"{_COUNT_WORDS[count]} people" if count in _COUNT_WORDS else "a group of people"
+
+
+def compose(labels: list[tuple[str, float]], seen_text: str, colours: list[str] | None = None,
+            people: int = 1) -> str:
     """The full description (the CSV's `text`): one to three short sentences. ``labels`` may
-    include the ``categories.TEXT_LABEL`` pseudo-label (its score: the text's area share)."""
+    include the ``categories.TEXT_LABEL`` pseudo-label (its score: the text's area share) and,
+    first, ``categories.PERSON_LABEL`` (``people``: how many faces were found)."""
     text = quoted_text(seen_text)
     cands = categories.candidates([n for n, _ in labels], [p for _, p in labels], seen_text)
     labels = [(n, p) for n, p in labels if n != categories.TEXT_LABEL]
@@ -89,7 +101,13 @@ def compose(labels: list[tuple[str, float]], seen_text: str, colours: list[str] 
             parts.append(f'A document with the text "{text}".')
     else:
         top = labels[0] if labels else None
-        if top is not None and top[1] >= CONFIDENT:
+        if top is not None and top[0] == categories.PERSON_LABEL:
+            # The classifier's labels are what else is in the picture, not alternatives to it.
+            parts.append(f"A photo of {people_phrase(people)}.")
+            others = [n for n, p in labels[1:] if p >= ALTERNATIVE][:MAX_ALTERNATIVES]
+            if others:
+                parts.append(f"The image may also show {join_words([with_article(n) for n in others], 'or')}.")
+        elif top is not None and top[1] >= CONFIDENT:
             parts.append(f"A photo of {with_article(top[0])}.")
             alts = [n for n, p in labels[1:] if p >= ALTERNATIVE][:MAX_ALTERNATIVES]
             if alts:
@@ -109,35 +127,46 @@ def compose(labels: list[tuple[str, float]], seen_text: str, colours: list[str] 
 
 class ComposedDescriber(Describer):
     """``describe(images, seen_text)``: ``seen_text[i]`` is the OCR text of ``images[i]``
-    (from the TextReader; "" when none)."""
+    (from the TextReader; "" when none). ``faces``: the face detector (``models.faces``;
+    None: off)."""
 
-    def __init__(self, classifier: EfficientNetClassifier) -> None:
+    def __init__(self, classifier: EfficientNetClassifier, faces: MtcnnFaceDetector | None = None) -> None:
         self.classifier = classifier
+        self.faces = faces
 
     @property
     def model_id(self) -> str:
-        return f"composed+{self.classifier.model_id}"
+        return f"composed+{self.classifier.model_id}" + (f"+{self.faces.model_id}" if self.faces else "")
 
     def check(self) -> None:
         self.classifier.check()
+        if self.faces is not None:
+            self.faces.check()
 
     def load(self) -> None:
         self.classifier.load()
+        if self.faces is not None:
+            self.faces.load()
 
     def describe(self, images: list[Image.Image], seen_text: list[str],
                  text_areas: list[float | None] | None = None) -> list[Description]:
-        """Labels: the classifier's (score >= LABEL_MIN), plus ("text", area share) when text
-        was read and its area is known (the category rules use it: a sign vs a label on a
-        photo)."""
+        """Labels: ("person", the best face's score) first when the face detector found a
+        person (``MtcnnFaceDetector.people``), the classifier's (score >= LABEL_MIN), plus
+        ("text", area share) when text was read and its area is known (the category rules use
+        it: a sign vs a label on a photo)."""
         if len(seen_text) != len(images):
             raise ValueError("seen_text must have one entry per image")
         areas = text_areas if text_areas is not None else [None] * len(images)
         if len(areas) != len(images):
             raise ValueError("text_areas must have one entry per image")
+        people = self.faces.people(images) if self.faces is not None else [[] for _ in images]
         out = []
-        for img, labels, text, area in zip(images, self.classifier.classify(images), seen_text, areas):
+        for img, labels, text, area, faces in zip(images, self.classifier.classify(images), seen_text,
+                                                  areas, people):
             kept = [(n, p) for n, p in labels if p >= LABEL_MIN]
+            if faces:
+                kept.insert(0, (categories.PERSON_LABEL, float(faces[0].score)))
             if area is not None and categories.has_text(text or ""):
                 kept.append((categories.TEXT_LABEL, float(area)))
-            out.append(Description(compose(kept, text or "", colour_names(img)), kept))
+            out.append(Description(compose(kept, text or "", colour_names(img), len(faces)), kept))
         return out
