@@ -261,6 +261,7 @@ class StageRunner:
         self.txn_started: float | None = None  # monotonic time the open transaction began
         self._first_start: dict[tuple[str, int], int] = {}  # committed offsets of first-topic partitions
         self._lower_paused = False  # the lower lanes are paused (see _consume)
+        self._first_start_retry = 0.0  # monotonic time to ask for those committed offsets again
 
     def _watch_transactions(self) -> None:
         """Exit the process if one transaction hangs: a crash is always safe here (that is
@@ -399,8 +400,14 @@ class StageRunner:
             positions = self.consumer.position(high)
             missing = [tp for tp in positions if tp.offset < 0 and (tp.topic, tp.partition) not in self._first_start]
             if missing:  # nothing taken from it since it was assigned: it starts at the committed offset
-                for tp in self.consumer.committed(missing, timeout=10):
-                    self._first_start[(tp.topic, tp.partition)] = tp.offset
+                if time.monotonic() < self._first_start_retry:
+                    return False
+                try:
+                    for tp in self.consumer.committed(missing, timeout=2):
+                        self._first_start[(tp.topic, tp.partition)] = tp.offset
+                except KafkaException:
+                    self._first_start_retry = time.monotonic() + 30  # not a 2 s wait every batch
+                    return False
             for tp in positions:
                 low, high_mark = self.consumer.get_watermark_offsets(tp, cached=True)
                 nxt = tp.offset if tp.offset >= 0 else self._first_start[(tp.topic, tp.partition)]
