@@ -1,19 +1,24 @@
 """The broker path alone: no-op transforms, events through watcher -> vision -> enrich -> sink
 with the real stage loop (transactions, Avro, commits) and the real sink (CSV + Avro files).
 
-    .venv/bin/python -m benchmarks.broker_path [--events 100000] [--batch 256]
+    .venv/bin/python -m benchmarks.broker_path [--events 100000] [--batch 256] [--variants real,empty]
 
 An embedded broker (tansu on SeaweedFS, as ``imgflow run`` starts it) in a temp folder; the
 "watcher" publishes ``--events`` ImageEvents as the local watcher does (idempotent producer,
 one record per image, Avro); the vision and enrich stages are ``imgflow.stage.StageRunner``
-processes whose transforms do no model work but emit records of a real image's size (the
-three vectors at their embedded-profile lengths); the sink is ``imgflow stage sink``.
-Every stage runs as its own process, all at once, as in the pipeline.
+processes whose transforms do no model work; the sink is ``imgflow stage sink``. Every stage
+runs as its own process, all at once, as in the pipeline. Two variants, each on a fresh
+broker: ``real`` records carry the three vectors at their embedded-profile lengths (384 + 50
++ 1280 float32 values, as a model writes them), ``empty`` ones carry none (what Kafka, Avro
+and the commits cost alone).
 
 Reports events/s end to end (first publish to the last row committed by the sink) and per
-stage (records / the time between its first and last batch). Goal: >= 5,000 events/s, i.e.
-Kafka, Avro and commits cost well under 5 % of a real image's time. Prints a table; JSON in
-benchmarks/results/broker_path.json.
+stage (records / the time between its first and last batch), and the CPU time per event of
+every process (the stages, tansu, SeaweedFS: /proc), so the cost can be placed; the CPU
+share of the idle pipeline is in the JSON. Goal: >= 5,000 events/s, i.e. Kafka, Avro and
+commits cost well under 5 % of a real image's time. Prints a table; JSON in
+benchmarks/results/broker_path.json. ``BENCH_PROFILE=1``: cProfile the two stages
+(``<stage>.json.prof`` in the run folder; ``BENCH_KEEP=<folder>`` keeps it).
 """
 
 from __future__ import annotations
@@ -30,10 +35,40 @@ from pathlib import Path
 from benchmarks.perf_common import print_table, write_result
 
 VECTOR_DIMS = {"text_vector": 384, "word2vec_vector": 50, "image_vector": 1280}  # embedded profile
-VECTORS = {k: [0.01 * (i % 97) for i in range(n)] for k, n in VECTOR_DIMS.items()}  # built once
+IDLE_S = 10.0
+VECTOR_SETS = 64
+VARIANTS = ("real", "empty")  # records of a real image's size; empty vectors (Kafka + Avro + commits alone)
 
 
-def _transforms():
+def _vectors(variant: str) -> list[dict[str, list[float]]]:
+    """Built once per process. "real": float32 values with 7 significant digits, as a model's;
+    64 different sets, used in turn, so that no compressor finds a row repeated within its
+    window (identical rows made the sink's deflate look free)."""
+    if variant == "empty":
+        return [{k: [] for k in VECTOR_DIMS}]
+    import random
+    import struct
+
+    rng = random.Random(1)
+    return [{k: list(struct.unpack(f"<{n}f", struct.pack(f"<{n}f", *(rng.gauss(0, 0.05) for _ in range(n)))))
+             for k, n in VECTOR_DIMS.items()} for _ in range(VECTOR_SETS)]
+
+
+def vision_value(event: dict, vectors: dict) -> dict:
+    return {"event": event, "text": "a photo showing a cat (80%)", "image_text": "",
+            "labels": [{"label": "Egyptian cat", "score": 0.8}], **vectors,
+            "width": 384, "height": 256, "models": {"describe": "noop"}, "seconds": 0.0,
+            "processed_at": int(time.time() * 1000)}
+
+
+def enriched_value(vision: dict) -> dict:
+    data = {"description": "A cat.", "category": "animal", "keywords": ["cat", "pet", "animal"], "image_text": ""}
+    return {"vision": vision, **data, "llama_extracted": json.dumps(data), "models": {"structure_text": "noop"},
+            "seconds": 0.0, "processed_at": int(time.time() * 1000)}
+
+
+def _transforms(variant: str):
+    VECTORS = _vectors(variant)
     from imgflow.settings import Settings
     from imgflow.stage import Output, Transform
 
@@ -61,11 +96,7 @@ def _transforms():
             return [settings.topics.new_high, settings.topics.new]
 
         def one(self, rec):
-            value = {"event": rec.value, "text": "a photo showing a cat (80%)", "image_text": "",
-                     "labels": [{"label": "Egyptian cat", "score": 0.8}],
-                     **VECTORS,
-                     "width": 384, "height": 256, "models": {"describe": "noop"}, "seconds": 0.0,
-                     "processed_at": int(time.time() * 1000)}
+            value = vision_value(rec.value, VECTORS[rec.offset % len(VECTORS)])
             return [Output(self.settings.topics.vision, "VisionResult", value, rec.event_id)]
 
     class NoOpEnrich(Counting):
@@ -81,23 +112,20 @@ def _transforms():
             return value
 
         def one(self, rec):
-            data = {"description": "A cat.", "category": "animal", "keywords": ["cat", "pet", "animal"],
-                    "image_text": ""}
-            value = {"vision": rec.value, **data, "llama_extracted": json.dumps(data),
-                     "models": {"structure_text": "noop"}, "seconds": 0.0, "processed_at": int(time.time() * 1000)}
+            value = enriched_value(rec.value)
             return [Output(self.settings.topics.enriched, "EnrichedRecord", value, rec.event_id)]
 
     return NoOpVision, NoOpEnrich
 
 
-def stage_child(role: str, expected: int, stats: Path) -> None:
+def stage_child(role: str, expected: int, stats: Path, variant: str) -> None:
     from imgflow.logs import setup_logging
     from imgflow.settings import Settings
     from imgflow.stage import StageRunner, install_signal_handlers
 
     setup_logging()
     settings = Settings()
-    vision, enrich = _transforms()
+    vision, enrich = _transforms(variant)
     transform = (vision if role == "vision" else enrich)(settings, expected, stats)
     runner = StageRunner(transform, settings)
     transform.runner = runner
@@ -151,54 +179,93 @@ def committed_rows(out: Path, state: dict) -> int:
     return state.get("rows", 0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--events", type=int, default=100_000)
-    ap.add_argument("--batch", type=int, default=256, help="stage.batch_size of every stage (default 256)")
-    ap.add_argument("--timeout", type=float, default=1800)
-    ap.add_argument("--child", nargs=3, metavar=("ROLE", "N", "STATS"), help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.child:
-        stage_child(args.child[0], int(args.child[1]), Path(args.child[2]))
-        return 0
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes (those gone count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
+
+def descendants(pid: int) -> list[int]:
+    """A process and all its descendants (the embedded broker: its runner, tansu, SeaweedFS)."""
+    from benchmarks.perf_common import children_of
+
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children_of(p)
+    return found
+
+
+def broker_processes(pid: int) -> dict[str, list[int]]:
+    """The embedded broker's processes: tansu, SeaweedFS (weed), and its supervising runner."""
+    parts: dict[str, list[int]] = {"tansu": [], "seaweedfs": [], "broker_runner": []}
+    for p in descendants(pid):
+        try:
+            comm = open(f"/proc/{p}/comm").read().strip()
+        except OSError:
+            continue
+        parts["tansu" if comm.startswith("tansu") else "seaweedfs" if comm.startswith("weed") else "broker_runner"].append(p)
+    return parts
+
+
+def run_variant(variant: str, events: int, batch: int, timeout: float, avro_codec: str = "deflate") -> dict:
     from imgflow.kafka import ensure_topics
+    from imgflow.samples import render_text_image
     from imgflow.settings import Settings
     from imgflow.stack import EmbeddedStack
-    from imgflow.samples import render_text_image
 
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(os.environ.get("BENCH_KEEP") or tmp)
+        tmp = Path(os.environ.get("BENCH_KEEP") or tmp) / variant
         image = tmp / "images" / "one.png"
-        image.parent.mkdir()
+        image.parent.mkdir(parents=True)
         render_text_image(["BENCH"]).save(image)
         out = tmp / "out"
         stack = EmbeddedStack(tmp / "broker", port=_free_port(), log_file=tmp / "broker.log")
         stack.start()
-        procs: list[subprocess.Popen] = []
+        procs: dict[str, subprocess.Popen] = {}
         try:
             env = dict(os.environ, IMGFLOW_KAFKA__BOOTSTRAP=stack.bootstrap, IMGFLOW_DATA_DIR=str(tmp / "data"),
-                       IMGFLOW_SINK__OUT_DIR=str(out), IMGFLOW_STAGE__BATCH_SIZE=str(args.batch),
-                       IMGFLOW_ALLOWED_ROOTS=f'["{image.parent}"]', IMGFLOW_METRICS_PORT="0", PYTHONUNBUFFERED="1")
+                       IMGFLOW_SINK__OUT_DIR=str(out), IMGFLOW_STAGE__BATCH_SIZE=str(batch),
+                       IMGFLOW_ALLOWED_ROOTS=f'["{image.parent}"]', IMGFLOW_METRICS_PORT="0", PYTHONUNBUFFERED="1",
+                       IMGFLOW_SINK__AVRO_CODEC=avro_codec)
             env.pop("IMGFLOW_CONFIG", None)
             settings = Settings(kafka={"bootstrap": stack.bootstrap}, data_dir=tmp / "data",
-                                stage={"batch_size": args.batch})
+                                stage={"batch_size": batch})
             ensure_topics(settings)
             stats = {role: tmp / f"{role}.json" for role in ("vision", "enrich")}
-            logs = {}
             for role in ("vision", "enrich"):
-                logs[role] = open(tmp / f"{role}.log", "w")
-                procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.broker_path", "--child", role,
-                                               str(args.events), str(stats[role])], env=env,
-                                              stdout=logs[role], stderr=subprocess.STDOUT))
-            logs["sink"] = open(tmp / "sink.log", "w")
-            procs.append(subprocess.Popen([sys.executable, "-m", "imgflow.cli", "stage", "sink"], env=env,
-                                          stdout=logs["sink"], stderr=subprocess.STDOUT))
+                with open(tmp / f"{role}.log", "w") as log:
+                    procs[role] = subprocess.Popen([sys.executable, "-m", "benchmarks.broker_path", "--child", role,
+                                                    str(events), str(stats[role]), variant], env=env,
+                                                   stdout=log, stderr=subprocess.STDOUT)
+            with open(tmp / "sink.log", "w") as log:
+                procs["sink"] = subprocess.Popen([sys.executable, "-m", "imgflow.cli", "stage", "sink"], env=env,
+                                                 stdout=log, stderr=subprocess.STDOUT)
             time.sleep(5)  # let the stages join their groups
-            print(f"publishing {args.events} events ...", flush=True)
-            started = publish(settings, args.events, image)
+            broker = broker_processes(stack.proc.pid)
+
+            def cpu_now() -> dict[str, float]:
+                now = {role: cpu_seconds([p.pid]) for role, p in procs.items()}
+                now.update({part: cpu_seconds(pids) for part, pids in broker.items()})
+                return now
+
+            idle0, t_idle = cpu_now(), time.time()
+            time.sleep(IDLE_S)  # what the idle pipeline costs: stages polling an empty topic
+            idle = {part: (c - idle0[part]) / (time.time() - t_idle) for part, c in cpu_now().items()}
+            cpu0 = cpu_now()
+            cpu0["watcher"] = sum(os.times()[:2])
+            load0 = os.getloadavg()[0]
+            print(f"[{variant}] publishing {events} events ...", flush=True)
+            started = publish(settings, events, image)
             published = time.time()
+            cpu_pub = sum(os.times()[:2]) - cpu0["watcher"]
             print(f"  published in {published - started:.1f}s; waiting for the sink ...", flush=True)
             state: dict = {}
             first_row = last_report = None
@@ -207,41 +274,99 @@ def main(argv: list[str] | None = None) -> int:
                 now = time.time()
                 if rows and first_row is None:
                     first_row = now
-                if rows >= args.events:
+                if rows >= events:
                     break
-                if now - started > args.timeout:
-                    raise SystemExit(f"timed out: {rows} of {args.events} rows after {args.timeout:.0f}s "
-                                     f"(logs in {tmp})")
+                if now - started > timeout:
+                    raise SystemExit(f"timed out: {rows} of {events} rows after {timeout:.0f}s (logs in {tmp})")
                 if last_report is None or now - last_report > 10:
                     print(f"  {rows} rows", flush=True)
                     last_report = now
                 time.sleep(0.2)
             done = time.time()
+            cpu = {role: cpu_seconds([p.pid]) - cpu0[role] for role, p in procs.items()}
+            cpu.update({part: cpu_seconds(pids) - cpu0[part] for part, pids in broker.items()})
+            cpu["watcher"] = cpu_pub
+            load1 = os.getloadavg()[0]
+            out_bytes = {"csv": (out / "results.csv").stat().st_size,
+                         "avro": sum(f.stat().st_size for f in (out / "avro").rglob("*.avro"))}
         finally:
-            for p in procs:
+            for p in procs.values():
                 if p.poll() is None:
                     p.terminate()
-            for p in procs:
+            for p in procs.values():
                 try:
                     p.wait(30)
                 except subprocess.TimeoutExpired:
                     p.kill()
             stack.stop()
-        figures = {"end_to_end": {"events": args.events, "seconds": done - started,
-                                  "events_per_s": args.events / (done - started)},
-                   "watcher_publish": {"events": args.events, "seconds": published - started,
-                                       "events_per_s": args.events / max(1e-9, published - started)}}
+        figures = {"end_to_end": {"events": events, "seconds": done - started, "events_per_s": events / (done - started)},
+                   "watcher": {"events": events, "seconds": published - started,
+                               "events_per_s": events / max(1e-9, published - started)}}
         for role in ("vision", "enrich"):
             s = json.loads(stats[role].read_text())
             figures[role] = {"events": s["count"], "seconds": s["last"] - s["first"],
                              "events_per_s": s["count"] / max(1e-9, s["last"] - s["first"])}
-        figures["sink"] = {"events": args.events, "seconds": done - first_row,
-                           "events_per_s": args.events / max(1e-9, done - first_row)}
-    rows = [[name, f["events"], f["seconds"], round(f["events_per_s"])] for name, f in figures.items()]
-    print_table(f"broker path: {args.events} events, no-op transforms, stage batch {args.batch}, transactions on",
-                ["part", "events", "seconds", "events/s"], rows)
-    write_result("broker_path", {"events": args.events, "batch": args.batch, "figures": figures,
-                                 "goal_events_per_s": 5000})
+        figures["sink"] = {"events": events, "seconds": done - first_row,
+                           "events_per_s": events / max(1e-9, done - first_row)}
+        for part, seconds in cpu.items():  # CPU time per event, each process (broker: tansu + SeaweedFS)
+            figures.setdefault(part, {})["cpu_us_per_event"] = 1e6 * seconds / events
+        for part, share in idle.items():  # CPU share (1.0: one core) while no event flows
+            figures[part]["idle_cpu_share"] = share
+        return {"figures": figures, "load_avg_1m": [load0, load1], "output_bytes": out_bytes,
+                "record_bytes": record_sizes(variant, image)}
+
+
+def record_sizes(variant: str, image: Path) -> dict:
+    """The Avro size of one record of each topic (what Kafka carries per event)."""
+    from imgflow.events import local_image_event
+    from schemas.codec import get_codec
+
+    codec = get_codec()
+    event = local_image_event(image, image.stat(), source="benchmark", run_id="live")
+    vision = vision_value(event, _vectors(variant)[0])
+    return {"ImageEvent": len(codec.encode("ImageEvent", event)),
+            "VisionResult": len(codec.encode("VisionResult", vision)),
+            "EnrichedRecord": len(codec.encode("EnrichedRecord", enriched_value(vision)))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--batch", type=int, default=256, help="stage.batch_size of every stage (default 256)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="real (a real image's vectors), empty (no vectors), or both (default: real,empty)")
+    ap.add_argument("--avro-codec", choices=["deflate", "null"], default="deflate",
+                    help="the sink's Avro files (sink.avro_codec; default deflate, the default setting)")
+    ap.add_argument("--timeout", type=float, default=1800, help="per variant")
+    ap.add_argument("--child", nargs=4, metavar=("ROLE", "N", "STATS", "VARIANT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        stage_child(args.child[0], int(args.child[1]), Path(args.child[2]), args.child[3])
+        return 0
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or any(v not in VARIANTS for v in variants):
+        ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    results = {v: run_variant(v, args.events, args.batch, args.timeout, args.avro_codec) for v in variants}
+    parts = ["end_to_end", "watcher", "vision", "enrich", "sink", "tansu", "seaweedfs", "broker_runner"]
+    headers = ["part"]
+    for v in variants:
+        headers += [f"{v} events/s", f"{v} cpu us/event"]
+    rows = []
+    for part in parts:
+        row = [part]
+        for v in variants:
+            f = results[v]["figures"].get(part, {})
+            row += [round(f["events_per_s"]) if "events_per_s" in f else "",
+                    round(f["cpu_us_per_event"]) if "cpu_us_per_event" in f else ""]
+        rows.append(row)
+    loads = ", ".join(f"{results[v]['load_avg_1m'][0]:.1f}" for v in variants)
+    print_table(f"broker path: {args.events} events per variant, no-op transforms, stage batch {args.batch}, "
+                f"transactions on, sink Avro {args.avro_codec}; load average at start {loads}",
+                headers, rows)
+    write_result("broker_path", {"events": args.events, "batch": args.batch, "avro_codec": args.avro_codec,
+                                 "goal_events_per_s": 5000,
+                                 "variants": results})
     return 0
 
 
