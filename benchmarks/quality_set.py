@@ -1,7 +1,8 @@
 """The labelled evaluation set of the quality benchmark (``benchmarks/quality.py``).
 
-Real photographs that ship inside scikit-image (no download), transformed (rotated, cropped,
-mirrored, scaled, darkened), and rendered signs, tickets and receipts in several fonts,
+Real photographs that ship inside installed packages (no download): scikit-image's, and, in
+the holdout split only, scikit-learn's and matplotlib's (photos no threshold was ever chosen
+on); transformed (rotated, cropped, mirrored, scaled, darkened); and rendered signs, tickets and receipts in several fonts,
 sizes, colours and angles; some photos carry a small pasted label (text on a photo). Each
 item says its expected category, the words that name its subject, and the exact text it
 shows (None: none).
@@ -33,11 +34,14 @@ class EvalItem:
     text: str | None = None  # exact text shown (lines joined by "\n"); None: no text
     also_ok: list[str] = field(default_factory=list)  # other categories that are also right
     may_read: list[str] = field(default_factory=list)  # small real text in the photo: no error either way
+    source: str = "rendered"  # the package the photo ships in; "rendered": drawn here
+    unseen: bool = False  # a photo of OTHER_PHOTOS: no variant of it is in the tune split
 
     def label(self) -> dict:
         return {"id": self.id, "kind": self.kind, "category": self.category, "split": self.split,
                 "subject": self.subject, "related": self.related, "text": self.text,
-                "also_ok": self.also_ok, "may_read": self.may_read}
+                "also_ok": self.also_ok, "may_read": self.may_read, "source": self.source,
+                "unseen": self.unseen}
 
 
 # scikit-image photo -> (category, subject words, related words, other right categories)
@@ -56,7 +60,26 @@ PHOTOS = {
 _SKIMAGE = {"motorcycle": "stereo_motorcycle"}
 # Real text in the photos themselves (the motorcycle's tank badge): reading it is right, and so
 # is leaving it out; anything else read there is false text.
-MAY_READ = {"motorcycle": ["YAMAHA"]}
+MAY_READ = {"motorcycle": ["YAMAHA"], "grace_hopper": ["COMO HOPPER"]}  # her name tag
+
+# Photos from other packages, in the holdout split only (with its transforms): never looked at
+# while choosing a threshold. name -> (package, category, subject words, related words, other
+# right categories). Labelled as a person would, not from what the models say.
+OTHER_PHOTOS = {
+    # scikit-learn: sklearn/datasets/images/china.jpg (the Summer Palace's pagoda, Beijing)
+    "china": ("scikit-learn", "building", ["pagoda", "temple", "tower", "palace", "building"],
+              ["chinese", "roof", "lake", "water", "tree", "trees", "sky", "architecture"], []),
+    # scikit-learn: sklearn/datasets/images/flower.jpg (a dahlia)
+    "flower": ("scikit-learn", "plant", ["flower", "dahlia", "blossom", "bloom"],
+               ["plant", "petals", "petal", "orange", "leaves", "garden"], []),
+    # matplotlib: mpl-data/sample_data/grace_hopper.jpg (a portrait in naval uniform)
+    "grace_hopper": ("matplotlib", "person", ["person", "woman", "officer", "portrait"],
+                     ["uniform", "military", "navy", "naval", "cap", "hat", "glasses", "flag",
+                      "tie", "medals", "suit", "hopper", "commodore", "como"], []),
+    # scikit-image: coins.png (ancient Greek coins), not used in the tune split either
+    "coins": ("scikit-image", "object", ["coin", "coins", "money"],
+              ["silver", "ancient", "metal", "currency", "grey"], []),
+}
 
 # (split, transform name): tune and holdout use different transforms.
 PHOTO_VARIANTS = {
@@ -106,6 +129,19 @@ def fonts() -> list[tuple[str, object]]:
                 break
     out.append(("pillow-default", lambda size: ImageFont.load_default(size=size)))
     return out
+
+
+def other_photo(name: str) -> Image.Image:
+    """A photo of OTHER_PHOTOS, from the package that ships it."""
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        return Image.fromarray(load_sample_image(f"{name}.jpg")).convert("RGB")
+    if name == "grace_hopper":
+        from matplotlib import cbook
+
+        return Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
+    return skimage_photo(name)
 
 
 def skimage_photo(name: str) -> Image.Image:
@@ -180,12 +216,20 @@ def build(splits: tuple[str, ...] = ("tune", "holdout"), limit: int | None = Non
             for how in PHOTO_VARIANTS[split]:
                 items.append(EvalItem(f"{split}-photo-{name}-{how}", transform(photos[name], how),
                                       "photo", cat, split, subject, related, None, also,
-                                      MAY_READ.get(name, [])))
+                                      MAY_READ.get(name, []), "scikit-image"))
+        if split == "holdout":
+            for name, (package, cat, subject, related, also) in OTHER_PHOTOS.items():
+                photo = other_photo(name)
+                for how in PHOTO_VARIANTS[split]:
+                    items.append(EvalItem(f"{split}-photo-{name}-{how}", transform(photo, how), "photo",
+                                          cat, split, subject, related, None, also, MAY_READ.get(name, []), package,
+                                          True))
         for k, (name, text) in enumerate(PHOTO_LABELS[split]):
             cat, subject, related, also = PHOTOS[name]
             img = paste_label(photos[name], text, fl[k % len(fl)][1])
             items.append(EvalItem(f"{split}-phototext-{name}-{text.lower()}", img, "photo_text",
-                                  cat, split, subject, related, text, also, MAY_READ.get(name, [])))
+                                  cat, split, subject, related, text, also, MAY_READ.get(name, []),
+                                  "scikit-image"))
         offset = 0 if split == "tune" else 3  # holdout starts at other fonts and colours
         for k, text in enumerate(SIGNS[split]):
             fname, font = fl[(k + offset) % len(fl)]

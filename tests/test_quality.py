@@ -50,6 +50,31 @@ def test_candidates():
     assert c([], [], "") == categories.CATEGORY_NAMES  # no classifier (GPU): all of them
 
 
+def test_person_label_from_the_face_detector():
+    """ImageNet-1k has no person class: the face detector's label maps to "person" and, put
+    first with the face's score, wins over what else the classifier saw."""
+    c = categories.candidates
+    assert categories.category_of_label(categories.PERSON_LABEL) == "person"
+    assert c(["person", "military uniform", "bow tie"], [0.999, 0.2, 0.1], "") == ["person"]
+    assert c(["person", "tripod"], [0.999, 0.9], "") == ["person", "device"]
+    assert c(["person", "moped", "text"], [0.99, 0.3, 0.01], "SPEED") == ["person"]
+    f = grounding.facts(StructureInput("A photo of a person.", "", ["person", "tripod"], [0.999, 0.3]))
+    assert f.subject == "person" and f.category == "person"
+
+
+def test_quality_set_unseen_photos_are_holdout_only():
+    from benchmarks import quality_set
+
+    tune = quality_set.build(("tune",))
+    holdout = quality_set.build(("holdout",))
+    unseen = [it for it in holdout if it.unseen]
+    assert {it.id.split("-")[2] for it in unseen} == set(quality_set.OTHER_PHOTOS)
+    assert not any(it.unseen or name in it.id for it in tune for name in quality_set.OTHER_PHOTOS)
+    hopper = [it for it in unseen if "grace_hopper" in it.id]
+    assert hopper and all(it.category == "person" and it.source == "matplotlib" for it in hopper)
+    assert all(it.image.size[0] > 100 and it.label()["unseen"] for it in unseen)
+
+
 class _Reader(RapidOcrReader):
     """The real selection rules on given boxes (no OCR model run), with a small vocabulary."""
 
@@ -114,6 +139,10 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert all(r["category"] in categories.CATEGORIES for r in items)
     assert all(r["description"] != r["text"] for r in items)
     assert "category_accuracy" in capsys.readouterr().out
+    # the kept outputs scored again against the current labels: the same figures
+    again = tmp_path / "again.json"
+    assert quality.main(["--rescore", str(out), "--out", str(again)]) == 0
+    assert json.loads(again.read_text())["figures"] == result["figures"]
 
 
 def test_notes_are_the_facts_only_and_bounded():
