@@ -69,8 +69,8 @@ def run_config(items, env: dict[str, str], batch: int = 8, progress=print) -> li
     from imgflow.stage import InputRecord
 
     # Both stages' models in one process (the pipeline runs each stage in its own): the vision
-    # stage's five and the LLM, so that none is reloaded every batch.
-    env = {"IMGFLOW_MODELS__CACHE_SIZE": "6", **env}
+    # stage's six entries and the LLM, so that none is reloaded every batch.
+    env = {"IMGFLOW_MODELS__CACHE_SIZE": "8", **env}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

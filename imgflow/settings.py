@@ -73,10 +73,10 @@ class ModelSettings(_Section):
     profile: Literal["embedded", "gpu"] = "embedded"
     image_max_size: int = Field(384, ge=32, le=8192)
     image_max_bytes: int = Field(200 * 1024 * 1024, ge=1)  # bigger files/objects are refused unread
-    # The original script had MODEL_CACHE_SIZE = 3; the vision stage alone uses 5 models at
-    # once (image net, face detector, OCR, sentence model, word vectors), so 3 would reload
-    # some every batch.
-    cache_size: int = Field(5, ge=1)
+    # The original script had MODEL_CACHE_SIZE = 3; the embedded vision stage alone holds 6
+    # entries at once (image net, face detector, OCR and its word list, sentence model, word
+    # vectors), so fewer would reload some every batch (the cache warns when that happens).
+    cache_size: int = Field(8, ge=1)
     cache_ttl_s: float = Field(0.0, ge=0.0)  # 0: never unload for idleness
     models_dir: Path = Field(default_factory=default_models_dir)
     # Per-job overrides; empty means "the profile's default". See README "Models".

@@ -197,3 +197,15 @@ def test_process_wide_default_follows_settings():
 def test_bad_capacity():
     with pytest.raises(ValueError):
         ModelCache(0)
+
+
+def test_a_cache_too_small_for_the_models_in_use_says_so(caplog):
+    """Two models used in turn with room for one: each use reloads the other; the cache
+    says which setting to raise (once per model)."""
+    cache = ModelCache(1)
+    with caplog.at_level("WARNING", logger="imgflow.models.cache"):
+        for _ in range(3):
+            cache.get("a", object)
+            cache.get("b", object)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all("models.cache_size" in w for w in warnings)

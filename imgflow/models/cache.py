@@ -90,6 +90,8 @@ class ModelCache:
         self.evictions: dict[str, int] = {}
         self.load_seconds: dict[str, float] = {}
         self.load_seconds_total: dict[str, float] = {}
+        self._evicted_at: dict[str, float] = {}  # key -> when the LRU rule (not the TTL) dropped it
+        self._thrash_warned: set[str] = set()
 
     # -- public API -------------------------------------------------------------------
 
@@ -110,6 +112,7 @@ class ModelCache:
                     return value
                 self.misses[key] = self.misses.get(key, 0) + 1
                 self._tell("miss", key)
+                self._warn_if_thrashing(key)
                 # Make room first, so the old model's memory is free before loading.
                 victims = self._pop_lru(room_for=1)
             self._release_all(victims)
@@ -215,11 +218,23 @@ class ModelCache:
             except Exception:  # metrics must never break model loading
                 log.debug("model cache listener failed", exc_info=True)
 
+    def _warn_if_thrashing(self, key: str) -> None:
+        """A model the LRU rule dropped shortly before is needed again: the cache is smaller
+        than what this process uses at once, and every batch reloads models. Said once per key."""
+        dropped = self._evicted_at.get(key)
+        if dropped is not None and self._clock() - dropped < THRASH_WINDOW_S and key not in self._thrash_warned:
+            self._thrash_warned.add(key)
+            log.warning("model %s was unloaded %.0f s ago to make room and is needed again: this "
+                        "process uses more models at once than models.cache_size (%d) holds, so "
+                        "they are reloaded over and over; raise models.cache_size "
+                        "(IMGFLOW_MODELS__CACHE_SIZE)", key, self._clock() - dropped, self.capacity)
+
     def _pop_lru(self, room_for: int) -> list[tuple[str, Any]]:
         victims = []
         while self._entries and len(self._entries) + room_for > self.capacity:
             k, e = self._entries.popitem(last=False)
             self.evictions[k] = self.evictions.get(k, 0) + 1
+            self._evicted_at[k] = self._clock()
             victims.append((k, e.value))
         return victims
 
@@ -232,6 +247,7 @@ class ModelCache:
 
 
 _MISSING = object()
+THRASH_WINDOW_S = 60.0
 
 _default: ModelCache | None = None
 _default_lock = threading.Lock()
