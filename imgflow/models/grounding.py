@@ -133,7 +133,10 @@ def short_description(f: Facts, category: str | None = None) -> str:
         noun = "sign" if category == "sign" else "document"
         quote, cut = _quote(f.text)
         return f'A {noun} that {"begins" if cut else "reads"} "{quote}".'
-    if f.subject:
+    people = re.match(r"A photo of ((?:a|two|three|a group of) (?:person|people))\b", f.full)
+    if f.subject == categories.PERSON_LABEL and people:  # the describer counted the faces
+        s = people.group(1)[0].upper() + people.group(1)[1:]
+    elif f.subject:
         from imgflow.models.embedded.describe import with_article
 
         s = with_article(f.subject) if f.sure else "probably " + with_article(f.subject)
@@ -236,8 +239,9 @@ def notes(item: StructureInput) -> str:
     lines = []
     if f.subject:
         lines.append(f"Subject: {f.subject}" + ("" if f.sure else " (not sure)"))
-        if f.alternatives:
-            lines.append("Could also be: " + ", ".join(f.alternatives))
+        if f.alternatives:  # for a person (a face), the classifier's labels are other things in view
+            also = "Also seen: " if f.subject == categories.PERSON_LABEL else "Could also be: "
+            lines.append(also + ", ".join(f.alternatives))
     if len(f.candidates) > 1:
         lines.append("Category, choose one of: " + ", ".join(f.candidates))
     else:
