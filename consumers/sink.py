@@ -387,6 +387,47 @@ class ResultStore:
             self.csv.checkpoint()
 
 
+class IdleRescan:
+    """Once the sink falls idle, it reads again what arrived since it was last idle; rows it
+    wrote are dropped as known, a record it never saw is written.
+
+    Why: on tansu, a read_committed consumer was seen to step over a whole committed
+    transaction (8 records at the start of a partition, in a pipeline just started); they
+    reached the sink only when it restarted (start-up reads the dedupe window before the
+    committed offsets). Re-reading at each idle point turns that into a delay of seconds.
+    At most half the dedupe window is re-read, so every re-read record that was written is
+    still known (no second row); nothing is re-read while records keep coming."""
+
+    def __init__(self, window: int, committed: dict[tuple[str, int], int | None], idle_s: float = 5.0) -> None:
+        self.limit = max(0, window // 2)
+        self.idle_s = idle_s
+        self.mark = {tp: off or 0 for tp, off in committed.items()}  # position at the last idle point
+        self.last = time.monotonic()
+        self.consumed = False  # anything consumed since the last idle point
+
+    def saw(self) -> None:
+        self.last, self.consumed = time.monotonic(), True
+
+    def maybe(self, consumer: Consumer) -> None:
+        if not self.consumed or time.monotonic() - self.last < self.idle_s:
+            return
+        self.consumed = False
+        try:
+            positions = consumer.position(consumer.assignment())
+        except KafkaException as exc:
+            log.debug("idle re-read skipped: %s", exc)
+            return
+        for tp in positions:
+            key = (tp.topic, tp.partition)
+            if tp.offset < 0:
+                continue
+            start = max(self.mark.get(key, 0), tp.offset - self.limit)
+            self.mark[key] = tp.offset
+            if start < tp.offset:
+                consumer.seek(TopicPartition(tp.topic, tp.partition, start))
+                log.debug("idle: reading %s[%d] again from %d to %d", tp.topic, tp.partition, start, tp.offset)
+
+
 class SinkRunner:
     name = "sink"
 
@@ -402,6 +443,7 @@ class SinkRunner:
         self.crash = CrashPoints("sink")
         self.stopping = False
         self.topics = [settings.topics.enriched, settings.topics.dlq]
+        self.rescan: IdleRescan | None = None
 
     def request_stop(self, *_) -> None:
         self.stopping = True
@@ -441,7 +483,8 @@ class SinkRunner:
         return result
 
     def start(self, consumer: Consumer) -> bool:
-        """Lock and recover the output, retrying S3 errors; False if stopped meanwhile."""
+        """Lock and recover the output, retrying S3 errors; False if stopped meanwhile.
+        Sets ``self.rescan`` (a live sink's idle re-read, from the committed offsets)."""
         t0 = time.monotonic()
         if retry_s3("sink start-up", self.store.lock, stopping=lambda: self.stopping) is None \
                 and self.stopping:
@@ -459,6 +502,7 @@ class SinkRunner:
                             stopping=lambda: self.stopping)
         if restored is None:
             return False
+        self.rescan = IdleRescan(self.store.known.window, committed) if self.bounds is None else None
         log.info("sink writing to %s (%d recent results known, %d restored from Avro, start-up %.2fs)",
                  self.store.output, len(self.store.known), restored, time.monotonic() - t0)
         return True
@@ -486,7 +530,11 @@ class SinkRunner:
                 if self.range is not None:
                     msgs = self.range.take(consumer, raw)
                 if not msgs:
+                    if self.rescan is not None:
+                        self.rescan.maybe(consumer)
                     continue
+                if self.rescan is not None:
+                    self.rescan.saw()
                 for topic, n in Counter(m.topic() for m in msgs).items():
                     metrics.MESSAGES_IN.labels("sink", topic).inc(n)
                 pending = [self._to_pending(m) for m in msgs]

@@ -145,3 +145,49 @@ def test_sink_killed_at_each_step_restarts_to_exactly_once(settings, point):
     expected = [f"e{i:04d}" for i in range(30)]
     assert sorted(csv_ids(out)) == expected
     assert sorted(avro_ids(out)) == expected
+
+
+def test_records_the_consumer_stepped_over_are_written_when_the_sink_falls_idle(settings, monkeypatch):
+    """Seen once on tansu: a read_committed consumer stepped over a whole committed
+    transaction, and the sink then committed past it (a restart does not read it again).
+    That broker fault cannot be produced on demand, so the consumer here drops the first 10
+    records of partition 0 once, as the broker did; the idle re-read must write them, and
+    every other record exactly once."""
+    import threading
+
+    from confluent_kafka import Consumer, Producer
+
+    import consumers.sink as sink_module
+    from imgflow.kafka import producer_config
+
+    codec = get_codec()
+    producer = Producer(producer_config(settings))
+    for i in range(30):
+        producer.produce(settings.topics.enriched, key=f"e{i:04d}", value=codec.encode("EnrichedRecord", enriched(i)),
+                         partition=0 if i < 20 else 1)
+    assert producer.flush(30) == 0
+
+    class SteppingOver(Consumer):
+        dropped: list[int] = []
+
+        def consume(self, num_messages=1, timeout=-1):
+            msgs = super().consume(num_messages, timeout)
+            if SteppingOver.dropped:
+                return msgs
+            keep = [m for m in msgs if m.error() or m.partition() != 0 or m.offset() >= 10]
+            SteppingOver.dropped = [m.offset() for m in msgs if m not in keep] or []
+            return keep
+
+    monkeypatch.setattr(sink_module, "Consumer", SteppingOver)
+    runner = sink_module.SinkRunner(settings)
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(csv_ids(settings.sink.out_dir)) >= 30, 60, what="30 rows")
+    finally:
+        runner.request_stop()
+        thread.join(60)
+    assert SteppingOver.dropped == list(range(10))  # the fault happened
+    expected = [f"e{i:04d}" for i in range(30)]
+    assert sorted(csv_ids(settings.sink.out_dir)) == expected
+    assert sorted(avro_ids(settings.sink.out_dir)) == expected
