@@ -6,7 +6,8 @@ Images: the mixed set (photos, rendered text) shrunk to ``--size`` px so that a 
 quick; the LLM is SmolLM2-135M (``IMGFLOW_MODELS__LLM=smollm2-135m``), everything else the
 defaults. RSS of each child (broker runner, watcher, vision, enrich, sink) is sampled every
 second from /proc. Reports per process: RSS after warm-up (when a quarter of the rows are
-written), at the end, the growth between the two, and the peak. Prints a table; JSON in
+written), at half and three quarters, at the end, the growth from warm-up to the end, and
+the peak. Prints a table; JSON in
 benchmarks/results/memory.json.
 """
 
@@ -73,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
                 now, rows = time.time() - started, rows_written(out)
                 pids = children_of(proc.pid)
                 pids += [c for p in pids for c in children_of(p)]  # the broker runner's children
-                samples.setdefault("imgflow run", []).append((now, rows, rss_mb(proc.pid) or 0.0))
-                for pid in pids:
+                for pid in [proc.pid, *pids]:  # a process that just exited has no RSS: no sample
                     mb = rss_mb(pid)
                     if mb is not None:
-                        samples.setdefault(role_of(pid), []).append((now, rows, mb))
+                        role = "imgflow run" if pid == proc.pid else role_of(pid)
+                        samples.setdefault(role, []).append((now, rows, mb))
                 time.sleep(1.0)
         finally:
             if proc.poll() is None:
@@ -89,14 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"imgflow run exited {proc.returncode}")
     warm_rows = total // 4
     figures, table = {}, []
+
+    def at(s, share: float) -> float:  # RSS when this share of the rows was written
+        return next((mb for _, rows, mb in s if rows >= total * share), s[-1][2])
+
     for role, s in samples.items():
         after = [mb for _, rows, mb in s if rows >= warm_rows] or [s[-1][2]]
-        warm, end, peak = after[0], s[-1][2], max(mb for _, _, mb in s)
-        figures[role] = {"rss_after_warmup_mb": warm, "rss_end_mb": end, "growth_mb": end - warm,
+        warm, half, end, peak = after[0], at(s, 0.5), s[-1][2], max(mb for _, _, mb in s)
+        figures[role] = {"rss_after_warmup_mb": warm, "rss_half_mb": half, "rss_three_quarters_mb": at(s, 0.75),
+                         "rss_end_mb": end, "growth_mb": end - warm,
                          "peak_mb": peak, "max_after_warmup_mb": max(after), "samples": len(s)}
-        table.append([role, round(warm), round(end), round(end - warm), round(peak)])
+        table.append([role, round(warm), round(half), round(at(s, 0.75)), round(end), round(end - warm),
+                      round(peak)])
     print_table(f"memory: imgflow run --once, {total} images of {args.size} px in {wall:.0f}s, LLM {args.llm}",
-                ["process", "RSS warm MB", "RSS end MB", "growth MB", "peak MB"], table)
+                ["process", "RSS at 25 % MB", "at 50 %", "at 75 %", "at the end", "growth 25 % -> end",
+                 "peak MB"], table)
     write_result("memory", {"images": total, "size_px": args.size, "llm": args.llm, "wall_s": wall,
                             "processes": figures})
     return 0
