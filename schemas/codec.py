@@ -25,6 +25,7 @@ import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
 from schemas.fastcodec import Compiled, Decline, compile_schema
+from schemas.fastcodec import zigzag as _long
 
 SCHEMA_DIR = Path(__file__).resolve().parent
 # Named types referenced by later schemas must be parsed first.
@@ -179,15 +180,6 @@ class Codec:
             raise SchemaError(f"cannot decode {name}: {type(exc).__name__}: {exc}") from exc
 
 
-def _long(n: int) -> bytes:
-    """Avro's zigzag varint of a long."""
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _inline(node: Any, raw: dict[str, dict], seen: set[str], namespace: str) -> Any:

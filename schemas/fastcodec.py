@@ -32,7 +32,8 @@ class Decline(Exception):
 
 
 # ---- primitives ---------------------------------------------------------------------------
-def _zigzag(n: int) -> bytes:
+def zigzag(n: int) -> bytes:
+    """Avro's zigzag varint of a long."""
     n = (n << 1) ^ (n >> 63)
     if n < 0x80:
         return bytes((n,))
@@ -44,7 +45,7 @@ def _zigzag(n: int) -> bytes:
     return bytes(out)
 
 
-_SMALL = [_zigzag(i) for i in range(-64, 64)]  # one byte each
+_SMALL = [zigzag(i) for i in range(-64, 64)]  # one byte each
 
 
 def _long_bytes(n: int) -> bytes:
@@ -52,7 +53,7 @@ def _long_bytes(n: int) -> bytes:
         return _SMALL[n + 64]
     if not -(1 << 63) <= n < (1 << 63):
         raise Decline("long out of range")
-    return _zigzag(n)
+    return zigzag(n)
 
 
 def _read_long(data: bytes, pos: int) -> tuple[int, int]:

@@ -57,6 +57,22 @@ class ModelAdapter(ABC):
         """Load weights now (normally done lazily on first use)."""
 
 
+class FilesModelId:
+    """``model_id`` = "<id_name>@<hash of the weight files>", computed once: for an adapter
+    whose weights are the files in ``self.files`` (put it before the job's base class)."""
+
+    id_name: str = ""
+    files: dict
+
+    @property
+    def model_id(self) -> str:
+        if getattr(self, "_id", None) is None:
+            from imgflow.models.common import short_hash
+
+            self._id = f"{self.id_name}@{short_hash(self.files.values())}"
+        return self._id
+
+
 @dataclass(frozen=True)
 class ReadText:
     text: str  # the text read, lines in reading order ("" when none)

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgflow.models.base import ModelAdapter
+from imgflow.models.base import FilesModelId, ModelAdapter
 from imgflow.models.cache import ModelCache
-from imgflow.models.common import package_dir, require_files, resolve_device, short_hash, to_rgb
+from imgflow.models.common import package_dir, require_files, resolve_device, to_rgb
 
 NAME = "mtcnn"
 PACKAGE = "facenet_pytorch"
@@ -94,7 +94,9 @@ class _Mtcnn:
         self.pnet = self.rnet = self.onet = None
 
 
-class MtcnnFaceDetector(ModelAdapter):
+class MtcnnFaceDetector(FilesModelId, ModelAdapter):
+    id_name = NAME
+
     """Faces in images. Not one of the stage contracts: the embedded describer uses it
     (``models.faces``)."""
 
@@ -110,12 +112,6 @@ class MtcnnFaceDetector(ModelAdapter):
         self.min_height = float(min_height)
         self.files = dict(files) if files is not None else model_files()
         self._id: str | None = None
-
-    @property
-    def model_id(self) -> str:
-        if self._id is None:
-            self._id = f"{NAME}@{short_hash(self.files.values())}"
-        return self._id
 
     @property
     def source(self) -> str:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgflow.models.base import ModelConfigError, ReadText, TextReader
+from imgflow.models.base import FilesModelId, ModelConfigError, ReadText, TextReader
 from imgflow.models.cache import ModelCache
-from imgflow.models.common import package_dir, require_files, short_hash, to_rgb
+from imgflow.models.common import package_dir, require_files, to_rgb
 from imgflow.models.embedded.glove import data_dir as glove_dir
 
 NAME = "rapidocr-ppocrv6"
@@ -149,7 +149,9 @@ def fix_lookalikes(text: str, vocabulary: frozenset[str]) -> str:
     return _MIXED.sub(fix, text)
 
 
-class RapidOcrReader(TextReader):
+class RapidOcrReader(FilesModelId, TextReader):
+    id_name = NAME
+
     """Lines of text read in each image, in reading order; "" when nothing is read.
 
     Kept: boxes at ``min_score`` (0.5) or more with a letter or digit; a single character only
@@ -168,12 +170,6 @@ class RapidOcrReader(TextReader):
         self.min_score = min_score
         self.files = files or model_files()
         self._id: str | None = None
-
-    @property
-    def model_id(self) -> str:
-        if self._id is None:
-            self._id = f"{NAME}@{short_hash(self.files.values())}"
-        return self._id
 
     def check(self) -> None:
         if package_dir("rapidocr") is None:
