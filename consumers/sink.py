@@ -404,9 +404,19 @@ class IdleRescan:
         self.mark = {tp: off or 0 for tp, off in committed.items()}  # position at the last idle point
         self.last = time.monotonic()
         self.consumed = False  # anything consumed since the last idle point
+        self.high: dict[tuple[str, int], int] = {}  # next offset beyond all consumed
 
-    def saw(self) -> None:
+    def saw(self, msgs: list) -> list:
+        """Note a batch; returns the records beyond what was consumed before (not re-reads),
+        which are what the "messages in" counter counts."""
         self.last, self.consumed = time.monotonic(), True
+        fresh = []
+        for m in msgs:
+            key = (m.topic(), m.partition())
+            if m.offset() >= self.high.get(key, -1):
+                fresh.append(m)
+                self.high[key] = m.offset() + 1
+        return fresh
 
     def maybe(self, consumer: Consumer) -> None:
         if not self.consumed or time.monotonic() - self.last < self.idle_s:
@@ -533,9 +543,8 @@ class SinkRunner:
                     if self.rescan is not None:
                         self.rescan.maybe(consumer)
                     continue
-                if self.rescan is not None:
-                    self.rescan.saw()
-                for topic, n in Counter(m.topic() for m in msgs).items():
+                fresh = self.rescan.saw(msgs) if self.rescan is not None else msgs
+                for topic, n in Counter(m.topic() for m in fresh).items():
                     metrics.MESSAGES_IN.labels("sink", topic).inc(n)
                 pending = [self._to_pending(m) for m in msgs]
                 # An unwritable output (S3 down, bucket missing, credentials wrong) holds the
