@@ -348,18 +348,30 @@ def _compile_array(s: dict, named: dict[str, Any]) -> tuple[Enc, Dec]:
 
     def dec(data, pos):
         items = []
-        while True:
-            n, pos = _read_long(data, pos)
-            if n == 0:
-                return items, pos
-            if n < 0:
-                n = -n
-                _, pos = _read_long(data, pos)
-            for _ in range(n):
-                x, pos = dec_i(data, pos)
-                items.append(x)
+
+        def one(data, pos):
+            x, pos = dec_i(data, pos)
+            items.append(x)
+            return pos
+
+        return items, _read_blocks(data, pos, one)
 
     return enc, dec
+
+
+def _read_blocks(data: bytes, pos: int, read_one) -> int:
+    """Avro's blocked items (arrays, maps): ``read_one(data, pos) -> pos`` for each item;
+    returns the position after the closing zero count. A negative count is followed by the
+    block's size in bytes (skipped: the items are read anyway)."""
+    while True:
+        n, pos = _read_long(data, pos)
+        if n == 0:
+            return pos
+        if n < 0:
+            n = -n
+            _, pos = _read_long(data, pos)
+        for _ in range(n):
+            pos = read_one(data, pos)
 
 
 def _compile_map(s: dict, named: dict[str, Any]) -> tuple[Enc, Dec]:
@@ -377,16 +389,13 @@ def _compile_map(s: dict, named: dict[str, Any]) -> tuple[Enc, Dec]:
 
     def dec(data, pos):
         m = {}
-        while True:
-            n, pos = _read_long(data, pos)
-            if n == 0:
-                return m, pos
-            if n < 0:
-                n = -n
-                _, pos = _read_long(data, pos)
-            for _ in range(n):
-                k, pos = _dec_string(data, pos)
-                m[k], pos = dec_v(data, pos)
+
+        def one(data, pos):
+            k, pos = _dec_string(data, pos)
+            m[k], pos = dec_v(data, pos)
+            return pos
+
+        return m, _read_blocks(data, pos, one)
 
     return enc, dec
 
