@@ -259,7 +259,6 @@ class ResultStore:
         window = dedupe_window if dedupe_window is not None else self.settings.sink.dedupe_window
         self.known = RecentIds(window)
         self.csv = CsvParts(self.output) if self.output.is_s3 else LocalCsv(Path(out))
-        self.schema = get_codec().schema("ResultRow")
         self._lock_file = None
 
     # ---- start-up -------------------------------------------------------------------------

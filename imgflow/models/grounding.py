@@ -247,10 +247,10 @@ def notes(item: StructureInput) -> str:
     else:
         lines.append(f"Category: {f.category}")
     if f.text:  # a page's worth would only slow the LLM down (or overflow its context)
+        from imgflow.models.embedded.describe import quoted_text
+
         # " / " between lines: without it the LLM made keywords across them ("2041 ADULT SINGLE").
-        quote, cut = _quote(" / ".join(ln.strip() for ln in f.text.splitlines() if ln.strip()),
-                            NOTES_TEXT_CHARS)
-        lines.append(f'Text in the image: "{quote}"' + (" ..." if cut else ""))
+        lines.append(f'Text in the image: "{quoted_text(f.text, NOTES_TEXT_CHARS)}"')
     else:
         lines.append("Text in the image: none")
     if f.colours:

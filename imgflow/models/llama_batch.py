@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -123,9 +125,6 @@ class IdleCores:
     it back at the next check (a fair share of a contended core is ~0.5 of it)."""
 
     def __init__(self, interval_s: float = 0.5, busy: float = 0.3) -> None:
-        import os
-        import time
-
         self._clock = time.monotonic
         self.interval_s, self.busy = interval_s, busy
         self.cores = len(os.sched_getaffinity(0))
@@ -134,8 +133,6 @@ class IdleCores:
         self.others = float(self.cores)  # until measured: assume busy
 
     def _sample(self) -> tuple[float, float, float] | None:
-        import os
-
         try:
             with open("/proc/stat") as f:
                 fields = [int(x) for x in f.readline().split()[1:]]

@@ -161,7 +161,8 @@ def warm_up(models: VisionModels | EnrichModels, settings: Settings) -> threadin
     """Load a stage's models in a background thread, so that loading overlaps the rest of the
     stage's start (imports, the consumer group join: seconds on tansu) and the first batch
     finds them loaded; the cache loads each once however many threads ask. At most
-    ``models.cache_size`` of them, so warming up never evicts. A failure is left for the
+    ``models.cache_size`` adapters (an adapter may hold two entries: size the cache for the
+    stage, as its batches need anyway). A failure is left for the
     first batch, which raises it through the stage's normal error handling."""
     adapters = list(dict.fromkeys(getattr(models, f.name) for f in fields(models)))
 

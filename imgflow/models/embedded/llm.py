@@ -1,11 +1,11 @@
 """Structured JSON from a small instruct LLM (GGUF) with llama-cpp-python.
 
 Generation is constrained by a grammar built from a JSON schema per image
-(``generation_schema``: a caption of at most 90 characters, 2-4 keywords, no extra keys, and
+(``generation_schema``: a caption of at most DESCRIPTION_MAX_CHARS, 2-4 keywords, no extra keys, and
 a category as an enum of the image's candidate categories only when there are several), so
 the output always parses unless it is cut off; greedy decoding makes it deterministic.
 ``image_text`` is not generated: it is the OCR text. Fewer generated tokens is most of the
-enrich stage's speed: it decodes ~20-30 tokens per image, not the ~45 of a full record.
+enrich stage's speed: it decodes ~16-25 tokens per image, not the ~45 of a full record.
 
 The grounding rules applied after generation (the model only sees text, never the image)
 are in ``imgflow.models.grounding``, shared by both profiles: the category must be one of the
@@ -113,8 +113,6 @@ def system_prompt(describe: bool = True) -> str:
         + '"keywords": ["moped", "speed", "grey"]}'
     )
 
-
-SYSTEM_PROMPT = system_prompt(True)
 
 
 def messages(user: str, describe: bool = True) -> list[dict]:
