@@ -26,10 +26,26 @@ DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Broker and 
 
 
 
+class BrokerEngine(str, Enum):
+    tansu = "tansu"
+    kafka = "kafka"
+
+
 def _exit_with_error(exc: BaseException, code: int = 2) -> NoReturn:
     """The one way a command fails on a user's error: the message on stderr, exit ``code``."""
     typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(code) from None
+
+
+def _require_kafka(settings) -> None:
+    """A long-running command against a cluster: the cluster must answer first (exit 2
+    naming kafka.bootstrap, or the security setting it refused, after kafka.connect_timeout_s)."""
+    from imgflow.kafka import KafkaUnreachable, check_kafka
+
+    try:
+        check_kafka(settings, settings.kafka.connect_timeout_s)
+    except KafkaUnreachable as exc:
+        _exit_with_error(exc)
 
 
 def _stop_on_signals(runner) -> None:
@@ -64,12 +80,19 @@ def run(
     once: Annotated[bool, typer.Option("--once", help="Exit 0 when every image present at start has its result row.")] = False,
     data_dir: DataDir = None,
     port: Annotated[int, typer.Option(help="Embedded broker port (taken free if in use; 0: any free port).")] = 19092,
+    engine: Annotated[Optional[BrokerEngine], typer.Option(
+        "--engine", help="Local broker to start: tansu (default, no Java) or kafka (Apache Kafka; Java 17+). "
+                         "Setting broker.engine.")] = None,
+    bootstrap: Annotated[Optional[str], typer.Option(
+        "--bootstrap", help="Use this running Kafka cluster (HOST:PORT,...) instead of starting a local broker; "
+                            "security from the kafka.* settings.")] = None,
 ) -> None:
     """Embedded broker + watcher (folder or S3) + vision + enrich + sink, in one command."""
     from imgflow.s3 import is_s3_uri
 
     s3_input = is_s3_uri(input_dir)
-    settings = _settings(data_dir=data_dir, sink__out_dir=out)
+    settings = _settings(data_dir=data_dir, sink__out_dir=out, broker__engine=engine.value if engine else None,
+                         kafka__bootstrap=bootstrap)
     from imgflow.pipeline import Pipeline
     from imgflow.samples import write_samples
 
@@ -84,14 +107,17 @@ def run(
         typer.echo(f"error: input folder does not exist: {input_dir}", err=True)
         raise typer.Exit(2)
     _check_output(settings)
+    from imgflow.kafka import KafkaUnreachable
     from imgflow.stack import StackError
 
     try:
         code = Pipeline(settings, input_dir, settings.sink.out_dir, settings.data_dir, port, once,
-                        metrics_port=settings.metrics_port).run()
+                        metrics_port=settings.metrics_port, bootstrap=bootstrap or "").run()
     except StackError as exc:
-        typer.echo(f"error: the embedded broker did not start: {exc}", err=True)
+        typer.echo(f"error: the embedded broker ({settings.broker.engine}) did not start: {exc}", err=True)
         raise typer.Exit(1) from None
+    except KafkaUnreachable as exc:
+        _exit_with_error(exc)
     raise typer.Exit(code)
 
 
@@ -126,6 +152,7 @@ def stage(name: Annotated[StageName, typer.Argument(help="Which stage.")],
     early_stop: list[int] = []  # a SIGTERM during start-up (model loading) still means a clean stop
     signal.signal(signal.SIGTERM, lambda signum, _frame: early_stop.append(signum))
     settings = _settings(sink__out_dir=out)
+    _require_kafka(settings)
     scope = {}  # a replay run's stage: its own settings, group, range and run_id
     if run_id is not None:
         from imgflow.replay import ReplayError, stage_plan
@@ -172,6 +199,7 @@ def watch_local(folder: Annotated[Path, typer.Argument(help="Folder to watch (re
                 high: Annotated[bool, typer.Option("--high", help="Publish to the high-priority topic.")] = False) -> None:
     """Publish an event for every new or changed image in FOLDER, polling."""
     settings = _settings(data_dir=data_dir)
+    _require_kafka(settings)
     from imgflow.metrics import serve_metrics
     from watchers.local import LocalWatcher
 
@@ -209,6 +237,7 @@ def watch_s3(uri: Annotated[str, typer.Argument(help="s3://BUCKET/PREFIX to watc
     """Publish an event for every new or overwritten image object under s3://BUCKET/PREFIX:
     polling with a persisted cursor, plus bucket notifications with --notify."""
     settings = _settings(data_dir=data_dir, watch__s3_notify=notify)
+    _require_kafka(settings)
     from imgflow.metrics import serve_metrics
     from imgflow.s3 import S3Error, parse_s3_uri
     from watchers.s3 import S3Watcher
@@ -230,11 +259,21 @@ def watch_s3(uri: Annotated[str, typer.Argument(help="s3://BUCKET/PREFIX to watc
 
 @app.command()
 def broker(data_dir: DataDir = None,
-           port: Annotated[int, typer.Option(help="Kafka port (0: any free port).")] = 19092) -> None:
-    """The embedded Kafka-compatible broker alone (tansu on a local SeaweedFS), in the foreground."""
-    settings = _settings(data_dir=data_dir)
+           port: Annotated[int, typer.Option(help="Kafka port (0: any free port).")] = 19092,
+           engine: Annotated[Optional[BrokerEngine], typer.Option(
+               "--engine", help="tansu (default: on a local SeaweedFS, no Java) or kafka (Apache Kafka in "
+                                "KRaft mode; Java 17+, Maven for the first start). Setting broker.engine.")] = None,
+           nodes: Annotated[int, typer.Option("--nodes", min=1, max=9,
+                                              help="kafka engine: broker+controller nodes (3: a real cluster).")] = 1,
+           ) -> None:
+    """The embedded broker alone, in the foreground, durable in the data dir: tansu on a local
+    SeaweedFS, or Apache Kafka (KRaft)."""
+    settings = _settings(data_dir=data_dir, broker__engine=engine.value if engine else None)
+    if nodes > 1 and settings.broker.engine != "kafka":
+        _exit_with_error(ValueError("--nodes needs --engine kafka"))
     os.execv(sys.executable, [sys.executable, "-m", "infra.embedded", "--data-dir",
-                              str(settings.data_dir / "broker"), "--port", str(port)])
+                              str(settings.data_dir / "broker"), "--port", str(port),
+                              "--engine", settings.broker.engine, "--nodes", str(nodes)])
 
 
 @app.command()
@@ -242,15 +281,13 @@ def topics(wait: Annotated[float, typer.Option("--wait", help="Seconds to wait f
     """Create the pipeline's topics on the configured broker if missing (idempotent; what
     docker-compose's init service runs)."""
     settings = _settings()
-    from imgflow.kafka import ensure_topics
-    from imgflow.stack import StackError, wait_for_broker
+    from imgflow.kafka import KafkaUnreachable, check_kafka, ensure_topics
     from imgflow.topics import all_topic_specs
 
     try:
-        wait_for_broker(settings.kafka.bootstrap, wait)
-    except StackError as exc:
-        typer.echo(f"error: broker {settings.kafka.bootstrap} (kafka.bootstrap / IMGFLOW_KAFKA__BOOTSTRAP): {exc}",
-                   err=True)
+        check_kafka(settings, wait)
+    except KafkaUnreachable as exc:
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     ensure_topics(settings)
     typer.echo(f"topics ready on {settings.kafka.bootstrap}: {', '.join(t.name for t in all_topic_specs(settings))}")
@@ -286,6 +323,7 @@ def backfill(
     """Publish one event per image of SOURCE in bulk, skipping images that already have a result.
     Safe to interrupt: the same command again resumes and publishes nothing twice."""
     settings = _settings(data_dir=data_dir)
+    _require_kafka(settings)
     from confluent_kafka import KafkaException
 
     from imgflow.kafka import ensure_topics
@@ -333,6 +371,7 @@ def replay(
     """Re-run a stage (and those after it) over a range of its input topic as a separate run:
     own groups, topics, run_id and output; the live pipeline is not touched."""
     settings = _settings(data_dir=data_dir)
+    _require_kafka(settings)
     from imgflow import replay as rp
 
     try:

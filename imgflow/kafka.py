@@ -7,6 +7,7 @@ tansu broker and on Apache Kafka in production.
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -20,21 +21,69 @@ log = logging.getLogger(__name__)
 
 
 _last_logged: dict[str, float] = {}
+_LOG_EVERY_S = 60.0
+_DIGITS = re.compile(r"\d+")
+
+
+def _log_once_a_minute(level: int, text: str) -> None:
+    """Every client of a process reports the same outage, and librdkafka repeats it many times
+    a second: each message (its numbers ignored: ports, counts, milliseconds) is logged once
+    a minute."""
+    key = _DIGITS.sub("#", text)
+    now = time.monotonic()
+    if now - _last_logged.get(key, -1e9) >= _LOG_EVERY_S:
+        _last_logged[key] = now
+        log.log(level, "kafka: %s", text)
 
 
 def _log_error(err: KafkaError) -> None:
-    """librdkafka reports transient connection trouble here and reconnects by itself; every
-    client of a process reports the same outage, so each message is logged once a minute."""
-    text = err.str()
-    now = time.monotonic()
-    if now - _last_logged.get(text, -1e9) >= 60:
-        _last_logged[text] = now
-        log.warning("kafka: %s", text)
+    """librdkafka reports transient connection trouble here and reconnects by itself."""
+    _log_once_a_minute(logging.WARNING, err.str())
+
+
+class _LibrdkafkaLogger:
+    """librdkafka's own log lines (``logger`` config): through the project's logger, rate
+    limited like errors, instead of librdkafka's default printing to stderr (a broker outage
+    was ~20 lines a second on the terminal)."""
+
+    def log(self, level: int, fmt: str, *args) -> None:
+        text = fmt % args if args else fmt
+        _log_once_a_minute(logging.WARNING if level >= logging.WARNING else logging.DEBUG, text)
+
+
+_LIBRDKAFKA_LOGGER = _LibrdkafkaLogger()
+
+
+def client_config(settings: Settings) -> dict:
+    """What every client (producer, consumer, admin) needs: where the cluster is, how to
+    authenticate, and where its logs go. The password is passed to librdkafka only."""
+    k = settings.kafka
+    conf: dict = {
+        "bootstrap.servers": k.bootstrap,
+        "error_cb": _log_error,
+        "logger": _LIBRDKAFKA_LOGGER,
+        "security.protocol": k.security_protocol,
+    }
+    if k.security_protocol.startswith("SASL_"):
+        conf["sasl.mechanism"] = k.sasl_mechanism
+        conf["sasl.username"] = k.sasl_username
+        conf["sasl.password"] = k.sasl_password.get_secret_value()
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        conf["ssl.endpoint.identification.algorithm"] = k.ssl_endpoint_identification
+        if k.ssl_ca_location:
+            conf["ssl.ca.location"] = k.ssl_ca_location
+        if k.ssl_certificate_location:
+            conf["ssl.certificate.location"] = k.ssl_certificate_location
+        if k.ssl_key_location:
+            conf["ssl.key.location"] = k.ssl_key_location
+        if k.ssl_key_password.get_secret_value():
+            conf["ssl.key.password"] = k.ssl_key_password.get_secret_value()
+    return conf
 
 
 def consumer_config(settings: Settings, group_id: str, **extra) -> dict:
     conf = {
-        "bootstrap.servers": settings.kafka.bootstrap,
+        **client_config(settings),
         "group.id": group_id,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
@@ -46,7 +95,6 @@ def consumer_config(settings: Settings, group_id: str, **extra) -> dict:
         "heartbeat.interval.ms": settings.kafka.heartbeat_interval_ms,
         "max.poll.interval.ms": 900_000,  # a slow LLM batch must not look like a dead member
         "enable.partition.eof": False,
-        "error_cb": _log_error,
     }
     conf.update(extra)
     return conf
@@ -54,13 +102,12 @@ def consumer_config(settings: Settings, group_id: str, **extra) -> dict:
 
 def producer_config(settings: Settings, transactional_id: str | None = None, **extra) -> dict:
     conf = {
-        "bootstrap.servers": settings.kafka.bootstrap,
+        **client_config(settings),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
         "compression.type": "none",
         "message.max.bytes": 16 * 1024 * 1024,
-        "error_cb": _log_error,
     }
     if transactional_id:
         conf["transactional.id"] = transactional_id
@@ -70,24 +117,61 @@ def producer_config(settings: Settings, transactional_id: str | None = None, **e
 
 
 def admin_client(settings: Settings) -> AdminClient:
-    return AdminClient({"bootstrap.servers": settings.kafka.bootstrap, "error_cb": _log_error})
+    return AdminClient(client_config(settings))
+
+
+def topic_config(settings: Settings, spec: TopicSpec) -> dict[str, str]:
+    """The configs a topic is created with: compaction, min.insync.replicas, the image
+    topics' own (``topics.config``) and any of that topic's (``topics.topic_config``)."""
+    t = settings.topics
+    config: dict[str, str] = dict(t.config) if spec.image_topic else {}
+    if spec.compacted:
+        config["cleanup.policy"] = "compact"
+    if t.min_insync_replicas:
+        config["min.insync.replicas"] = str(t.min_insync_replicas)
+    config.update(t.topic_config.get(spec.name, {}))
+    return config
 
 
 def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, timeout: float = 30) -> None:
-    """Create the topics that do not exist yet (idempotent)."""
+    """Create the topics that do not exist yet (idempotent), with the replication, partitions
+    and configs of the settings. Existing topics are left as they are: a warning says where
+    their partitions or replication differ from the settings."""
     admin = admin_client(settings)
     specs = specs if specs is not None else all_topic_specs(settings)
-    existing = set(admin.list_topics(timeout=timeout).topics)
-    new = [NewTopic(s.name, num_partitions=s.partitions, replication_factor=1) for s in specs if s.name not in existing]
+    topics = admin.list_topics(timeout=timeout).topics
+    replication = settings.topics.replication_factor
+    new = []
+    for s in specs:
+        if s.name in topics:
+            _warn_if_different(topics[s.name], s, replication)
+        else:
+            new.append(NewTopic(s.name, num_partitions=s.partitions, replication_factor=replication,
+                                config=topic_config(settings, s)))
     if not new:
         return
-    for name, fut in admin.create_topics(new, operation_timeout=timeout).items():
+    for name, fut in admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout).items():
         try:
             fut.result(timeout)
         except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
+            code = exc.args[0].code()
+            if code == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            raise KafkaException(KafkaError(code, f"could not create topic {name} (replication "
+                                                  f"{replication if replication > 0 else 'the broker default'}, "
+                                                  f"topics.replication_factor): {exc.args[0].str()}")) from None
         log.info("created topic %s", name)
+
+
+def _warn_if_different(meta, spec: TopicSpec, replication: int) -> None:
+    partitions = len(meta.partitions)
+    replicas = len(meta.partitions[0].replicas) if 0 in meta.partitions else 0
+    if partitions != spec.partitions:
+        log.warning("topic %s exists with %d partitions, the settings say %d (topics.partitions): left as it is",
+                    spec.name, partitions, spec.partitions)
+    if replication > 0 and replicas and replicas != replication:
+        log.warning("topic %s exists with replication %d, the settings say %d (topics.replication_factor): "
+                    "left as it is", spec.name, replicas, replication)
 
 
 def publish_schemas(settings: Settings, codec: Codec, names: list[str]) -> None:
@@ -125,16 +209,7 @@ def fetch_schemas(settings: Settings, codec: Codec, timeout: float = 20) -> int:
 def ensure_compacted_topic(settings: Settings, topic: str, timeout: float = 15) -> None:
     """A one-partition compacted topic for small records kept by key (run and backfill
     registries): durable wherever the broker is."""
-    admin = admin_client(settings)
-    if topic in admin.list_topics(timeout=timeout).topics:
-        return
-    new = NewTopic(topic, num_partitions=1, replication_factor=1, config={"cleanup.policy": "compact"})
-    try:
-        admin.create_topics([new], operation_timeout=timeout)[topic].result(timeout)
-    except KafkaException as exc:
-        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-            # A broker that refuses the compaction setting still keeps the records.
-            ensure_topics(settings, [TopicSpec(topic, 1, "")])
+    ensure_topics(settings, [TopicSpec(topic, 1, "", compacted=True)], timeout)
 
 
 def read_latest_by_key(settings: Settings, topic: str, timeout: float = 30) -> dict[str, bytes]:
@@ -156,3 +231,67 @@ def read_latest_by_key(settings: Settings, topic: str, timeout: float = 30) -> d
         raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"could not read {topic} to its end in {timeout:.0f}s"))
     finally:
         consumer.close()
+
+
+class KafkaUnreachable(RuntimeError):
+    """The cluster did not answer, or refused us; the message names the setting to look at."""
+
+
+def _explain(err: KafkaError, settings: Settings) -> str | None:
+    """A message naming the setting behind an error that retrying will not cure, else None."""
+    k, text = settings.kafka, err.str()
+    lowered = text.lower()
+    if err.code() == KafkaError._AUTHENTICATION or "authentication" in lowered or "sasl" in lowered:
+        return (f"Kafka at {k.bootstrap} refused the credentials of user {k.sasl_username!r} "
+                f"(kafka.sasl_username / kafka.sasl_password, mechanism {k.sasl_mechanism or 'none'}): {text}")
+    if "certificate" in lowered or "ssl handshake" in lowered or err.code() == KafkaError._SSL:
+        where = f"kafka.ssl_ca_location={k.ssl_ca_location}" if k.ssl_ca_location else \
+            "kafka.ssl_ca_location (empty: the system's CAs)"
+        return (f"the TLS certificate of Kafka at {k.bootstrap} is not trusted or does not match "
+                f"({where}; kafka.ssl_endpoint_identification={k.ssl_endpoint_identification}): {text}")
+    return None
+
+
+def check_kafka(settings: Settings, timeout: float = 30) -> None:
+    """Until the cluster at ``kafka.bootstrap`` answers a metadata request with our security
+    settings; KafkaUnreachable (naming the setting) after ``timeout`` s, or at once on a
+    refused password or an untrusted certificate."""
+    import socket
+
+    errors: list[KafkaError] = []
+    conf = client_config(settings)
+    conf.update({"error_cb": errors.append, "socket.timeout.ms": 5000, "reconnect.backoff.max.ms": 1000})
+    deadline = time.monotonic() + timeout
+    k = settings.kafka
+    # A port nobody listens on is said as such (before librdkafka logs its refusals).
+    reachable = False
+    while time.monotonic() < deadline and not reachable:
+        for address in k.bootstrap.split(","):
+            host, _, port = address.strip().rpartition(":")
+            try:
+                with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), 1.0):
+                    reachable = True
+                    break
+            except (OSError, ValueError):
+                continue
+        if not reachable:
+            time.sleep(0.5)
+    if not reachable:
+        raise KafkaUnreachable(f"Kafka is not reachable at {k.bootstrap} (kafka.bootstrap / IMGFLOW_KAFKA__BOOTSTRAP): "
+                               f"nothing accepted a connection within {timeout:.0f} s")
+    admin = AdminClient(conf)
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            md = admin.list_topics(timeout=max(0.5, min(3.0, deadline - time.monotonic())))
+            if md.brokers:
+                return
+        except KafkaException as exc:
+            last = exc.args[0].str()
+        for err in errors:
+            explained = _explain(err, settings)
+            if explained:
+                raise KafkaUnreachable(explained)
+        last = errors[-1].str() if errors else last
+    raise KafkaUnreachable(f"Kafka at {k.bootstrap} did not answer within {timeout:.0f} s (kafka.bootstrap, "
+                           f"kafka.security_protocol={k.security_protocol}): {last or 'no answer'}")

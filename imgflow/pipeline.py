@@ -79,9 +79,13 @@ class TopicCounter:
 
 
 class Pipeline:
+    """``bootstrap``: a running cluster to use (its security from ``kafka.*``) instead of
+    starting the local broker of ``broker.engine``."""
+
     def __init__(self, settings: Settings, input_dir: Path, out_dir: Path, data_dir: Path, port: int,
-                 once: bool, metrics_port: int = 0) -> None:
+                 once: bool, metrics_port: int = 0, bootstrap: str = "") -> None:
         self.settings = settings
+        self.external_bootstrap = bootstrap
         self.metrics_port = metrics_port  # one endpoint for every process (0: none)
         self.child_metrics = ChildMetrics()
         # A folder, or an S3Location for s3://BUCKET/PREFIX (the S3 watcher then runs instead).
@@ -135,15 +139,7 @@ class Pipeline:
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGTERM, self.request_stop)
         logs = self.data_dir / "logs"
-        port = self.port
-        if port and not _port_free(port):
-            new = free_port()
-            print(f"port {port} is in use: the embedded broker takes port {new} instead", flush=True)
-            port = new
-        print(f"starting the embedded broker (data in {self.data_dir / 'broker'}) ...", flush=True)
-        self.stack = EmbeddedStack(self.data_dir / "broker", port=port, log_file=logs / "broker.log")
-        self.stack.start()
-        print(f"broker ready at {self.stack.bootstrap}", flush=True)
+        bootstrap = self._start_broker(logs)
         target = self._present_at_start() if self.once else set()
         self._serve_metrics()
         try:
@@ -151,22 +147,52 @@ class Pipeline:
                 # Each child serves its own metrics on loopback; ours proxies them all.
                 metrics_port = free_port() if self.metrics_port else 0
                 child = Child(role, self._argv(role), logs / f"{role}.log",
-                              self._env(self.stack.bootstrap, role, metrics_port))
+                              self._env(bootstrap, role, metrics_port))
                 child.start()
                 self.children[role] = child
                 if metrics_port:
                     self.child_metrics.children[role] = metrics_port
             source = self.input_dir.uri if isinstance(self.input_dir, S3Location) else self.input_dir
             print(f"processing {source} -> {self.out_dir} (logs in {logs})", flush=True)
-            return self._supervise(target)
+            return self._supervise(target, bootstrap)
         finally:
             self._stop_children(together=self.finished)
-            self.stack.stop()
+            if self.stack is not None:
+                self.stack.stop()
             if is_s3_output(self.out_dir):
                 print(f"results: {self.out_dir}avro/ and {self.out_dir}csv/ (one CSV: imgflow export csv "
                       f"{self.out_dir} --out results.csv)", flush=True)
             else:
                 print(f"results: {self.out_dir / 'results.csv'} and {self.out_dir / 'avro'}/", flush=True)
+
+    def _start_broker(self, logs: Path) -> str:
+        """The local broker of ``broker.engine`` (or the given cluster, checked and its topics
+        created); its bootstrap address."""
+        if self.external_bootstrap:
+            from imgflow.kafka import check_kafka, ensure_topics
+
+            settings = self._with_bootstrap(self.external_bootstrap)
+            check_kafka(settings)
+            ensure_topics(settings)
+            print(f"using the Kafka cluster at {self.external_bootstrap}", flush=True)
+            return self.external_bootstrap
+        port = self.port
+        if port and not _port_free(port):
+            new = free_port()
+            print(f"port {port} is in use: the embedded broker takes port {new} instead", flush=True)
+            port = new
+        engine = self.settings.broker.engine
+        what = "Apache Kafka (KRaft)" if engine == "kafka" else "tansu on SeaweedFS"
+        print(f"starting the embedded broker, {what} (data in {self.data_dir / 'broker'}) ...", flush=True)
+        self.stack = EmbeddedStack(self.data_dir / "broker", port=port, log_file=logs / "broker.log",
+                                   engine=engine)
+        self.stack.start()
+        print(f"broker ready at {self.stack.bootstrap}", flush=True)
+        return self.stack.bootstrap
+
+    def _with_bootstrap(self, bootstrap: str) -> Settings:
+        return self.settings.model_copy(update={"kafka": self.settings.kafka.model_copy(
+            update={"bootstrap": bootstrap})})
 
     def _serve_metrics(self) -> None:
         port = self.metrics_port
@@ -186,11 +212,10 @@ class Pipeline:
             return s3_event_ids(self.input_dir, self.settings)
         return current_event_ids(self.input_dir, self.settings)
 
-    def _supervise(self, target: set[str]) -> int:
+    def _supervise(self, target: set[str], bootstrap: str) -> int:
         tail = CommittedResults(self.out_dir, self.settings)
         t = self.settings.topics
-        counter = TopicCounter(self.settings.model_copy(update={"kafka": self.settings.kafka.model_copy(
-            update={"bootstrap": self.stack.bootstrap})}), [t.new, t.new_high, t.vision, t.enriched, t.dlq])
+        counter = TopicCounter(self._with_bootstrap(bootstrap), [t.new, t.new_high, t.vision, t.enriched, t.dlq])
         progress = Progress(total=len(target) if self.once else None)
         started = time.monotonic()
         tail.refresh()

@@ -313,7 +313,7 @@ def run_settings(settings: Settings, record: RunRecord) -> Settings:
 def run_topic_specs(settings: Settings, record: RunRecord) -> list[TopicSpec]:
     scoped, live = run_settings(settings, record).topics, settings.topics
     pairs = [("vision", "VisionResult"), ("enriched", "EnrichedRecord"), ("dlq", "DeadLetter")]
-    return [TopicSpec(getattr(scoped, name), live.partitions, schema) for name, schema in pairs
+    return [TopicSpec(getattr(scoped, name), live.partitions, schema, image_topic=True) for name, schema in pairs
             if getattr(scoped, name) != getattr(live, name)]
 
 

@@ -38,6 +38,9 @@ class _Section(BaseModel):
 
 class KafkaSettings(_Section):
     bootstrap: str = "127.0.0.1:19092"
+    # A command started against a cluster that does not answer within this exits 2 naming
+    # kafka.bootstrap (a refused password or certificate: at once).
+    connect_timeout_s: float = Field(60.0, gt=0.0)
     # tansu joins a group in about half of session.timeout.ms (ENVIRONMENT.md).
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(1000, ge=100)
@@ -50,6 +53,37 @@ class KafkaSettings(_Section):
     # latency and makes one produce request per partition and batch (each request is
     # storage writes on the broker: on tansu, objects in SeaweedFS).
     txn_linger_ms: int = Field(100, ge=0, le=60000)
+    # -- security, for every client (producers, consumers, admin, lag reader, watchers,
+    # notifications); README "Kafka: a real cluster". Secrets are SecretStr: never logged.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = ""
+    sasl_username: str = ""
+    sasl_password: SecretStr = SecretStr("")
+    ssl_ca_location: str = ""  # CA file (PEM) that signed the brokers' certificates; "": the system's
+    ssl_certificate_location: str = ""  # client certificate (PEM), for brokers that ask for one
+    ssl_key_location: str = ""  # its private key (PEM)
+    ssl_key_password: SecretStr = SecretStr("")
+    # Check that a broker's certificate names the host dialled (https); "none" turns it off.
+    ssl_endpoint_identification: Literal["https", "none"] = "https"
+
+    @field_validator("sasl_mechanism")
+    @classmethod
+    def _mechanism_needs_sasl(cls, value: str, info) -> str:
+        protocol = info.data.get("security_protocol", "PLAINTEXT")
+        if value and not protocol.startswith("SASL_"):
+            raise ValueError(f"kafka.sasl_mechanism={value} needs kafka.security_protocol SASL_PLAINTEXT or "
+                             f"SASL_SSL (it is {protocol})")
+        if protocol.startswith("SASL_") and not value:
+            raise ValueError(f"kafka.security_protocol={protocol} needs kafka.sasl_mechanism "
+                             "(PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")
+        return value
+
+
+class BrokerSettings(_Section):
+    # The local broker `imgflow run` and `imgflow broker` start: tansu (on a local SeaweedFS;
+    # no Java) or kafka (Apache Kafka in KRaft mode from its Maven Central jars; Java 17+,
+    # Maven for the first start). README "Brokers".
+    engine: Literal["tansu", "kafka"] = "tansu"
 
 
 class TopicSettings(_Section):
@@ -59,6 +93,15 @@ class TopicSettings(_Section):
     enriched: str = "images.enriched"
     dlq: str = "images.dlq"
     partitions: int = Field(3, ge=1, le=256)
+    # Replication of every topic the pipeline creates (images, schemas, registries); -1: the
+    # broker's default.replication.factor. min_insync_replicas 0: the broker's default.
+    replication_factor: int = Field(-1, ge=-1, le=32)
+    min_insync_replicas: int = Field(0, ge=0, le=32)
+    # Topic configs of the image topics (new, new_high, vision, enriched, dlq), e.g.
+    # {"retention.ms": "1209600000"}: replay by time reaches only as far back as they keep.
+    config: dict[str, str] = {}
+    # Per topic name, on top of `config` (any topic the pipeline creates).
+    topic_config: dict[str, dict[str, str]] = {}
 
 
 class StageSettings(_Section):
@@ -195,6 +238,7 @@ class Settings(BaseSettings):
     metrics_addr: str = "127.0.0.1"  # address /metrics listens on (containers: 0.0.0.0)
 
     kafka: KafkaSettings = KafkaSettings()
+    broker: BrokerSettings = BrokerSettings()
     topics: TopicSettings = TopicSettings()
     stage: StageSettings = StageSettings()
     models: ModelSettings = ModelSettings()

@@ -1,4 +1,5 @@
-"""Client side of the embedded broker stack (``python -m infra.embedded``).
+"""Client side of the embedded broker stack (``python -m infra.embedded``), either engine:
+``tansu`` (on a local SeaweedFS) or ``kafka`` (Apache Kafka, KRaft, one node or a cluster).
 
 Starts the runner as a subprocess by module name (this module never imports ``infra``), waits
 for its ``ready bootstrap=HOST:PORT`` line, and stops it again::
@@ -103,10 +104,16 @@ class EmbeddedStack:
         port: int = DEFAULT_PORT,
         host: str = "127.0.0.1",
         log_file: Path | None = None,
+        engine: str = "tansu",
+        nodes: int = 1,
+        kafka_config: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.port = port
         self.host = host
+        self.engine = engine
+        self.nodes = nodes
+        self.kafka_config = kafka_config or {}
         self.log_file = Path(log_file) if log_file else self.data_dir / "logs" / "embedded.log"
         self.bootstrap: str = ""
         self.s3_endpoint: str = ""
@@ -131,9 +138,12 @@ class EmbeddedStack:
         return _tail(self.log_file, lines)
 
     # -- lifecycle
-    def start(self, timeout: float = 90) -> EmbeddedStack:
+    def start(self, timeout: float | None = None) -> EmbeddedStack:
         if self.proc is not None and self.proc.poll() is None:
             return self
+        # Kafka's first start resolves its jars from Maven Central (a minute or two on an
+        # empty Maven cache) and formats each node's storage.
+        timeout = timeout if timeout is not None else (90 if self.engine == "tansu" else 300)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         cmd = [
@@ -141,6 +151,9 @@ class EmbeddedStack:
             "--data-dir", str(self.data_dir),
             "--port", str(self.port),
             "--host", self.host,
+            "--engine", self.engine,
+            "--nodes", str(self.nodes),
+            *[arg for k, v in self.kafka_config.items() for arg in ("--kafka-config", f"{k}={v}")],
             "--parent-pid", str(os.getpid()),
             "--start-timeout", str(max(5.0, timeout - 2)),
         ]
@@ -205,17 +218,37 @@ class EmbeddedStack:
                 return
 
     def kill_broker(self) -> None:
-        """SIGKILL the tansu process only (fault tests); the runner restarts it at once."""
-        pid = int(self.info()["tansu_pid"])
+        """SIGKILL the broker process only (tansu, or the first Kafka node; fault tests): the
+        runner restarts it at once."""
+        pid = int(self.info()["broker_pid"])
         os.kill(pid, signal.SIGKILL)
+
+    def node(self, node_id: int) -> dict:
+        """A Kafka node's entry of stack.json (pid, port, hold_file)."""
+        for node in self.info().get("nodes", []):
+            if node["node_id"] == node_id:
+                return node
+        raise StackError(f"no Kafka node {node_id} in {self.stack_file}")
+
+    def kill_node(self, node_id: int, hold: bool = False) -> None:
+        """SIGKILL one Kafka node. ``hold``: the runner leaves it down until ``release_node``."""
+        node = self.node(node_id)
+        if hold:
+            Path(node["hold_file"]).touch()
+        os.kill(int(node["pid"]), signal.SIGKILL)
+
+    def release_node(self, node_id: int) -> None:
+        """Let the runner restart a held node (on its ports and data)."""
+        with contextlib.suppress(FileNotFoundError):
+            Path(self.node(node_id)["hold_file"]).unlink()
 
     def kill_s3(self) -> None:
         """SIGKILL SeaweedFS only (fault tests); the runner restarts it."""
         pid = int(self.info()["weed_pid"])
         os.kill(pid, signal.SIGKILL)
 
-    def stop(self, timeout: float = 30) -> None:
-        """SIGTERM the runner (it stops tansu, then SeaweedFS), wait, SIGKILL if needed."""
+    def stop(self, timeout: float = 45) -> None:
+        """SIGTERM the runner (it stops the broker, then SeaweedFS), wait, SIGKILL if needed."""
         proc = self.proc
         if proc is None:
             return

@@ -12,22 +12,27 @@ class TopicSpec:
     name: str
     partitions: int
     value_schema: str  # schema name in schemas/ (see schemas.codec)
+    # Kept by key forever (cleanup.policy=compact) instead of for the retention time: the
+    # schema topic and the run and backfill registries, read whole by whoever starts.
+    compacted: bool = False
+    image_topic: bool = False  # one of the pipeline's image topics: takes topics.config
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
     t = settings.topics
     return [
-        TopicSpec(t.new, t.partitions, "ImageEvent"),
-        TopicSpec(t.new_high, t.partitions, "ImageEvent"),
-        TopicSpec(t.vision, t.partitions, "VisionResult"),
-        TopicSpec(t.enriched, t.partitions, "EnrichedRecord"),
-        TopicSpec(t.dlq, t.partitions, "DeadLetter"),
+        TopicSpec(t.new, t.partitions, "ImageEvent", image_topic=True),
+        TopicSpec(t.new_high, t.partitions, "ImageEvent", image_topic=True),
+        TopicSpec(t.vision, t.partitions, "VisionResult", image_topic=True),
+        TopicSpec(t.enriched, t.partitions, "EnrichedRecord", image_topic=True),
+        TopicSpec(t.dlq, t.partitions, "DeadLetter", image_topic=True),
     ]
 
 
 # Writers publish their Avro schemas here (key: fingerprint hex) so that a reader meeting a
-# newer writer schema can resolve it (see schemas.codec).
-SCHEMA_TOPIC = TopicSpec("imgflow.schemas", 1, "")
+# newer writer schema can resolve it (see schemas.codec). Compacted: a record older than the
+# retention time may still need its writer schema.
+SCHEMA_TOPIC = TopicSpec("imgflow.schemas", 1, "", compacted=True)
 
 
 def all_topic_specs(settings: Settings) -> list[TopicSpec]:

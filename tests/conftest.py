@@ -34,21 +34,55 @@ class S3Server:
                 "IMGFLOW_S3__SECRET_ACCESS_KEY": self.secret_access_key, "IMGFLOW_S3__REGION": "us-east-1"}
 
 
+# The brokers every broker test runs on: the embedded default (tansu) and the production one
+# (Apache Kafka, KRaft, from its Maven Central jars). IMGFLOW_TEST_ENGINES=kafka narrows it.
+ENGINES = [e for e in os.environ.get("IMGFLOW_TEST_ENGINES", "tansu,kafka").split(",") if e]
+
+
+def _session_stack(tmp_path_factory, engine: str):
+    from imgflow.stack import EmbeddedStack
+
+    data = tmp_path_factory.mktemp(f"broker-{engine}")
+    return EmbeddedStack(data, port=0, log_file=data / "broker.log", engine=engine).start()
+
+
 @pytest.fixture(scope="session")
-def embedded_stack(tmp_path_factory):
-    """One embedded stack (tansu on SeaweedFS) per test session; None when
-    IMGFLOW_TEST_BOOTSTRAP names a running broker to reuse (handy while developing)."""
+def tansu_stack(tmp_path_factory):
+    """The session's tansu stack (its SeaweedFS is also the tests' S3 server)."""
     if os.environ.get("IMGFLOW_TEST_BOOTSTRAP"):
         yield None
         return
-    from imgflow.stack import EmbeddedStack
-
-    data = tmp_path_factory.mktemp("broker")
-    stack = EmbeddedStack(data, port=0, log_file=data / "broker.log").start()
+    stack = _session_stack(tmp_path_factory, "tansu")
     try:
         yield stack
     finally:
         stack.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_stack(tmp_path_factory):
+    """The session's single-node Apache Kafka."""
+    if os.environ.get("IMGFLOW_TEST_BOOTSTRAP"):
+        yield None
+        return
+    stack = _session_stack(tmp_path_factory, "kafka")
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def engine(request) -> str:
+    """The broker engine of this test: each broker test runs once per engine."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def embedded_stack(request, engine):
+    """One embedded stack per engine per test session; None when IMGFLOW_TEST_BOOTSTRAP names
+    a running broker to reuse (handy while developing)."""
+    return request.getfixturevalue(f"{engine}_stack")
 
 
 @pytest.fixture(scope="session")
@@ -58,14 +92,14 @@ def broker(embedded_stack) -> str:
 
 
 @pytest.fixture(scope="session")
-def s3_server(embedded_stack) -> S3Server:
+def s3_server(tansu_stack) -> S3Server:
     """The session's real S3 server: the embedded stack's SeaweedFS (shared, as the broker
     is; tests use buckets of their own). With IMGFLOW_TEST_BOOTSTRAP, IMGFLOW_TEST_S3_DIR
     names the reused stack's data dir."""
     import json
 
-    if embedded_stack is not None:
-        data_dir, endpoint = embedded_stack.data_dir, embedded_stack.s3_endpoint
+    if tansu_stack is not None:
+        data_dir, endpoint = tansu_stack.data_dir, tansu_stack.s3_endpoint
     else:
         data_dir = Path(os.environ["IMGFLOW_TEST_S3_DIR"])
         endpoint = json.loads((data_dir / "stack.json").read_text())["s3_endpoint"]

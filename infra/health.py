@@ -1,0 +1,88 @@
+"""Health of a broker, the same for every engine: a topic can be created and described
+(tansu says "ready" even when its storage is broken; a Kafka node listens before it has
+joined its quorum)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+from infra.procs import StartupError, raise_if_exited, tail
+
+log = logging.getLogger("infra.embedded")
+
+HEALTH_TOPIC = "__imgflow_health"
+
+
+def admin_client(bootstrap: str):
+    from confluent_kafka.admin import AdminClient
+
+    return AdminClient({
+        "bootstrap.servers": bootstrap,
+        "socket.timeout.ms": 5000,
+        "reconnect.backoff.ms": 100,
+        "reconnect.backoff.max.ms": 500,
+        "logger": logging.getLogger("infra.embedded.kafka"),
+    })
+
+
+def create_topics(admin, specs: list[tuple[str, int]], timeout: float = 10.0) -> list[str]:
+    """Create topics that do not exist; returns the names created. Raises on other errors."""
+    from confluent_kafka import KafkaError
+    from confluent_kafka.admin import NewTopic
+
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    todo = [NewTopic(n, num_partitions=p, replication_factor=1) for n, p in specs if n not in existing]
+    created = []
+    if not todo:
+        return created
+    futures = admin.create_topics(todo, operation_timeout=timeout, request_timeout=timeout)
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout=timeout + 5)
+            created.append(name)
+        except Exception as e:  # noqa: BLE001
+            err = e.args[0] if e.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            raise
+    return created
+
+
+def check_broker_health(bootstrap: str, deadline: float, check, name: str, procs: list) -> None:
+    """Create and describe a topic: proves the broker and its storage work. ``procs``: the
+    (proc, log path) pairs whose exit fails the start at once, the first one's log quoted."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    last: Exception | None = None
+    admin = None
+    log_path = procs[0][1]
+    while time.monotonic() < deadline:
+        check()
+        for proc, path in procs:
+            raise_if_exited(proc, name, path)
+        if admin is None:
+            # connect only once the broker accepts, so librdkafka does not log refused connections
+            try:
+                with socket.create_connection((host, int(port)), timeout=1.0):
+                    pass
+            except OSError as e:
+                last = e
+                time.sleep(0.05)
+                continue
+            admin = admin_client(bootstrap)
+        try:
+            remaining = max(1.0, min(10.0, deadline - time.monotonic()))
+            create_topics(admin, [(HEALTH_TOPIC, 1)], timeout=remaining)
+            md = admin.list_topics(topic=HEALTH_TOPIC, timeout=remaining)
+            t = md.topics.get(HEALTH_TOPIC)
+            if t is not None and t.error is None and len(t.partitions) >= 1:
+                return
+            last = RuntimeError(f"topic {HEALTH_TOPIC} not described: {t and t.error}")
+        except Exception as e:  # noqa: BLE001
+            last = e
+        time.sleep(0.2)
+    raise StartupError(
+        f"{name} at {bootstrap} did not pass the health check (create + describe "
+        f"{HEALTH_TOPIC}): {last!r}; log tail ({log_path}):\n{tail(log_path)}"
+    )
