@@ -75,6 +75,9 @@ def local_image_event(path: Path, st: os.stat_result | None, *, source: str, run
     if st is None:  # dangling symlink, symlink loop, no permission: not resolvable, named as found
         where, version, size = Path(os.path.abspath(path)), UNSTATABLE, 0
     else:
-        where, version, size = path if canonical else path.resolve(), str(st.st_mtime_ns), st.st_size
+        # Named as found in its folder: a file that is a symlink keeps its own name (its row
+        # must say which of the user's files it was), only the folders above it are resolved.
+        where = path if canonical else path.parent.resolve() / path.name
+        version, size = str(st.st_mtime_ns), st.st_size
     return image_event("file://" + quote(str(where)), str(where), size, version, source=source, run_id=run_id,
                        priority=priority, force=force)

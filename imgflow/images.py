@@ -141,7 +141,12 @@ class ImageSource:
         except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
             raise BadImage(f"cannot resolve {uri}: {exc}") from exc
         if self.roots and not any(resolved.is_relative_to(root) for root in self.roots):
-            raise BadImage(f"refused: {path} is outside the allowed roots {[str(r) for r in self.roots]}")
+            roots = [str(r) for r in self.roots]
+            if resolved != path.absolute():
+                what = "is a symbolic link to" if path.is_symlink() else "leads through a symbolic link to"
+                raise BadImage(f"refused: {path} {what} {resolved}, which is outside the allowed roots {roots} "
+                               f"(a link in a watched folder must not make a file outside it readable)")
+            raise BadImage(f"refused: {path} is outside the allowed roots {roots}")
         try:
             st = resolved.stat()
             if not stat.S_ISREG(st.st_mode):

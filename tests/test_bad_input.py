@@ -138,27 +138,32 @@ def test_bad_events_never_stop_the_pipeline(broker, tmp_path):
     outside_uri = file_uri(root) + "/../outside.jpg"  # path traversal
     outside = {**good, "uri": outside_uri, "image_path": str(root / ".." / "outside.jpg"),
                "event_id": event_id_for(outside_uri, "1")}
-    produce_events(settings, [good, deleted, outside, good])  # `good` twice: a duplicate event
+    (root / "photo.jpg").symlink_to(secret)  # a link out of the folder: refused, named as found
+    link = local_image_event(root / "photo.jpg", (root / "photo.jpg").stat(), source="test", run_id="t")
+    produce_events(settings, [good, deleted, outside, link, good])  # `good` twice: a duplicate event
     produce(settings, settings.topics.new, [("junk-key", b"\xc3\x01 this is not Avro")])
     procs = Processes(tmp_path, settings_env(settings), root)
     for role in ("vision", "enrich", "sink"):
         procs.start(role)
     out = settings.sink.out_dir
     try:
-        wait_until(lambda: len(committed_rows(out)) >= 4, 300, interval=1, what="4 result rows")
+        wait_until(lambda: len(committed_rows(out)) >= 5, 300, interval=1, what="5 result rows")
         time.sleep(3)  # a second row for the duplicate would land now
     finally:
         codes = procs.stop_all()
     assert codes == {"vision": 0, "enrich": 0, "sink": 0}, (tmp_path / "logs" / "vision.log").read_text()[-3000:]
     rows = {r["event_id"]: r for r in committed_rows(out)}
-    assert len(committed_rows(out)) == 4 and set(rows) == {good["event_id"], deleted["event_id"],
-                                                            outside["event_id"], "junk-key"}
+    assert len(committed_rows(out)) == 5 and set(rows) == {good["event_id"], deleted["event_id"],
+                                                            outside["event_id"], link["event_id"], "junk-key"}
     assert rows[good["event_id"]]["error"] == ""
     assert "file not found" in rows[deleted["event_id"]]["error"]
     assert "outside the allowed roots" in rows[outside["event_id"]]["error"]
+    assert rows[link["event_id"]]["image_path"] == str(root / "photo.jpg")
+    assert f"photo.jpg is a symbolic link to {secret}, which is outside the allowed roots" \
+        in rows[link["event_id"]]["error"]
     assert "malformed input value" in rows["junk-key"]["error"]
     dead = {d["event_id"]: d for d in decoded(settings, settings.topics.dlq, "DeadLetter")}
-    assert set(dead) == {deleted["event_id"], outside["event_id"], "junk-key"}
+    assert set(dead) == {deleted["event_id"], outside["event_id"], link["event_id"], "junk-key"}
     assert dead["junk-key"]["raw_value"] == b"\xc3\x01 this is not Avro" and dead["junk-key"]["stage"] == "vision"
     assert dead[deleted["event_id"]]["event"]["image_path"] == str(root / "deleted.jpg")
 

@@ -118,3 +118,32 @@ def test_every_image_named_file_gets_an_event_even_when_it_cannot_be_read(settin
             assert says in str(exc), (name, str(exc))
         else:
             raise AssertionError(f"{name} was read")
+
+
+def test_a_symlink_out_of_the_folder_is_named_as_found_and_refused_saying_where_it_points(settings, tmp_path):
+    """photo.jpg in the folder is a link to a file elsewhere: its event (and so its row) names
+    photo.jpg, not the target, and reading it is refused with where it points and why. A link
+    to another file of the folder is read, under its own name."""
+    from imgflow.errors import BadInput
+    from imgflow.images import ImageSource
+
+    folder = tmp_path / "in"
+    make_png(folder / "real.png")
+    secret = tmp_path / "elsewhere" / "secret.png"
+    make_png(secret)
+    (folder / "photo.jpg").symlink_to(secret)
+    (folder / "alias.png").symlink_to(folder / "real.png")
+    watcher = LocalWatcher(folder, settings)
+    watcher.poll_once()
+    evs = {os.path.basename(e["image_path"]): e for e in events_on(settings)}
+    assert sorted(evs) == ["alias.png", "photo.jpg", "real.png"]
+    assert evs["photo.jpg"]["image_path"] == str(folder.resolve() / "photo.jpg")
+    assert evs["alias.png"]["image_path"] == str(folder.resolve() / "alias.png")
+    assert {e["event_id"] for e in evs.values()} == current_event_ids(folder, settings)
+    source = ImageSource(settings.model_copy(update={"allowed_roots": [folder]}))
+    assert source.read(evs["alias.png"]["uri"]) == (folder / "real.png").read_bytes()
+    with pytest.raises(BadInput) as refused:
+        source.read(evs["photo.jpg"]["uri"])
+    message = str(refused.value)
+    assert str(folder.resolve() / "photo.jpg") in message
+    assert f"symbolic link to {secret.resolve()}" in message and "outside the allowed roots" in message
