@@ -75,6 +75,7 @@ from imgflow import metrics
 from imgflow.events import dedupe_key
 from imgflow.kafka import consumer_config
 from imgflow.lag import LagReader
+from imgflow.rescan import IdleRescan
 from imgflow.results import (  # noqa: F401 - CSV_COLUMNS, read_csv_rows, row_from_enriched re-exported
     AVRO,
     COMMITTED_LENGTH,
@@ -386,57 +387,6 @@ class ResultStore:
             self.csv.checkpoint()
 
 
-class IdleRescan:
-    """Once the sink falls idle, it reads again what arrived since it was last idle; rows it
-    wrote are dropped as known, a record it never saw is written.
-
-    Why: on tansu, a read_committed consumer was seen to step over a whole committed
-    transaction (8 records at the start of a partition, in a pipeline just started); they
-    reached the sink only when it restarted (start-up reads the dedupe window before the
-    committed offsets). Re-reading at each idle point turns that into a delay of seconds.
-    At most half the dedupe window is re-read, so every re-read record that was written is
-    still known (no second row); nothing is re-read while records keep coming."""
-
-    def __init__(self, window: int, committed: dict[tuple[str, int], int | None], idle_s: float = 5.0) -> None:
-        self.limit = max(0, window // 2)
-        self.idle_s = idle_s
-        self.mark = {tp: off or 0 for tp, off in committed.items()}  # position at the last idle point
-        self.last = time.monotonic()
-        self.consumed = False  # anything consumed since the last idle point
-        self.high: dict[tuple[str, int], int] = {}  # next offset beyond all consumed
-
-    def saw(self, msgs: list) -> list:
-        """Note a batch; returns the records beyond what was consumed before (not re-reads),
-        which are what the "messages in" counter counts."""
-        self.last, self.consumed = time.monotonic(), True
-        fresh = []
-        for m in msgs:
-            key = (m.topic(), m.partition())
-            if m.offset() >= self.high.get(key, -1):
-                fresh.append(m)
-                self.high[key] = m.offset() + 1
-        return fresh
-
-    def maybe(self, consumer: Consumer) -> None:
-        if not self.consumed or time.monotonic() - self.last < self.idle_s:
-            return
-        self.consumed = False
-        try:
-            positions = consumer.position(consumer.assignment())
-        except KafkaException as exc:
-            log.debug("idle re-read skipped: %s", exc)
-            return
-        for tp in positions:
-            key = (tp.topic, tp.partition)
-            if tp.offset < 0:
-                continue
-            start = max(self.mark.get(key, 0), tp.offset - self.limit)
-            self.mark[key] = tp.offset
-            if start < tp.offset:
-                consumer.seek(TopicPartition(tp.topic, tp.partition, start))
-                log.debug("idle: reading %s[%d] again from %d to %d", tp.topic, tp.partition, start, tp.offset)
-
-
 class SinkRunner:
     name = "sink"
 
@@ -511,7 +461,7 @@ class SinkRunner:
                             stopping=lambda: self.stopping)
         if restored is None:
             return False
-        self.rescan = IdleRescan(self.store.known.window, committed) if self.bounds is None else None
+        self.rescan = IdleRescan(self.store.known.window // 2, committed) if self.bounds is None else None
         log.info("sink writing to %s (%d recent results known, %d restored from Avro, start-up %.2fs)",
                  self.store.output, len(self.store.known), restored, time.monotonic() - t0)
         return True

@@ -43,6 +43,7 @@ from imgflow.errors import BadInput
 from imgflow.events import dedupe_key
 from imgflow.kafka import consumer_config, fetch_schemas, producer_config, publish_schemas
 from imgflow.lag import LagReader
+from imgflow.rescan import IdleRescan
 from imgflow.settings import Settings
 from schemas.codec import Codec, SchemaError, get_codec
 
@@ -151,6 +152,10 @@ class HandledIds:
 
 
 TP = tuple[str, int]
+RESCAN_LIMIT = 5_000  # offsets per partition re-read at an idle point (within HandledIds' memory)
+# A record the broker refuses for its size (its message.max.bytes, the topic's
+# max.message.bytes) or librdkafka for ours: that image becomes a dead letter.
+TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE)
 
 
 @dataclass
@@ -262,6 +267,11 @@ class StageRunner:
         self._first_start: dict[tuple[str, int], int] = {}  # committed offsets of first-topic partitions
         self._lower_paused = False  # the lower lanes are paused (see _consume)
         self._first_start_retry = 0.0  # monotonic time to ask for those committed offsets again
+        # A live stage reads again, once idle, what it consumed since it was last idle
+        # (imgflow.rescan: tansu was seen to step over a committed transaction; on Kafka only
+        # a safety net). Re-read records it has handled are dropped without a trace.
+        self.rescan = IdleRescan(RESCAN_LIMIT) if bounds is None else None
+        self._committed_next: dict[tuple[str, int], int] = {}  # offsets this process committed
 
     def _watch_transactions(self) -> None:
         """Exit the process if one transaction hangs: a crash is always safe here (that is
@@ -277,8 +287,17 @@ class StageRunner:
 
     # ---- partition ownership ------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self.rescan is not None and partitions:
+            try:  # where the idle re-read of each partition may go back to
+                committed = consumer.committed(partitions, timeout=10)
+                self.rescan.assigned({(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None
+                                      for tp in committed})
+            except KafkaException as exc:
+                log.warning("committed offsets of the new partitions not read (%s): the idle re-read "
+                            "starts where consuming does", exc)
         for tp in partitions:
             self._first_start.pop((tp.topic, tp.partition), None)
+            self._committed_next.pop((tp.topic, tp.partition), None)
             txn_id = f"{self.group_id}.{tp.topic}.{tp.partition}"
             producer = Producer(producer_config(self.settings, txn_id,
                                                 **{"linger.ms": self.settings.kafka.txn_linger_ms}))
@@ -334,6 +353,8 @@ class StageRunner:
                 if self.range is not None:
                     msgs = self.range.take(self.consumer, raw)
                 if not msgs:
+                    if self.rescan is not None:
+                        self.rescan.maybe(self.consumer)
                     continue
                 self._handle_batch(msgs)
                 batches += 1
@@ -367,21 +388,25 @@ class StageRunner:
                  if tp.topic != self.topics[0] and (tp.topic, tp.partition) not in finished]
         if not lower:
             return self.consumer.consume(size, wait)
-        if self._first_topic_drained():
+        drained = self._first_topic_drained()
+        if drained:
             if self._lower_paused:  # left paused by a batch taken from the first topic
                 self.consumer.resume(lower)
                 self._lower_paused = False
             return self.consumer.consume(size, wait)
         self.consumer.pause(lower)
         self._lower_paused = True
-        first = self.consumer.consume(size, 0)
+        # Nothing known of the first topic yet (just assigned: no fetch answered): wait for
+        # its first fetch instead of a zero-wait look that would find it empty, so an image
+        # waiting there before the stage started is taken first, not one batch later.
+        first = self.consumer.consume(size, wait if drained is None else 0)
         if any(not m.error() for m in first):
             return first
         self.consumer.resume(lower)
         self._lower_paused = False
         return first + self.consumer.consume(size, wait)
 
-    def _first_topic_drained(self) -> bool:
+    def _first_topic_drained(self) -> bool | None:
         """True when every assigned partition of the first topic is known to hold nothing past
         what this consumer has taken (its high watermark as of the last fetch response, which
         covers every assigned partition, at most its next offset): then a batch can be taken
@@ -390,7 +415,11 @@ class StageRunner:
         from the broker's storage, the vision stage's largest cost on the broker path.
         Anything unknown (no fetch yet, no position, a bounded run) counts as not drained.
         A record arriving in the first topic after the last fetch waits one batch, as one
-        arriving just after the paused look does."""
+        arriving just after the paused look does. None: a partition of the first topic has
+        no fetch answered yet (its high watermark is unknown).
+
+        On tansu the high watermark may be too low (ENVIRONMENT.md); a record there can
+        then wait a batch or two longer. On Kafka it is right as of the last fetch."""
         if self.bounds is not None:
             return False
         high = [tp for tp in self.consumer.assignment() if tp.topic == self.topics[0]]
@@ -413,29 +442,44 @@ class StageRunner:
                 nxt = tp.offset if tp.offset >= 0 else self._first_start[(tp.topic, tp.partition)]
                 if nxt < 0:  # no committed offset: auto.offset.reset=earliest starts at the low mark
                     nxt = low
-                if high_mark < 0 or nxt < 0 or high_mark > nxt:
+                if high_mark < 0:
+                    return None
+                if nxt < 0 or high_mark > nxt:
                     return False
         except KafkaException:
             return False
         return True
 
     def _handle_batch(self, msgs: list[Message]) -> None:
-        records = decode_messages(msgs, self.transform, self.codec, self.settings)
-        for topic, n in Counter(rec.topic for rec in records).items():  # a count per batch, not per record
+        fresh = self.rescan.saw(msgs) if self.rescan is not None else msgs
+        fresh_ids = {id(m) for m in fresh}
+        reread = {(m.topic(), m.partition(), m.offset()) for m in msgs if id(m) not in fresh_ids}
+        for topic, n in Counter(m.topic() for m in fresh).items():  # a count per batch, not per record
             metrics.MESSAGES_IN.labels(self.transform.name, topic).inc(n)
+        records = decode_messages(msgs, self.transform, self.codec, self.settings)
         for rec in records:
             self._scope_to_run(rec)
-        todo, seen = [], set()
+        todo, seen, kept = [], set(), []
         for rec in records:
+            again = (rec.topic, rec.partition, rec.offset) in reread
             if rec.error is None and (rec.dedupe_key in self.handled or rec.dedupe_key in seen):
+                if again:  # read again at an idle point, and handled: not a duplicate event
+                    continue
                 metrics.DUPLICATES_DROPPED.labels(self.transform.name).inc()
                 log.info("duplicate dropped", extra={"event_id": rec.event_id, "stage": self.transform.name})
-                continue
-            seen.add(rec.dedupe_key)
-            todo.append(rec)
+            elif again and rec.error is not None:
+                continue  # an undecodable record read again: it was dead-lettered the first time
+            else:
+                if again:
+                    log.warning("a record first stepped over was found when read again: %s[%d]@%d", rec.topic,
+                                rec.partition, rec.offset, extra={"event_id": rec.event_id,
+                                                                  "stage": self.transform.name})
+                seen.add(rec.dedupe_key)
+                todo.append(rec)
+            kept.append(rec)
         outputs = self._transform(todo)
         by_partition: dict[tuple[str, int], list[InputRecord]] = defaultdict(list)
-        for rec in records:
+        for rec in kept:
             by_partition[(rec.topic, rec.partition)].append(rec)
         # Highest-priority topic first.
         for tp in sorted(by_partition, key=lambda t: (self.topics.index(t[0]), t[1])):
@@ -508,7 +552,7 @@ class StageRunner:
                  extra={"stage": self.transform.name})
         yield from zip(records, results)
 
-    def _dead_letter(self, rec: InputRecord, error: str, attempts: int) -> Output:
+    def _dead_letter(self, rec: InputRecord, error: str, attempts: int, keep_vision: bool = True) -> Output:
         metrics.MESSAGES_FAILED.labels(self.transform.name).inc()
         # The one log line of a dead letter says exactly what the dead letter says.
         log.error("dead-lettered after %d attempt(s): %s", attempts, error,
@@ -523,19 +567,20 @@ class StageRunner:
             "input_partition": rec.partition,
             "input_offset": rec.offset,
             "event": self.transform.event_of(rec.value) if rec.value else None,
-            "vision": self.transform.vision_of(rec.value) if rec.value else None,
+            "vision": self.transform.vision_of(rec.value) if rec.value and keep_vision else None,
             "raw_value": rec.raw if rec.value is None else None,
         }
         return Output(self.settings.topics.dlq, "DeadLetter", value, rec.event_id)
 
     # ---- the commit, written once ----------------------------------------------------------
     def _commit_partition(self, tp: tuple[str, int], records: list[InputRecord],
-                          outputs: dict[int, list[Output]]) -> None:
+                          outputs: dict[int, list[Output]], oversize_retry: bool = True) -> None:
         producer = self.producers.get(tp)
         if producer is None:  # revoked while we worked: the new owner redoes these records
             log.warning("partition %s[%d] no longer ours: batch dropped, the new owner redoes it", *tp)
             return
         self.txn_started = time.monotonic()
+        oversized: dict[int, str] = {}  # id(record) -> why its output was refused for its size
         try:
             # Step 1. Begin: everything until step 4 becomes visible together or not at all.
             producer.begin_transaction()
@@ -543,17 +588,27 @@ class StageRunner:
             produced: Counter[str] = Counter()
             for rec in records:
                 for out in outputs.get(id(rec), []):
-                    producer.produce(out.topic, key=out.key, value=self.codec.encode(out.schema, out.value))
+                    value = self.codec.encode(out.schema, out.value)
+                    try:
+                        producer.produce(out.topic, key=out.key, value=value,
+                                         on_delivery=_size_watch(rec, out, len(value), oversized))
+                    except KafkaException as exc:
+                        if exc.args[0].code() in TOO_LARGE:
+                            oversized[id(rec)] = _too_large(out, len(value), exc.args[0])
+                        raise
                     produced[out.topic] += 1
             self.crash.reach("after_produce")
             # Step 3. Add the input offsets to the same transaction: the progress is
             # committed only together with the outputs it stands for. The group metadata
-            # lets the broker refuse it if we lost the partition meanwhile.
-            offsets = [TopicPartition(tp[0], tp[1], records[-1].offset + 1)]
+            # lets the broker refuse it if we lost the partition meanwhile. Never behind
+            # what this process committed already (a batch read again at an idle point).
+            next_offset = max(records[-1].offset + 1, self._committed_next.get(tp, -1))
+            offsets = [TopicPartition(tp[0], tp[1], next_offset)]
             producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 60)
             self.crash.reach("after_offsets")
             # Step 4. Commit, retrying while the error is retriable (e.g. broker restarting).
             self._commit_with_retry(producer)
+            self._committed_next[tp] = next_offset
             metrics.TRANSACTIONS.labels(self.transform.name, "committed").inc()
             for topic, n in produced.items():  # counted once committed: an aborted batch is redone
                 metrics.MESSAGES_OUT.labels(self.transform.name, topic).inc(n)
@@ -566,12 +621,24 @@ class StageRunner:
             if err.fatal():
                 # Fenced: another owner has this partition now. Restarting is the safe way out.
                 raise
+            producer.poll(0)  # delivery reports not served yet (a size refused by the broker)
             try:
                 producer.abort_transaction(30)
             except KafkaException as abort_exc:
                 log.error("abort failed: %s", abort_exc)
+            if oversized and oversize_retry:
+                # Those images become dead letters (without the refused result), and the
+                # batch commits again at once: nothing else about it changed.
+                for rec in records:
+                    if id(rec) in oversized:
+                        outputs[id(rec)] = [self._dead_letter(rec, oversized[id(rec)], 1, keep_vision=False)]
+                self.txn_started = None
+                self._commit_partition(tp, records, outputs, oversize_retry=False)
+                return
             # Redo these records: rewind to the first offset of the batch.
             self.consumer.seek(TopicPartition(tp[0], tp[1], records[0].offset))
+            if self.rescan is not None:
+                self.rescan.rewound(tp, records[0].offset)
             if self.range is not None:
                 self.range.rewound(tp)
             return
@@ -599,6 +666,20 @@ class StageRunner:
                     raise
                 log.warning("commit retry %d: %s", attempt + 1, err)
                 time.sleep(1)
+
+
+def _too_large(out: Output, size: int, err: KafkaError) -> str:
+    return (f"its {out.schema} record for {out.topic} is {size:,} bytes, more than Kafka accepts "
+            f"(the producer's or the broker's message.max.bytes, or the topic's max.message.bytes): {err.str()}")
+
+
+def _size_watch(rec: InputRecord, out: Output, size: int, oversized: dict[int, str]):
+    """A delivery callback noting an output the broker refused for its size (the commit then
+    fails as a whole; the caller turns that image into a dead letter and commits again)."""
+    def on_delivery(err: KafkaError | None, _msg) -> None:
+        if err is not None and err.code() in TOO_LARGE:
+            oversized[id(rec)] = _too_large(out, size, err)
+    return on_delivery
 
 
 def install_signal_handlers(runner: StageRunner | Any) -> None:
