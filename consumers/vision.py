@@ -16,6 +16,16 @@ from imgflow.stage import InputRecord, Output, Transform
 log = logging.getLogger(__name__)
 
 
+def _without_frames(exc: BaseException) -> BaseException:
+    seen: BaseException | None = exc
+    done: set[int] = set()
+    while seen is not None and id(seen) not in done:
+        done.add(id(seen))
+        seen.__traceback__ = None
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
 def _floats(vector) -> list[float]:
     return [float(x) for x in vector]
 
@@ -43,7 +53,8 @@ class VisionTransform(Transform):
 
     def _read(self, event: dict) -> PreparedImage:
         # Local files and s3:// objects alike: allowed roots/prefixes and size limits apply.
-        return prepare_image(self.source.read(event["uri"]), self.settings.models.image_max_size)
+        return prepare_image(self.source.read(event["uri"]), self.settings.models.image_max_size,
+                             self.settings.models.image_max_pixels)
 
     def process(self, records: list[InputRecord]) -> list[list[Output] | BaseException]:
         started = time.monotonic()
@@ -54,7 +65,9 @@ class VisionTransform(Transform):
             try:
                 ready.append((i, self._read(rec.value)))
             except BadInput as exc:
-                results[i] = exc
+                # Kept without its frames: a traceback holds the decoder's locals, a half
+                # decoded image among them, and the batch would hold one per bad file.
+                results[i] = _without_frames(exc)
         if ready:
             m = self.models
             images = [p.image for _, p in ready]

@@ -14,12 +14,16 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgflow.errors import BadInput
+from imgflow.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
-# Pillow refuses images over 2x this many pixels and warns above it; we make both an
-# error (a decompression bomb is bad input, not something to decode).
-DEFAULT_MAX_PIXELS = 20_000 * 20_000
+# models.image_max_pixels' default (imgflow/settings.py says why 120 MP).
+DEFAULT_MAX_PIXELS = ModelSettings.model_fields["image_max_pixels"].default
+# A JPEG is decoded at down to 1/8 of its size (draft), so one may have up to 64x the limit
+# in its header; Pillow's own bomb check (a warning above, an error above twice this) is
+# set there and both are refused.
+_JPEG_DRAFT_SCALE = 8
 
 
 class BadImage(BadInput):
@@ -49,26 +53,49 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
+def _shrink(img: Image.Image, max_size: int) -> Image.Image:
+    """The decoded image reduced to at most ``max_size`` a side in its own mode, before any
+    copy (upright, RGB) is made: a large image costs its decoded size once, not three times."""
+    if max(img.size) <= max_size:
+        return img
+    if img.mode == "1":
+        img = img.convert("L")  # same bytes per pixel; "1" resizes only by nearest neighbour
+    elif img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    try:
+        img.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
+    except ValueError:  # a mode Pillow cannot resample (16-bit ...): reduced once RGB below
+        pass
+    return img
+
+
 def prepare_image(data: bytes, max_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
     """Decode ``data`` into an upright RGB image whose longest side is at most ``max_size``,
-    keeping the aspect ratio. Raises BadImage with a message that says what is wrong."""
+    keeping the aspect ratio. An image with more than ``max_pixels`` to decode
+    (models.image_max_pixels) is refused from its header. Raises BadImage with a message
+    that says what is wrong."""
     if not data:
         raise BadImage("empty file (0 bytes)")
-    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard, at our limit
+    Image.MAX_IMAGE_PIXELS = max_pixels * _JPEG_DRAFT_SCALE ** 2  # Pillow's own guard, above ours
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
-            if width * height > max_pixels:
-                raise BadImage(f"image too large: {width}x{height} pixels (limit {max_pixels} pixels)")
             fmt = img.format or "unknown"
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)  # animated: the first frame stands for the image
             # JPEG can decode at 1/2, 1/4, 1/8 scale: huge photos stay cheap.
             if fmt == "JPEG":
                 img.draft("RGB", (max_size * 2, max_size * 2))
+            decoded = img.size[0] * img.size[1]
+            if decoded > max_pixels:
+                scaled = f", {img.size[0]}x{img.size[1]} at the smallest scale it decodes at" \
+                    if img.size != (width, height) else ""
+                raise BadImage(f"image too large: {width}x{height} pixels{scaled} (limit {max_pixels} pixels, "
+                               f"models.image_max_pixels): refused undecoded")
             img.load()
+            img = _shrink(img, max_size)
             img = ImageOps.exif_transpose(img)
             img = _to_rgb(img)
     except BadImage:

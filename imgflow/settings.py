@@ -116,6 +116,11 @@ class ModelSettings(_Section):
     profile: Literal["embedded", "gpu"] = "embedded"
     image_max_size: int = Field(384, ge=32, le=8192)
     image_max_bytes: int = Field(200 * 1024 * 1024, ge=1)  # bigger files/objects are refused unread
+    # Pixels an image may have to be decoded in full (a JPEG counts at the 1/2..1/8 scale it is
+    # decoded at); bigger ones are error rows, refused from their header before any decoding.
+    # Decoding costs ~4 bytes a pixel: 120 MP (over every stills camera's full resolution,
+    # under Pillow's own 179 MP bomb limit) is at most ~0.5 GB for one image.
+    image_max_pixels: int = Field(120_000_000, ge=1)
     # The original script had MODEL_CACHE_SIZE = 3; the embedded vision stage alone holds 6
     # entries at once (image net, face detector, OCR and its word list, sentence model, word
     # vectors), so fewer would reload some every batch (the cache warns when that happens).

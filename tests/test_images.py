@@ -91,3 +91,53 @@ def test_animated_gif_first_frame():
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
     pixel = prepare_image(buf.getvalue(), 384).image.getpixel((10, 10))
     assert pixel[0] > 200 and pixel[2] < 50
+
+
+def _decode_batch(kind: str, count: int) -> dict:
+    """The vision stage reading a batch of ``count`` large files, in a process of its own."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "tests.decode_memory", kind, str(count)], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_a_48_kb_png_of_400_megapixels_is_an_error_row_without_being_decoded():
+    """20,000 x 20,000 one-bit pixels (48 KB): decoding it took 1.9 GB. It is refused from
+    its header by models.image_max_pixels, the whole batch of them costing next to nothing."""
+    result = _decode_batch("bomb", 4)
+    assert len(result["errors"]) == 4
+    for error in result["errors"]:
+        assert "image too large: 20000x20000 pixels" in error and "models.image_max_pixels" in error
+    assert result["peak_above_start_mb"] < 50  # one decode would be 400 MB
+
+
+def test_a_batch_of_large_corrupt_images_costs_one_image_of_memory():
+    """Each 64 MP PNG is allocated in full, then fails half-way: a batch must not keep the
+    failed decodes (in their exceptions' frames) alive, so four cost what one does."""
+    one, four = _decode_batch("truncated", 1), _decode_batch("truncated", 4)
+    assert all("truncated" in e for e in one["errors"] + four["errors"]) and len(four["errors"]) == 4
+    assert one["peak_above_start_mb"] > 10  # the decode did allocate
+    assert four["peak_above_start_mb"] < 1.5 * one["peak_above_start_mb"]
+
+
+def test_the_pixel_limit_is_a_setting_and_a_jpeg_counts_at_its_decoded_scale():
+    from imgflow.settings import Settings
+
+    assert Settings().models.image_max_pixels == 120_000_000
+    png = encode(Image.new("RGB", (1000, 1000), "green"), "PNG")
+    with pytest.raises(BadImage, match=r"1000x1000 pixels \(limit 999999 pixels, models.image_max_pixels\)"):
+        prepare_image(png, 384, max_pixels=999_999)
+    assert prepare_image(png, 384, max_pixels=1_000_000).original_size == (1000, 1000)
+    # A JPEG decodes at 1/8 for 32 px (125 x 125): its 1 MP is not what it costs; at 1/2 for
+    # 250 px (500 x 500): 250,000 pixels to decode.
+    jpeg = encode(Image.new("RGB", (1000, 1000), "green"), "JPEG")
+    assert prepare_image(jpeg, 32, max_pixels=20_000).original_size == (1000, 1000)
+    assert prepare_image(jpeg, 250, max_pixels=250_000).image.size == (250, 250)
+    with pytest.raises(BadImage, match="500x500 at the smallest scale it decodes at"):
+        prepare_image(jpeg, 250, max_pixels=200_000)
