@@ -70,9 +70,10 @@ def run_rows(out: Path) -> list[dict]:
     return list(read_csv_rows(out / "results.csv", length))
 
 
-def test_points_and_time_ranges(settings):
-    """--from/--to parsing, and offsets found by record timestamps where the broker's own
-    lookup by time answers wrongly (the embedded broker says 0)."""
+def test_points_and_time_ranges(settings, engine):
+    """--from/--to parsing, and offsets for times: from Kafka's offsets_for_times (checked
+    against the records' timestamps), found by scanning timestamps where the broker's own
+    lookup by time answers wrongly (tansu says 0)."""
     assert parse_point("42", "--from") == Point("offset", 42)
     assert parse_point("@1000", "--from") == Point("time", 1000)
     assert parse_point("1970-01-01T00:00:02Z", "--from") == Point("time", 2000)
@@ -94,11 +95,15 @@ def test_points_and_time_ranges(settings):
         assert reader.resolve((topic, 0), Point("offset", 2), Point("offset", 99)) == (2, 10)
         assert reader.resolve((topic, 0), Point("time", base + 99_000), Point("end")) == (10, 10)
         assert reader.resolve((topic, 1), Point("time", base), Point("end")) == (0, 0)
+        if engine == "kafka":  # the broker's time index answered every lookup; nothing scanned
+            assert reader.time_lookups["scanned"] == 0 and reader.time_lookups["broker"] >= 5, reader.time_lookups
+        else:  # tansu's answer (0) failed the check: found by scanning
+            assert reader.time_lookups["scanned"] >= 4, reader.time_lookups
     finally:
         reader.close()
 
 
-def test_sink_replay_by_time_with_kills(settings, tmp_path):
+def test_sink_replay_by_time_with_kills(settings, tmp_path, engine):
     """A sink replay over a time range of the live images.enriched and images.dlq: the replay's
     sink SIGKILLed in the middle of a write (restarted by the replay), then the replay command
     itself SIGKILLed and run again. The run's output holds every record of the range once,
@@ -140,6 +145,11 @@ def test_sink_replay_by_time_with_kills(settings, tmp_path):
     killed = subprocess.run(replay_cmd("--stage", "sink", "--from", boundary), cwd=ROOT, capture_output=True,
                             text=True, timeout=120, env={**env, "IMGFLOW_CRASH_AT": "replay:after_stage"})
     assert killed.returncode == -9, killed.stdout + killed.stderr
+    # How the time was turned into offsets: Kafka's offsets_for_times, or tansu's scan.
+    if engine == "kafka":
+        assert "from the broker's offsets_for_times" in killed.stderr and "scanning timestamps" not in killed.stderr
+    else:
+        assert "scanning timestamps" in killed.stderr
     run_id = re.search(r"run (\S+):", killed.stdout).group(1)
     again = subprocess.run(replay_cmd("--stage", "sink", "--from", boundary), cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=120)
