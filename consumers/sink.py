@@ -64,6 +64,7 @@ import csv
 import fcntl
 import logging
 import os
+import socket
 import time
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
@@ -115,7 +116,10 @@ CHECKPOINT = ".sink-checkpoint"
 
 
 class SinkLockedError(RuntimeError):
-    pass
+    """Another sink writes this output (or took over its lease): the message names both."""
+
+
+LEASE_KEY = "_sink.lease"  # on S3, the object whose conditional writes make one sink per prefix
 
 
 @dataclass
@@ -261,18 +265,49 @@ class ResultStore:
         self.known = RecentIds(window)
         self.csv = CsvParts(self.output) if self.output.is_s3 else LocalCsv(Path(out))
         self._lock_file = None
+        self.lease = None
 
     # ---- start-up -------------------------------------------------------------------------
-    def lock(self) -> None:
-        """Locally, one sink per folder (flock). On S3 nothing enforces it: run one sink per prefix."""
+    def lock(self, owner: str = "a sink", stopping=lambda: False) -> None:
+        """One sink per output. Locally a flock on ``.sink.lock``; on S3 a lease object under
+        the prefix (``_sink.lease``, imgflow/s3lease.py), renewed while the sink runs. Held by a
+        sink of another group: SinkLockedError at once, naming the prefix and the holder; by
+        one of the same ``owner`` (its predecessor, most likely): wait for it to stop or for
+        its lease to expire (sink.lease_ttl_s)."""
         self.output.check()
         if self.output.is_s3:
+            from imgflow.s3lease import LeaseHeld, S3Lease
+
+            lease = S3Lease(self.output.client, self.output.bucket, self.output.prefix + LEASE_KEY, owner,
+                            self.settings.sink.lease_ttl_s)
+            try:
+                lease.acquire(wait_for=lambda holder: holder.owner == owner, stopping=stopping)
+            except LeaseHeld as exc:
+                raise SinkLockedError(f"another sink is writing to {self.output}: {exc}") from None
+            lease.start_renewing()
+            self.lease = lease
             return
-        self._lock_file = open(self.out / ".sink.lock", "w")
+        self._lock_file = open(self.out / ".sink.lock", "a+")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            raise SinkLockedError(f"another sink is writing to {self.out}") from exc
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip()
+            raise SinkLockedError(f"another sink is writing to {self.out}"
+                                  + (f": {holder}" if holder else "")) from exc
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(f"{owner} (pid {os.getpid()} on {socket.gethostname()})\n")
+        self._lock_file.flush()
+
+    def unlock(self) -> None:
+        """Release the output (the S3 lease is deleted, so the next sink need not wait)."""
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     def committed_length(self) -> int:
         return committed_csv_length(self.out) if not self.output.is_s3 else 0
@@ -344,6 +379,13 @@ class ResultStore:
     def write(self, pending: list[PendingRow], crash: CrashPoints | None = None) -> list[PendingRow]:
         """Write the rows whose event_id is new; returns those written."""
         crash = crash or CrashPoints("sink", "")
+        if self.lease is not None:  # still the one sink of this prefix (S3Error: the store is down)
+            from imgflow.s3lease import LeaseLost
+
+            try:
+                self.lease.ensure()
+            except LeaseLost as exc:
+                raise SinkLockedError(str(exc)) from None
         fresh, seen = [], set()
         for p in pending:
             eid = dedupe_key(p.row["event_id"], p.row["run_id"])
@@ -445,7 +487,8 @@ class SinkRunner:
         """Lock and recover the output, retrying S3 errors; False if stopped meanwhile.
         Sets ``self.rescan`` (a live sink's idle re-read, from the committed offsets)."""
         t0 = time.monotonic()
-        if retry_s3("sink start-up", self.store.lock, stopping=lambda: self.stopping) is None \
+        lock = lambda: self.store.lock(f"sink of group {self.group_id}", stopping=lambda: self.stopping)  # noqa: E731
+        if retry_s3("sink start-up", lock, stopping=lambda: self.stopping) is None \
                 and self.stopping:
             return False
         while True:  # the broker may be restarting: wait for it (a stop request ends the wait)
@@ -527,4 +570,5 @@ class SinkRunner:
             if lag is not None:
                 lag.stop()
             consumer.close()
+            self.store.unlock()
             log.info("sink stopped")

@@ -200,6 +200,9 @@ class SinkSettings(_Section):
     # Event_ids of the last N offsets of each partition are kept for dedupe (the records of
     # aborted transactions that some brokers deliver): see consumers/sink.py.
     dedupe_window: int = Field(10_000, ge=0)
+    # On S3, the sink's lease on its prefix (one sink per prefix): renewed every third of this,
+    # taken over by another sink this long after its holder stopped renewing (a killed sink).
+    lease_ttl_s: float = Field(30.0, ge=3.0)
 
     @field_validator("out_dir", mode="before")
     @classmethod

@@ -226,3 +226,82 @@ def test_kill_sink_mid_upload_and_kill_s3_server_exactly_once(tmp_path):
                 p.kill()
                 p.wait()
         stack.stop()
+
+
+def _s3_client(s3_server):
+    return boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key_id,
+                        aws_secret_access_key=s3_server.secret_access_key, region_name="us-east-1")
+
+
+def test_the_lease_is_conditional_and_a_holder_that_stops_renewing_loses_it(s3_server, s3_bucket):
+    """The store's conditional writes decide: a second lease cannot be created while one is
+    held; once the holder (on another machine, so it cannot be seen to be gone) has not
+    renewed for its ttl, it is taken over, and the old holder's next renewal finds that out."""
+    from imgflow.s3lease import Holder, LeaseHeld, LeaseLost, S3Lease
+
+    client, key = _s3_client(s3_server), "runs/r1/_sink.lease"
+    first = S3Lease(client, s3_bucket, key, "sink of group g1", ttl_s=3)
+    first.me = Holder("another-machine", 4242, "sink of group g1", "t1")  # as written from elsewhere
+    first.acquire()
+    with pytest.raises(Exception, match="PreconditionFailed"):  # If-None-Match: * is honoured
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"x", IfNoneMatch="*")
+    second = S3Lease(client, s3_bucket, key, "sink of group g2", ttl_s=3)
+    with pytest.raises(LeaseHeld) as held:
+        second.acquire()
+    assert f"s3://{s3_bucket}/{key}" in str(held.value)
+    assert "sink of group g1 (pid 4242 on another-machine)" in str(held.value)
+    first.renew()  # renewing keeps it
+    with pytest.raises(LeaseHeld):
+        second.acquire()
+    time.sleep(4.5)  # no renewal for longer than the ttl (the store's clock counts whole seconds)
+    second.acquire()
+    with pytest.raises(LeaseLost, match="taken over by sink of group g2"):
+        first.renew()
+    second.release()
+    assert client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/").get("KeyCount", 0) == 0
+
+
+def test_a_second_sink_on_the_same_prefix_refuses_to_start_and_a_killed_sinks_lease_is_taken(
+        s3_settings, s3_server, s3_bucket, tmp_path):
+    """Two sink processes of different groups on one s3:// prefix: the second exits at once
+    naming the prefix and the holder; the first, killed -9, stops renewing, and a sink then
+    takes the prefix over and writes every row once."""
+    settings = s3_settings
+    codec = get_codec()
+    produce(settings, settings.topics.enriched, [(f"e{i:04d}", codec.encode("EnrichedRecord", enriched(i)))
+                                                 for i in range(10)])
+    out = f"s3://{s3_bucket}/shared/"
+    env = {**settings_env(settings), **s3_server.env(), "IMGFLOW_SINK__LEASE_TTL_S": "6"}
+    cmd = [sys.executable, "-m", "imgflow.cli", "stage", "sink", "--out", out]
+    log = tmp_path / "first.log"
+    with log.open("wb") as f:
+        first = subprocess.Popen([*cmd, "--group", "sink-a"], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: len(ResultIndex(out, settings).existing([f"e{i:04d}" for i in range(10)])) == 10, 120,
+                   what="10 rows from the first sink")
+        second = subprocess.run([*cmd, "--group", "sink-b"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode != 0
+        said = second.stdout + second.stderr
+        assert f"another sink is writing to {out}" in said, said[-3000:]
+        assert f"sink of group sink-a (pid {first.pid} on " in said and f"{out}_sink.lease" in said
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    # The lease outlives its killed holder (nothing deleted it) ...
+    assert _s3_client(s3_server).get_object(Bucket=s3_bucket, Key="shared/_sink.lease")["Body"].read()
+    produce(settings, settings.topics.enriched, [(f"e{i:04d}", codec.encode("EnrichedRecord", enriched(i)))
+                                                 for i in range(10, 15)])
+    log = tmp_path / "third.log"
+    with log.open("wb") as f:  # ... and is taken over: its holder is gone
+        third = subprocess.Popen([*cmd, "--group", "sink-a"], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: len(ResultIndex(out, settings).existing([f"e{i:04d}" for i in range(15)])) == 15, 120,
+                   what="15 rows")
+    finally:
+        third.send_signal(signal.SIGTERM)
+        assert third.wait(60) == 0, log.read_text()[-3000:]
+    assert "took over the lease" in log.read_text()
+    assert sorted(output_ids(out, settings)) == [f"e{i:04d}" for i in range(15)]
+    # A clean stop deletes the lease: the next sink, of any group, starts at once.
+    assert "Contents" not in _s3_client(s3_server).list_objects_v2(Bucket=s3_bucket, Prefix="shared/_sink.lease")
