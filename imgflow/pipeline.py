@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,28 +52,61 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
 
+class RecentKeys:
+    """Distinct keys counted with bounded memory: a key is new unless it is among the last
+    ``window`` distinct ones. The repeats a topic holds (an aborted transaction's records
+    and their retry, a batch produced again after a crash) lie close together, so the count
+    is exact for them, and memory stays the window's whatever the history."""
+
+    def __init__(self, window: int = 4096) -> None:
+        self.window = window
+        self.count = 0
+        self._order: deque[int] = deque()
+        self._seen: set[int] = set()
+
+    def add(self, key: bytes) -> None:
+        h = hash(key)
+        if h in self._seen:
+            return
+        self.count += 1
+        self._seen.add(h)
+        self._order.append(h)
+        if len(self._order) > self.window:
+            self._seen.discard(self._order.popleft())
+
+
 class TopicCounter:
-    """Distinct event_ids (record keys) seen on a topic: how far each stage has got."""
+    """Distinct event_ids (record keys) seen on a topic: how far each stage has got. Reads
+    each topic from its start; holds a bounded window of recent keys per topic, and asks
+    librdkafka to buffer little (it only needs the keys of records of up to ~1 MB)."""
+
+    BATCH = 500
 
     def __init__(self, settings: Settings, topics: list[str]) -> None:
-        self.consumer = Consumer(consumer_config(settings, f"imgflow-progress-{os.getpid()}"))
+        self.consumer = Consumer(consumer_config(settings, f"imgflow-progress-{os.getpid()}",
+                                                 **{"queued.max.messages.kbytes": 2048,
+                                                    "fetch.max.bytes": 4 * 1024 * 1024}))
         parts = []
         md = self.consumer.list_topics(timeout=10)
         for t in topics:
             for p in md.topics[t].partitions:
                 parts.append(TopicPartition(t, p, 0))
         self.consumer.assign(parts)
-        self.keys: dict[str, set[bytes]] = {t: set() for t in topics}
+        self.keys: dict[str, RecentKeys] = {t: RecentKeys() for t in topics}
 
-    def refresh(self) -> None:
-        for msg in self.consumer.consume(5000, 0.05):
-            if msg.error() is None and msg.key():
-                self.keys[msg.topic()].add(msg.key())
-            elif msg.error() is not None and msg.error().code() != KafkaError._PARTITION_EOF:
-                log.debug("progress: %s", msg.error())
+    def refresh(self, max_batches: int = 20) -> None:
+        for _ in range(max_batches):
+            msgs = self.consumer.consume(self.BATCH, 0.05)
+            for msg in msgs:
+                if msg.error() is None and msg.key():
+                    self.keys[msg.topic()].add(msg.key())
+                elif msg.error() is not None and msg.error().code() != KafkaError._PARTITION_EOF:
+                    log.debug("progress: %s", msg.error())
+            if len(msgs) < self.BATCH:
+                return
 
     def count(self, topic: str) -> int:
-        return len(self.keys[topic])
+        return self.keys[topic].count
 
     def close(self) -> None:
         self.consumer.close()
@@ -213,22 +247,22 @@ class Pipeline:
         return current_event_ids(self.input_dir, self.settings)
 
     def _supervise(self, target: set[str], bootstrap: str) -> int:
-        tail = CommittedResults(self.out_dir, self.settings)
+        tail = CommittedResults(self.out_dir, self.settings, wanted=target)
         t = self.settings.topics
         counter = TopicCounter(self._with_bootstrap(bootstrap), [t.new, t.new_high, t.vision, t.enriched, t.dlq])
         progress = Progress(total=len(target) if self.once else None)
         started = time.monotonic()
         tail.refresh()
-        done_before = len(tail.done)  # rows of earlier runs: not part of this run's rate
+        done_before = tail.rows  # rows of earlier runs: not part of this run's rate
         try:
             while not self.stopping:
                 tail.refresh()
                 counter.refresh()
                 found = counter.count(t.new) + counter.count(t.new_high)
                 progress.show(found=found, vision=counter.count(t.vision), enriched=counter.count(t.enriched),
-                              failed=counter.count(t.dlq), written=len(tail.done), errors=tail.errors,
-                              new_rows=len(tail.done) - done_before, elapsed=time.monotonic() - started)
-                if self.once and target <= tail.done:
+                              failed=counter.count(t.dlq), written=tail.rows, errors=tail.errors,
+                              new_rows=tail.rows - done_before, elapsed=time.monotonic() - started)
+                if self.once and not tail.missing:
                     self.finished = True
                     progress.finish()
                     print(f"done: {len(target)} images, {tail.errors} with errors, "

@@ -441,7 +441,7 @@ def count_results(settings: Settings, out: str) -> tuple[int, int]:
 
     results = CommittedResults(out if out.startswith("s3://") else Path(out), settings)
     results.refresh()
-    return len(results.done), results.errors
+    return results.rows, results.errors
 
 
 def run_stage_process(stage: str, run_id: str, log_path: Path, stopping, max_failures: int = 8) -> int:

@@ -466,15 +466,30 @@ def committed_csv_length(root: Path) -> int:
 
 class CommittedResults:
     """The rows an output holds so far, refreshed incrementally (``imgflow run``'s progress):
-    ``done`` (event_ids) and ``errors``. Local: results.csv up to its committed length;
-    S3: the ``_index`` objects (each marks a complete batch)."""
+    ``rows``, ``errors``, and of the event_ids ``wanted`` those not written yet
+    (``missing``). Local: results.csv up to its committed length, each refresh reading only
+    the rows appended since the last, a row at a time; S3: the ``_index`` objects (each
+    marks a complete batch) listed after the last one read. Memory does not grow with the
+    rows: only ``wanted`` is held (``keep_ids`` keeps every event_id, in ``done``)."""
 
-    def __init__(self, out, settings: Settings) -> None:
+    def __init__(self, out, settings: Settings, wanted: set[str] | None = None, keep_ids: bool = False) -> None:
         self.output = open_output(out, settings)
-        self.done: set[str] = set()
+        self.wanted = set(wanted or ())
+        self.missing: set[str] = set(self.wanted)
+        self.keep_ids = keep_ids
+        self.done: set[str] = set()  # only with keep_ids
+        self.rows = 0
         self.errors = 0
         self._last: dict[str, str] = {}  # S3: the last index key read, per partition folder
-        self._read_upto = -1
+        self._read_upto = -1  # local: the byte offset read up to (-1: nothing read yet)
+        self._columns: tuple[int, int] | None = None  # local: where event_id and error are
+
+    def _saw(self, event_id: str, error: bool) -> None:
+        self.rows += 1
+        self.errors += error
+        self.missing.discard(event_id)
+        if self.keep_ids:
+            self.done.add(event_id)
 
     def refresh(self) -> None:
         if self.output.is_s3:
@@ -487,18 +502,38 @@ class CommittedResults:
                 prefix = key.rsplit("/", 1)[0] + "/"
                 self._last[prefix] = max(self._last.get(prefix, ""), key)
                 for entry in parse_index(data) if data is not None else []:
-                    if entry.event_id not in self.done:
-                        self.done.add(entry.event_id)
-                        self.errors += entry.error
+                    self._saw(entry.event_id, bool(entry.error))
             return
         length = committed_csv_length(self.output.root) if (self.output.root / COMMITTED_LENGTH).exists() else -1
         if length < 0 or length == self._read_upto:
             return
-        done, errors = set(), 0
-        for row in read_csv_rows(self.output.root / RESULTS_CSV, length):
-            done.add(row["event_id"])
-            errors += bool(row["error"])
-        self.done, self.errors, self._read_upto = done, errors, length
+        if length < self._read_upto:  # a new results.csv (the old one removed): count it afresh
+            self.missing, self.done, self.rows, self.errors = set(self.wanted), set(), 0, 0
+            self._read_upto, self._columns = -1, None
+        with (self.output.root / RESULTS_CSV).open("rb") as f:
+            header = f.readline()
+            if self._columns is None:
+                names = next(csv.reader([header.decode("utf-8")]), [])
+                if "event_id" not in names or "error" not in names:
+                    return  # not even the header is committed yet
+                self._columns = (names.index("event_id"), names.index("error"))
+            start = max(self._read_upto, f.tell())
+            f.seek(start)
+
+            def lines():  # bytes start..length, a line at a time (a quoted field may span lines)
+                pos = start
+                while pos < length:
+                    line = f.readline(length - pos)
+                    if not line:
+                        return
+                    pos += len(line)
+                    yield line.decode("utf-8")
+
+            id_at, error_at = self._columns
+            for row in csv.reader(lines()):
+                if len(row) > max(id_at, error_at):
+                    self._saw(row[id_at], bool(row[error_at]))
+        self._read_upto = length
 
 
 # ---- export ----------------------------------------------------------------------------------

@@ -87,12 +87,15 @@ def test_store_layout_crash_recovery_export_and_index(out, s3_settings):
     assert index.existing(["e0001", "e0008", "nope"]) == {"e0001", "e0008"}
     assert index.existing(["e0001"], run_id="other") == set()
     # What `imgflow run` shows as done, read incrementally.
-    progress = CommittedResults(out, settings)
+    progress = CommittedResults(out, settings, wanted={"e0003", "e0009", "e0010"}, keep_ids=True)
     progress.refresh()
-    assert progress.done == set(expected) and progress.errors == 0
+    assert progress.done == set(expected) and progress.errors == 0 and progress.rows == 9
+    assert progress.missing == {"e0009", "e0010"}
     again.write(pending([9], offset0=200), CrashPoints("sink", ""))
     progress.refresh()
-    assert progress.done == set(expected) | {"e0009"}
+    assert progress.done == set(expected) | {"e0009"} and progress.rows == 10 and progress.missing == {"e0010"}
+    progress.refresh()  # nothing new: nothing counted twice
+    assert progress.rows == 10
 
 
 def test_start_up_reads_only_the_window_past_the_committed_offsets(out, s3_settings):
