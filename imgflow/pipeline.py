@@ -259,8 +259,10 @@ class Pipeline:
                 tail.refresh()
                 counter.refresh()
                 found = counter.count(t.new) + counter.count(t.new_high)
+                # --once: rows of this folder's images (of earlier runs too); else every row.
+                written = len(target) - len(tail.missing) if self.once else tail.rows
                 progress.show(found=found, vision=counter.count(t.vision), enriched=counter.count(t.enriched),
-                              failed=counter.count(t.dlq), written=tail.rows, errors=tail.errors,
+                              failed=counter.count(t.dlq), written=written, errors=tail.errors,
                               new_rows=tail.rows - done_before, elapsed=time.monotonic() - started)
                 if self.once and not tail.missing:
                     self.finished = True
@@ -322,34 +324,77 @@ def _port_free(port: int, addr: str = "127.0.0.1") -> bool:
 
 
 class Progress:
-    """Progress on a terminal (rich) or, when output is a file or pipe, a line every 5 s."""
+    """Progress of ``imgflow run``: rows written (of how many, with ``--once``), the rate,
+    the ETA, and how far each stage has got. On a terminal a rich bar redrawn as rows are
+    written (as ``backfill``'s); when output is a file or pipe, a line every 5 s.
+
+    The rate is that of the last minute, counted from the first vision result (before it the
+    models load): ``remaining / rate`` is the ETA."""
+
+    WINDOW_S = 60.0
 
     def __init__(self, total: int | None) -> None:
         self.total = total
         self.tty = sys.stdout.isatty()
         self._last_line = 0.0
-        self._live = None
+        self._samples: deque[tuple[float, int]] = deque()  # (time, rows written this run)
+        self._bar = None
         if self.tty:
-            from rich.live import Live
+            from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 
-            self._live = Live(refresh_per_second=4, transient=False)
-            self._live.start()
+            columns = [TextColumn("{task.description}")]
+            if total is not None:
+                columns += [BarColumn(bar_width=24), TextColumn("{task.completed}/{task.total}")]
+            else:
+                columns += [TextColumn("{task.completed} rows")]
+            columns += [TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn()]
+            if total is not None:
+                columns += [TextColumn("ETA {task.fields[eta]}")]
+            columns += [TextColumn("{task.fields[info]}")]
+            self._bar = Bar(*columns, transient=False, refresh_per_second=4)
+            self._task = self._bar.add_task("written", total=total, rate="-", eta="-", info="")
+            self._bar.start()
+
+    def rate(self, now: float, new_rows: int, working: bool = True) -> float:
+        """Rows a second over the last minute, counted from when the stages began to work
+        (their models loaded: the first vision result)."""
+        if not working and not new_rows:
+            self._samples.clear()
+            return 0.0
+        self._samples.append((now, new_rows))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.WINDOW_S:
+            self._samples.popleft()
+        t0, n0 = self._samples[0]
+        return (new_rows - n0) / (now - t0) if now > t0 and new_rows > n0 else 0.0
 
     def show(self, *, found: int, vision: int, enriched: int, failed: int, written: int, errors: int,
-             new_rows: int, elapsed: float) -> None:
-        rate = new_rows / elapsed if elapsed > 0 else 0.0
-        total = f"/{self.total}" if self.total is not None else ""
-        line = (f"found {found} | vision {vision} | enriched {enriched} | failed {failed} | "
-                f"written {written}{total} ({errors} with errors) | {rate:.2f} img/s | {elapsed:.0f}s")
-        if self._live is not None:
-            from rich.text import Text
-
-            self._live.update(Text(line))
+             new_rows: int, elapsed: float, now: float | None = None) -> None:
+        rate = self.rate(time.monotonic() if now is None else now, new_rows, working=vision > 0)
+        remaining = self.total - written if self.total is not None else None
+        if remaining is not None and rate > 0:
+            eta = _clock(remaining / rate)
+        elif remaining == 0:
+            eta = "0:00:00"
+        else:
+            eta = "-"
+        stages = f"found {found} · vision {vision} · enriched {enriched} · failed {failed} · {errors} with errors"
+        if not new_rows and vision == 0:
+            stages += " · loading models"
+        shown_rate = f"{rate:.2f}" if rate > 0 else "-"
+        if self._bar is not None:
+            self._bar.update(self._task, completed=written, rate=shown_rate, eta=eta, info=stages)
         elif time.monotonic() - self._last_line >= 5:
-            print(line, flush=True)
+            total = f"/{self.total}" if self.total is not None else ""
+            eta_text = f" | ETA {eta}" if self.total is not None else ""
+            print(f"written {written}{total} | {shown_rate} img/s{eta_text} | {elapsed:.0f}s | {stages}", flush=True)
             self._last_line = time.monotonic()
 
     def finish(self) -> None:
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
