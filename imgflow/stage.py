@@ -287,14 +287,6 @@ class StageRunner:
 
     # ---- partition ownership ------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if self.rescan is not None and partitions:
-            try:  # where the idle re-read of each partition may go back to
-                committed = consumer.committed(partitions, timeout=10)
-                self.rescan.assigned({(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None
-                                      for tp in committed})
-            except KafkaException as exc:
-                log.warning("committed offsets of the new partitions not read (%s): the idle re-read "
-                            "starts where consuming does", exc)
         for tp in partitions:
             self._first_start.pop((tp.topic, tp.partition), None)
             self._committed_next.pop((tp.topic, tp.partition), None)
@@ -304,6 +296,17 @@ class StageRunner:
             # Fences the previous owner of this partition and aborts its open transaction.
             producer.init_transactions(60)
             self.producers[(tp.topic, tp.partition)] = producer
+        if self.rescan is not None and partitions:
+            # Where the idle re-read of each partition may go back to. Asked after the fencing
+            # above: Kafka holds back a committed offset while a dead owner's transaction
+            # with offsets in it is open.
+            try:
+                committed = consumer.committed(partitions, timeout=10)
+                self.rescan.assigned({(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None
+                                      for tp in committed})
+            except KafkaException as exc:
+                log.warning("committed offsets of the new partitions not read (%s): the idle re-read "
+                            "starts where consuming does", exc)
         log.info("assigned %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -36,4 +36,10 @@ SCHEMA_TOPIC = TopicSpec("imgflow.schemas", 1, "", compacted=True)
 
 
 def all_topic_specs(settings: Settings) -> list[TopicSpec]:
-    return [*topic_specs(settings), SCHEMA_TOPIC]
+    specs = [*topic_specs(settings), SCHEMA_TOPIC]
+    w = settings.watch
+    if w.s3_notify and not w.s3_notify_bootstrap:
+        # The bucket notifications' topic, on the pipeline's cluster: it must exist before the
+        # store publishes (a Kafka without auto.create.topics.enable refuses its events).
+        specs.append(TopicSpec(w.s3_notify_topic, 1, ""))
+    return specs

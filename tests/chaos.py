@@ -138,13 +138,13 @@ def committed_rows(out: Path) -> list[dict]:
 
 def run_chaos(workdir: Path, images: int, kills: int, broker_restarts: int, seed: int = 1,
               kill_interval: tuple[float, float] = (2.0, 5.0), timeout: float = 1500,
-              log=print) -> ChaosReport:
+              log=print, engine: str = "tansu") -> ChaosReport:
     rng = random.Random(seed)
     started = time.monotonic()
     folder = workdir / "images"
     expected = make_images(folder, images, seed)
     out = workdir / "out"
-    stack = EmbeddedStack(workdir / "broker", port=0, log_file=workdir / "logs" / "broker.log").start()
+    stack = EmbeddedStack(workdir / "broker", port=0, log_file=workdir / "logs" / "broker.log", engine=engine).start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGFLOW_")}
     env.update({
         "IMGFLOW_KAFKA__BOOTSTRAP": stack.bootstrap, "IMGFLOW_DATA_DIR": str(workdir / "data"),

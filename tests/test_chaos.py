@@ -21,8 +21,9 @@ def check(report) -> None:
     assert report.unclean_exits == {}, f"SIGTERM must stop every process with exit 0: {detail}"
 
 
-def test_quick_chaos(tmp_path):
-    report = run_chaos(tmp_path, images=24, kills=8, broker_restarts=1, seed=7, kill_interval=(2.0, 4.0))
+def test_quick_chaos(tmp_path, engine):
+    report = run_chaos(tmp_path, images=24, kills=8, broker_restarts=1, seed=7, kill_interval=(2.0, 4.0),
+                       engine=engine)
     print(report.as_dict())
     check(report)
     assert report.broker_restarts == 1
@@ -30,8 +31,9 @@ def test_quick_chaos(tmp_path):
 
 
 @pytest.mark.slow
-def test_long_chaos(tmp_path):
-    report = run_chaos(tmp_path, images=200, kills=24, broker_restarts=2, seed=11, kill_interval=(3.0, 6.0))
+def test_long_chaos(tmp_path, engine):
+    report = run_chaos(tmp_path, images=200, kills=24, broker_restarts=2, seed=11, kill_interval=(3.0, 6.0),
+                       engine=engine)
     print(report.as_dict())
     check(report)
     assert report.total_kills >= 20

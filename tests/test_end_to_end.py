@@ -142,7 +142,7 @@ def descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
-def test_stopped_mid_way_then_restarted_every_image_exactly_once(tmp_path, how):
+def test_stopped_mid_way_then_restarted_every_image_exactly_once(tmp_path, how, engine):
     folder = tmp_path / "images"
     folder.mkdir()
     sources = {"chelsea": data.chelsea(), "coffee": data.coffee(), "astronaut": data.astronaut(),
@@ -151,7 +151,8 @@ def test_stopped_mid_way_then_restarted_every_image_exactly_once(tmp_path, how):
         name, pixels = list(sources.items())[i % 4]
         Image.fromarray(pixels).resize((200 + 10 * i, 150 + 10 * i)).save(folder / f"{name}_{i}.jpg")
     out, data_dir = tmp_path / "out", tmp_path / "data"
-    argv = [*IMGFLOW, "run", str(folder), "--out", str(out), "--data-dir", str(data_dir), "--port", "0"]
+    argv = [*IMGFLOW, "run", str(folder), "--out", str(out), "--data-dir", str(data_dir), "--port", "0",
+            "--engine", engine]
     first = subprocess.Popen(argv, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: (out / "results.csv").exists() and len(rows(out)) >= 1, 600, what="a first result row")

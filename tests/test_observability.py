@@ -206,7 +206,7 @@ def _instant(expr: str) -> str:
     return expr.replace("$__rate_interval", "15s").replace("$__range", "15m")
 
 
-def test_live_prometheus_answers_every_panel_and_alert_about_a_running_pipeline(tmp_path):
+def test_live_prometheus_answers_every_panel_and_alert_about_a_running_pipeline(tmp_path, engine):
     """`imgflow run` processes a photograph and a planted bad file while a real
     Prometheus scrapes its one metrics endpoint every second; then every panel query and
     every alert expression is asked, and the numbers are compared with what happened."""
@@ -223,7 +223,8 @@ def test_live_prometheus_answers_every_panel_and_alert_about_a_running_pipeline(
                 "IMGFLOW_LOG_FORMAT": "json", "IMGFLOW_STAGE__MAX_WAIT_S": "0.2"})
     console = open(tmp_path / "run.out", "wb")
     run = subprocess.Popen([sys.executable, "-m", "imgflow.cli", "run", str(images), "--out", str(out),
-                            "--data-dir", str(data_dir), "--port", "0", "--metrics-port", str(metrics_port)],
+                            "--data-dir", str(data_dir), "--port", "0", "--metrics-port", str(metrics_port),
+                            "--engine", engine],
                            cwd=ROOT, env=env, stdout=console, stderr=subprocess.STDOUT)
     prometheus = PrometheusServer(tmp_path / "prometheus", f"127.0.0.1:{metrics_port}", PROMETHEUS / "rules.yml")
     try:

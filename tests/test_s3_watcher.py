@@ -114,12 +114,12 @@ def test_notifications_publish_within_seconds_and_polling_adds_no_double(s3_sett
     gone = {**record, "s3": {**record["s3"], "object": {"key": "n/deleted.jpg"}}}
     removed = {**record, "eventName": "s3:ObjectRemoved:Delete"}
     elsewhere = {**record, "s3": {**record["s3"], "bucket": {"name": "another-bucket"}}}
+    watcher = S3Watcher(parse_s3_uri(f"s3://{s3_bucket}/n/"), settings)
+    watcher.open_notifications()  # creates the notification topic where it is missing
     produce(settings, topic, [(f"{s3_bucket}/n/cat photo.jpg", json.dumps({"Records": [record]}).encode()),
                               ("x", json.dumps({"Records": [gone, removed, elsewhere]}).encode()),
                               ("x", b"\x00 not json"),
                               ("x", json.dumps({"Records": [record]}).encode())])  # a repeat
-    watcher = S3Watcher(parse_s3_uri(f"s3://{s3_bucket}/n/"), settings)
-    watcher.open_notifications()
     try:
         t0 = time.monotonic()
         wait_until(lambda: watcher.handle_notifications(1.0), 30, interval=0, what="the notified object's event")
@@ -204,15 +204,17 @@ def test_seaweedfs_notifications_and_an_s3_restart(broker, tmp_path, caplog):
     stack_dir.mkdir()
     (stack_dir / "notification.toml").write_text(
         f'[notification.kafka]\nenabled = true\nhosts = ["{broker}"]\ntopic = "{topic}"\n')
+    # Events go to the session broker; only S3 is killed. The topics, the notification topic
+    # too, exist before the store starts publishing (as `imgflow topics` makes them).
+    watch = {"poll_interval_s": 0.3, "s3_full_scan_s": 3600.0, "s3_notify": "seaweedfs", "s3_notify_topic": topic}
+    make_settings(broker, tmp_path, watch=watch)
     stack = EmbeddedStack(stack_dir, port=0, log_file=tmp_path / "stack.log").start()
     try:
         creds = json.loads((stack.data_dir / "s3-credentials.json").read_text())
         s3 = S3Server(stack.s3_endpoint, creds["access_key_id"], creds["secret_access_key"])
         bucket = new_bucket(s3)
-        # Events go to the session broker; only S3 is killed.
         settings = make_settings(broker, tmp_path, s3={**s3.settings_section(), "timeout_s": 2.0, "max_attempts": 1},
-                                 watch={"poll_interval_s": 0.3, "s3_full_scan_s": 3600.0, "s3_notify": "seaweedfs",
-                                        "s3_notify_topic": topic})
+                                 watch=watch)
         c = client_for(s3)
         for i in range(3):
             c.put_object(Bucket=bucket, Key=f"k/5-{i}.jpg", Body=b"x%d" % i)

@@ -51,6 +51,12 @@ if __name__ == "__main__":
 
     setup_logging()
     settings = Settings()
-    runner = StageRunner(ToyTransform(settings), settings, group_id=os.environ.get("TOY_GROUP"))
+    transform = ToyTransform(settings)
+    if os.environ.get("TOY_DELAY_S"):  # a little slow, like a model: a run long enough to disturb
+        import time
+
+        plain = transform.process
+        transform.process = lambda records: (time.sleep(float(os.environ["TOY_DELAY_S"])), plain(records))[1]
+    runner = StageRunner(transform, settings, group_id=os.environ.get("TOY_GROUP"))
     install_signal_handlers(runner)
     runner.run()

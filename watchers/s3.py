@@ -33,13 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote_plus
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from imgflow import metrics
 from imgflow.events import s3_image_event
-from imgflow.kafka import consumer_config, producer_config, publish_schemas
+from imgflow.kafka import consumer_config, ensure_topics, producer_config, publish_schemas
 from imgflow.s3 import S3Error, S3Location, check_location, explain, s3_client
 from imgflow.settings import Settings
+from imgflow.topics import TopicSpec
 from schemas.codec import get_codec
 from watchers.local import transaction
 
@@ -287,6 +288,14 @@ class S3Watcher:
             cfg["bootstrap.servers"] = w.s3_notify_bootstrap
         cfg.update({"enable.auto.commit": False, "auto.offset.reset": "earliest"})
         cfg.pop("isolation.level", None)  # stores publish without transactions
+        if not w.s3_notify_bootstrap:
+            # On the pipeline's own cluster the topic is made here if missing: a Kafka without
+            # auto.create.topics.enable would otherwise refuse the store's first events.
+            try:
+                ensure_topics(self.settings, [TopicSpec(w.s3_notify_topic, 1, "")])
+            except KafkaException as exc:
+                log.warning("could not create the notification topic %s (%s): create it, or let the "
+                            "store's Kafka auto-create it", w.s3_notify_topic, exc)
         self.notifications = Consumer(cfg)
         self.notifications.subscribe([w.s3_notify_topic])
         log.info("consuming %s bucket notifications from topic %s", w.s3_notify, w.s3_notify_topic)
