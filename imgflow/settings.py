@@ -54,7 +54,7 @@ class KafkaSettings(_Section):
     # storage writes on the broker: on tansu, objects in SeaweedFS).
     txn_linger_ms: int = Field(100, ge=0, le=60000)
     # -- security, for every client (producers, consumers, admin, lag reader, watchers,
-    # notifications); README "Kafka: a real cluster". Secrets are SecretStr: never logged.
+    # notifications); README "Kafka security". Secrets are SecretStr: never logged.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = ""
     sasl_username: str = ""

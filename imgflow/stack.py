@@ -107,13 +107,24 @@ class EmbeddedStack:
         engine: str = "tansu",
         nodes: int = 1,
         kafka_config: dict[str, str] | None = None,
+        sasl_ssl: Path | None = None,
+        scram_users: dict[str, str] | None = None,
+        ssl_client_auth: str = "none",
     ) -> None:
+        """``sasl_ssl`` (engine kafka): a folder with the broker's TLS ``broker.pem`` (PKCS#8 key,
+        then its certificate chain) and, for ``ssl_client_auth`` other than none, ``ca.pem``; adds
+        a SASL_SSL listener (``listeners["SASL_SSL"]``) with the SCRAM-SHA-256/512 users
+        ``scram_users`` {name: password}, created when the storage is formatted."""
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.port = port
         self.host = host
         self.engine = engine
         self.nodes = nodes
         self.kafka_config = kafka_config or {}
+        self.sasl_ssl = Path(sasl_ssl).expanduser().resolve() if sasl_ssl else None
+        self.scram_users = dict(scram_users or {})
+        self.ssl_client_auth = ssl_client_auth
+        self.listeners: dict[str, str] = {}  # name -> bootstrap of the extra client listeners
         self.log_file = Path(log_file) if log_file else self.data_dir / "logs" / "embedded.log"
         self.bootstrap: str = ""
         self.s3_endpoint: str = ""
@@ -154,6 +165,7 @@ class EmbeddedStack:
             "--engine", self.engine,
             "--nodes", str(self.nodes),
             *[arg for k, v in self.kafka_config.items() for arg in ("--kafka-config", f"{k}={v}")],
+            *self._sasl_ssl_args(),
             "--parent-pid", str(os.getpid()),
             "--start-timeout", str(max(5.0, timeout - 2)),
         ]
@@ -182,8 +194,27 @@ class EmbeddedStack:
         except BaseException:
             self.stop(timeout=20)
             raise
+        finally:
+            if self.sasl_ssl is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self._users_file.unlink()
         self.startup_s = time.monotonic() - t0
         return self
+
+    @property
+    def _users_file(self) -> Path:
+        return self.data_dir / "scram-users.json"
+
+    def _sasl_ssl_args(self) -> list[str]:
+        """The runner's --sasl-ssl arguments; the passwords go in a file only this user can read
+        (not on a command line), removed once the runner has started."""
+        if self.sasl_ssl is None:
+            return []
+        fd = os.open(self._users_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.scram_users, f)
+        return ["--sasl-ssl", str(self.sasl_ssl), "--scram-users", str(self._users_file),
+                "--ssl-client-auth", self.ssl_client_auth]
 
     def _read_stdout(self, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
@@ -215,6 +246,7 @@ class EmbeddedStack:
                 self.bootstrap = line[len(READY_PREFIX):].strip()
                 info = self.info()
                 self.s3_endpoint = info.get("s3_endpoint", "")
+                self.listeners = dict(info.get("listeners") or {})
                 return
 
     def kill_broker(self) -> None:

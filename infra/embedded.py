@@ -70,6 +70,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=1, help="kafka engine: how many broker+controller nodes (1 or 3 ...)")
     p.add_argument("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
                    help="kafka engine: an extra server.properties line for every node (repeatable)")
+    p.add_argument("--sasl-ssl", type=Path, default=None, metavar="TLSDIR",
+                   help="kafka engine: add a SASL_SSL client listener (SCRAM-SHA-256/512) whose TLS key and "
+                        "certificate chain are TLSDIR/broker.pem (PEM: PKCS#8 key, then the chain); its "
+                        "address is stack.json's listeners.SASL_SSL")
+    p.add_argument("--scram-users", type=Path, default=None, metavar="FILE",
+                   help="with --sasl-ssl: a JSON file {\"NAME\": \"PASSWORD\", ...} of the SCRAM users created "
+                        "when the storage is formatted (a file, so no password is on a command line)")
+    p.add_argument("--ssl-client-auth", choices=("none", "requested", "required"), default="none",
+                   help="with --sasl-ssl: ask clients for a certificate signed by TLSDIR/ca.pem")
     p.add_argument("--parent-pid", type=int, default=None,
                    help="shut down when this process is gone")
     p.add_argument("--start-timeout", type=float, default=90.0,
@@ -81,6 +90,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--nodes must be between 1 and 9")
     if args.nodes > 1 and args.engine != "kafka":
         p.error("--nodes needs --engine kafka")
+    if args.sasl_ssl is not None and args.engine != "kafka":
+        p.error("--sasl-ssl needs --engine kafka")
+    if (args.sasl_ssl is None) != (args.scram_users is None):
+        p.error("--sasl-ssl and --scram-users go together")
     for item in args.kafka_config:
         if "=" not in item:
             p.error(f"--kafka-config {item!r}: expected KEY=VALUE")
@@ -92,11 +105,32 @@ def usage_error(message: str) -> int:
     return EXIT_USAGE
 
 
+def sasl_ssl_engine_args(tls_dir: Path, users_file: Path, client_auth: str, props: dict[str, str]) -> dict:
+    """KafkaEngine's listeners, props, format args and secrets for a SASL_SSL listener."""
+    import json
+
+    from infra.kafka_broker import sasl_ssl_listener
+
+    try:
+        users = json.loads(Path(users_file).read_text())
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"--scram-users {users_file}: cannot read it as JSON {{name: password}} "
+                           f"({type(exc).__name__})") from None
+    if not isinstance(users, dict) or not all(isinstance(v, str) for v in users.values()):
+        raise StartupError(f"--scram-users {users_file}: expected a JSON object {{name: password}}")
+    secure = sasl_ssl_listener(tls_dir, users, client_auth)
+    return {"listeners": [secure.listener], "props": {**secure.props, **props},
+            "format_args": secure.format_args, "secrets": secure.secrets}
+
+
 def make_engine(args: argparse.Namespace, data_dir: Path, port: int):
     if args.engine == "kafka":
         from infra.kafka_broker import KafkaEngine
 
         props = dict(item.split("=", 1) for item in args.kafka_config)
+        if args.sasl_ssl is not None:
+            return KafkaEngine(data_dir, args.host, port, nodes=args.nodes,
+                               **sasl_ssl_engine_args(args.sasl_ssl, args.scram_users, args.ssl_client_auth, props))
         return KafkaEngine(data_dir, args.host, port, nodes=args.nodes, props=props)
     from infra.tansu import TansuEngine
 
@@ -130,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(FileNotFoundError):
         (data_dir / "stack.json").unlink()  # stale, from a stack that was killed
 
-    sup = Supervisor(make_engine(args, data_dir, port), data_dir, args.parent_pid, args.start_timeout)
+    try:
+        engine = make_engine(args, data_dir, port)
+    except StartupError as e:  # e.g. --sasl-ssl without broker.pem
+        log.error("%s", e)
+        return EXIT_FAILED
+    sup = Supervisor(engine, data_dir, args.parent_pid, args.start_timeout)
     signal.signal(signal.SIGTERM, sup.request_stop)
     signal.signal(signal.SIGINT, sup.request_stop)
     signal.signal(signal.SIGHUP, sup.request_stop)

@@ -234,6 +234,69 @@ class KafkaNode:
 
 
 # --------------------------------------------------------------------------------------------
+# a SASL_SSL listener (SCRAM users, TLS from PEM files)
+
+SASL_SSL_LISTENER = "SASL_SSL"
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+_SCRAM_MODULE = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+_SCRAM_FORBIDDEN = re.compile(r'[\s,\[\]="\\]')
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+@dataclass
+class SaslSsl:
+    """What a SASL_SSL client listener adds to every node: the listener, its server.properties
+    (SCRAM-SHA-256 and -512; TLS keystore ``TLSDIR/broker.pem``: the broker's PKCS#8 private
+    key, unencrypted, then its certificate chain; with client authentication the clients'
+    CA ``TLSDIR/ca.pem``) and the ``StorageTool format`` arguments that create the SCRAM users
+    (the users exist from the first start; a formatted node keeps those it was formatted with)."""
+
+    listener: Listener
+    props: dict[str, str]
+    format_args: list[str]
+    secrets: list[str]
+
+
+def sasl_ssl_listener(tls_dir: Path, users: dict[str, str], client_auth: str = "none") -> SaslSsl:
+    tls_dir = Path(tls_dir).expanduser().resolve()
+    keystore, truststore = tls_dir / "broker.pem", tls_dir / "ca.pem"
+    if not keystore.is_file():
+        raise StartupError(f"--sasl-ssl {tls_dir}: no broker.pem there (the broker's PKCS#8 private key, "
+                           f"unencrypted, then its certificate chain, PEM)")
+    if client_auth not in ("none", "requested", "required"):
+        raise StartupError(f"ssl client auth {client_auth!r}: expected none, requested or required")
+    if client_auth != "none" and not truststore.is_file():
+        raise StartupError(f"--sasl-ssl {tls_dir}: client authentication needs ca.pem there (the CA of "
+                           f"the clients' certificates)")
+    if not users:
+        raise StartupError("a SASL_SSL listener needs at least one SCRAM user")
+    for name, password in users.items():
+        if not name or not password or _SCRAM_FORBIDDEN.search(name) or _SCRAM_FORBIDDEN.search(password):
+            raise StartupError(f"SCRAM user {name!r}: name and password must be non-empty, without spaces, "
+                               f"commas, brackets, '=', quotes or backslashes (the password is not shown)")
+    prefix = f"listener.name.{SASL_SSL_LISTENER.lower()}."
+    props = {
+        prefix + "sasl.enabled.mechanisms": ",".join(SCRAM_MECHANISMS),
+        **{f"{prefix}{m.lower()}.sasl.jaas.config": _SCRAM_MODULE for m in SCRAM_MECHANISMS},
+        prefix + "ssl.keystore.type": "PEM",
+        prefix + "ssl.keystore.location": str(keystore),
+        prefix + "ssl.client.auth": client_auth,
+    }
+    if truststore.is_file():
+        props[prefix + "ssl.truststore.type"] = "PEM"
+        props[prefix + "ssl.truststore.location"] = str(truststore)
+    format_args = [arg for name, password in users.items() for m in SCRAM_MECHANISMS
+                   for arg in ("--add-scram", f"{m}=[name={name},password={password}]")]
+    return SaslSsl(Listener(SASL_SSL_LISTENER, "SASL_SSL"), props, format_args, list(users.values()))
+
+
+# --------------------------------------------------------------------------------------------
 # the engine
 
 
@@ -245,7 +308,8 @@ class KafkaEngine:
 
     def __init__(self, data_dir: Path, host: str, port: int, nodes: int = 1,
                  jars_dir: Path | None = None, listeners: list[Listener] | None = None,
-                 props: dict[str, str] | None = None, format_args: list[str] | None = None) -> None:
+                 props: dict[str, str] | None = None, format_args: list[str] | None = None,
+                 secrets: list[str] | None = None) -> None:
         self.data_dir = data_dir
         self.root = data_dir / "kafka"
         self.host = host
@@ -255,6 +319,7 @@ class KafkaEngine:
         self.listeners = listeners or []
         self.extra_props = props or {}
         self.format_args = format_args or []
+        self.secrets = [x for x in (secrets or []) if x]  # never in a log line or an error (format args hold them)
         self.nodes: list[KafkaNode] = []
         self.restarts: dict[int, list[float]] = {}
 
@@ -335,7 +400,10 @@ class KafkaEngine:
         cluster_id = id_file.read_text().strip()
         for node in self.nodes:
             check()
-            node.format(cluster_id, self.format_args)
+            try:
+                node.format(cluster_id, self.format_args)
+            except StartupError as exc:
+                raise StartupError(redact(str(exc), self.secrets)) from None
         for node in self.nodes:
             with contextlib.suppress(FileNotFoundError):
                 node.hold_file.unlink()  # a hold of an earlier run does not outlive it

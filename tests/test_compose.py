@@ -246,3 +246,83 @@ def test_dockerfile_installs_exactly_what_make_install_installs():
     packages = re.search(r'include = \[([^\]]+)\]', (ROOT / "pyproject.toml").read_text()).group(1)
     for package in re.findall(r'"(\w+)\*"', packages):
         assert package in copied, f"the image lacks the package {package}"
+
+
+# Kafka's replication and security, from variables (README "Kafka security").
+SECURED_ENV = {
+    "IMGFLOW_KAFKA__BOOTSTRAP": "k1.example:9094,k2.example:9094,k3.example:9094",
+    "IMGFLOW_TOPICS__REPLICATION_FACTOR": "3",
+    "IMGFLOW_TOPICS__MIN_INSYNC_REPLICAS": "2",
+    "IMGFLOW_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+    "IMGFLOW_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+    "IMGFLOW_KAFKA__SASL_USERNAME": "imgflow",
+    "IMGFLOW_KAFKA__SASL_PASSWORD": "not-a-real-password",
+    "IMGFLOW_KAFKA__SSL_CA_LOCATION": "/etc/kafka-tls/ca.pem",
+    "IMGFLOW_KAFKA__SSL_CERTIFICATE_LOCATION": "/etc/kafka-tls/client.pem",
+    "IMGFLOW_KAFKA__SSL_KEY_LOCATION": "/etc/kafka-tls/client.key",
+    "IMGFLOW_KAFKA__SSL_KEY_PASSWORD": "not-a-real-key-password",
+    "IMGFLOW_KAFKA_TLS_DIR": "/srv/kafka-tls",
+    "MINIO_KAFKA_SASL": "on",
+    "MINIO_KAFKA_TLS": "on",
+}
+
+
+def test_kafka_replication_and_security_defaults_are_the_bundled_single_node_broker(monkeypatch):
+    doc = compose()
+    kafka = doc["services"]["kafka"]["environment"]
+    for key in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+                "KAFKA_DEFAULT_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "KAFKA_MIN_INSYNC_REPLICAS"):
+        assert str(kafka[key]) == "1", key
+    services = imgflow_services(doc)
+    assert "kafka-init" in services and {"s3-watcher", "vision", "enrich", "sink", "backfill", "replay"} <= set(services)
+    for name, service in services.items():
+        k = _settings_of(service, monkeypatch)
+        assert (k.kafka.bootstrap, k.kafka.security_protocol, k.kafka.sasl_mechanism) == \
+            ("kafka:9092", "PLAINTEXT", ""), name
+        assert k.kafka.sasl_password.get_secret_value() == "" and k.kafka.ssl_ca_location == "", name
+        assert (k.topics.replication_factor, k.topics.min_insync_replicas) == (1, 1), name
+    assert doc["services"]["minio"]["environment"]["MINIO_NOTIFY_KAFKA_BROKERS_IMGFLOW"] == "kafka:9092"
+    assert doc["services"]["minio"]["environment"]["MINIO_NOTIFY_KAFKA_SASL_IMGFLOW"] == "off"
+
+
+def test_kafka_replication_and_security_variables_reach_every_imgflow_service(monkeypatch):
+    doc = compose(SECURED_ENV)
+    services = imgflow_services(doc)
+    for name, service in services.items():
+        env = service["environment"]
+        for key in (k for k in SECURED_ENV if k.startswith("IMGFLOW_") and "__" in k):
+            assert env.get(key) == SECURED_ENV[key], (name, key)
+        # ... and through the one settings class they are what the variables say.
+        settings = _settings_of(service, monkeypatch)
+        k = settings.kafka
+        assert k.bootstrap == SECURED_ENV["IMGFLOW_KAFKA__BOOTSTRAP"], name
+        assert (k.security_protocol, k.sasl_mechanism, k.sasl_username) == ("SASL_SSL", "SCRAM-SHA-512", "imgflow"), name
+        assert k.sasl_password.get_secret_value() == "not-a-real-password", name
+        assert k.ssl_key_password.get_secret_value() == "not-a-real-key-password", name
+        assert "not-a-real" not in repr(settings), name  # secrets stay secret values
+        assert (settings.topics.replication_factor, settings.topics.min_insync_replicas) == (3, 2), name
+        # The TLS files are read inside the container from the operator's folder, mounted read-only.
+        assert f"{SECURED_ENV['IMGFLOW_KAFKA_TLS_DIR']}:/etc/kafka-tls:ro" in service["volumes"], name
+        for path in (k.ssl_ca_location, k.ssl_certificate_location, k.ssl_key_location):
+            assert path.startswith("/srv/kafka-tls/"), (name, path)  # the container path maps into that mount
+    kafka = doc["services"]["kafka"]["environment"]
+    assert kafka["KAFKA_DEFAULT_REPLICATION_FACTOR"] == "3" and kafka["KAFKA_MIN_INSYNC_REPLICAS"] == "2"
+    minio = doc["services"]["minio"]["environment"]
+    assert minio["MINIO_NOTIFY_KAFKA_BROKERS_IMGFLOW"] == SECURED_ENV["IMGFLOW_KAFKA__BOOTSTRAP"]
+    assert (minio["MINIO_NOTIFY_KAFKA_SASL_IMGFLOW"], minio["MINIO_NOTIFY_KAFKA_TLS_IMGFLOW"]) == ("on", "on")
+    assert minio["MINIO_NOTIFY_KAFKA_SASL_USERNAME_IMGFLOW"] == "imgflow"
+    # Still valid Compose with every variable set.
+    schema = json.loads((importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
+                         / "compose-spec.json").read_text())
+    errors = list(jsonschema.validators.validator_for(schema)(schema).iter_errors(doc))
+    assert not errors, errors[:3]
+
+
+def test_every_kafka_variable_of_the_compose_file_is_documented_in_it():
+    text = COMPOSE.read_text()
+    header = text.split("\nx-", 1)[0]
+    used = {m.group(1) for m in VARIABLE.finditer(text) if m.group(1)}
+    kafka_variables = sorted(v for v in used if v.startswith(("IMGFLOW_KAFKA", "IMGFLOW_TOPICS", "MINIO_KAFKA")))
+    assert len(kafka_variables) >= 14, kafka_variables
+    for name in kafka_variables:
+        assert name in header, f"{name} is used in docker-compose.yml but not documented in its header comment"
