@@ -316,8 +316,10 @@ class RowClock(threading.Thread):
         return [(a, b) for a, b in zip(times, times[1:]) if b >= start and a <= end]
 
 
-def gap_figures(clock: RowClock, kill: float, release: float, after: float) -> dict:
-    gaps = clock.gaps(kill, release + after)
+def gap_figures(clock: RowClock, kill: float, release: float, after: float, cap: float = float("inf")) -> dict:
+    """The longest gap between row writes that overlaps [kill, release + after]; ``cap``
+    (the next round's kill) cuts a gap that runs into the next round."""
+    gaps = [(a, min(b, cap)) for a, b in clock.gaps(kill, release + after)]
     longest = max(gaps, key=lambda g: g[1] - g[0], default=None)
     first_after_kill = next((w for w, _ in clock.writes if w > kill), None)
     first_after_release = next((w for w, _ in clock.writes if w > release), None)
@@ -411,13 +413,13 @@ def commit_times(log_path: Path, wall0: float) -> list[float]:
     return times
 
 
-def stage_gaps(log_dir: Path, wall0: float, kill: float, end: float) -> dict:
+def stage_gaps(log_dir: Path, wall0: float, kill: float, end: float, cap: float = float("inf")) -> dict:
     """Per stage, the longest gap between its commits (the sink: its writes) that overlaps
     [kill, end], and when its first commit after the kill came."""
     out = {}
     for role in ("vision", "enrich", "sink"):
         times = commit_times(log_dir / f"{role}.log", wall0)
-        gaps = [(a, b) for a, b in zip(times, times[1:]) if b >= kill and a <= end]
+        gaps = [(a, min(b, cap)) for a, b in zip(times, times[1:]) if b >= kill and a <= end]
         if not gaps:
             out[role] = {"idle": True}
             continue
@@ -592,11 +594,15 @@ def run_failover(workdir: Path, images: int = 200, down_s: float = 20.0, seed: i
         span = (times[-1] - times[0]) if len(times) > 1 else 0
         report["rows_per_s_before"] = round((clock.rows_at(first_kill) - clock.rows_at(times[0])) / span, 2) \
             if span else None
-        for rnd in report["rounds"]:
-            rnd.update(gap_figures(clock, rnd["killed_at_s"], rnd["released_at_s"], 15.0))
+        for n, rnd in enumerate(report["rounds"]):
+            # From the kill to 15 s after the restart, or to the next round's kill if sooner.
+            nxt = report["rounds"][n + 1]["killed_at_s"] if n + 1 < len(report["rounds"]) else float("inf")
+            after = max(0.0, min(15.0, nxt - rnd["released_at_s"]))
+            rnd.update(gap_figures(clock, rnd["killed_at_s"], rnd["released_at_s"], after, cap=nxt))
             rnd["pause_s"] = round(rnd["longest_gap_s"] - median, 2) if rnd["longest_gap_s"] and median else None
             rnd["rows_per_s_while_down"] = round(rnd["rows_while_down"] / rnd["down_for_s"], 2)
-            rnd["stages"] = stage_gaps(data / "logs", clock.wall0, rnd["killed_at_s"], rnd["released_at_s"] + 15)
+            rnd["stages"] = stage_gaps(data / "logs", clock.wall0, rnd["killed_at_s"], rnd["released_at_s"] + after,
+                                       cap=nxt)
         report["cluster_problems_at_end"] = unhealthy(admin)
         report["row_writes"] = [[round(t, 2), n] for t, n in clock.writes]  # (s since start, rows)
         report["node_pids_at_end"] = {n["node_id"]: n["pid"] for n in stack.info()["nodes"]}
