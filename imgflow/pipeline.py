@@ -22,7 +22,7 @@ from imgflow.process import own_session_dying_with_parent
 from imgflow.results import CommittedResults, is_s3_output
 from imgflow.s3 import S3Location
 from imgflow.settings import Settings
-from imgflow.stack import EmbeddedStack, free_port
+from imgflow.stack import EmbeddedStack, StackError, free_port
 from watchers.local import current_event_ids
 from watchers.s3 import current_event_ids as s3_event_ids
 
@@ -133,6 +133,7 @@ class Pipeline:
         self.children: dict[str, Child] = {}
         self.stopping = False
         self.stack: EmbeddedStack | None = None
+        self.broker_restarts: list[float] = []
 
     def request_stop(self, *_) -> None:
         if not self.stopping:
@@ -190,7 +191,14 @@ class Pipeline:
             print(f"processing {source} -> {self.out_dir} (logs in {logs})", flush=True)
             return self._supervise(target, bootstrap)
         finally:
-            self._stop_children(together=self.finished)
+            if self.finished or _accepts(bootstrap):
+                self._stop_children(together=self.finished)
+            else:
+                # Nothing can be committed with the broker gone, so nothing is lost by not
+                # waiting for it: what was not committed is done again on the next run.
+                print("the broker is down: stopping every stage now (work not committed is redone on "
+                      "the next run)", flush=True)
+                self._stop_children(timeout=5, together=True)
             if self.stack is not None:
                 self.stack.stop()
             if is_s3_output(self.out_dir):
@@ -218,11 +226,42 @@ class Pipeline:
         engine = self.settings.broker.engine
         what = "Apache Kafka (KRaft)" if engine == "kafka" else "tansu on SeaweedFS"
         print(f"starting the embedded broker, {what} (data in {self.data_dir / 'broker'}) ...", flush=True)
+        wait_for_earlier_stack(self.data_dir / "broker")
         self.stack = EmbeddedStack(self.data_dir / "broker", port=port, log_file=logs / "broker.log",
                                    engine=engine)
         self.stack.start()
         print(f"broker ready at {self.stack.bootstrap}", flush=True)
+        if engine == "tansu" or port:  # a restart keeps the address every stage was given
+            self.stack.port = int(self.stack.bootstrap.rpartition(":")[2])
         return self.stack.bootstrap
+
+    def _restart_broker(self) -> bool:
+        """The embedded broker's runner is supervised like the stages: one that died is
+        started again on the same address and data (the stages wait for it, then carry on
+        from their committed offsets), with the same give-up rule. False: give up."""
+        stack = self.stack
+        if stack is None or stack.running or self.stopping:
+            return True
+        code = stack.proc.returncode if stack.proc is not None else None
+        now = time.monotonic()
+        self.broker_restarts = [r for r in self.broker_restarts if now - r < 60] + [now]
+        if len(self.broker_restarts) > 5:
+            print(f"\nthe embedded broker keeps failing (exit {code}); see {stack.log_file}", flush=True)
+            return False
+        log.warning("the embedded broker's runner exited with %s: restarting it", code)
+        print(f"\nthe embedded broker exited ({code}): restarting it at {stack.bootstrap} "
+              f"(log: {stack.log_file})", flush=True)
+        processes = _stack_processes(stack)  # the engine's, stopping now that their runner is gone
+        stack.stop()
+        _wait_gone(processes, 60)
+        try:
+            wait_for_earlier_stack(stack.data_dir)
+            stack.start()
+        except StackError as exc:
+            print(f"the embedded broker did not start again: {exc}", flush=True)
+            return True  # tried again next round, counted
+        print(f"broker back at {stack.bootstrap}", flush=True)
+        return True
 
     def _with_bootstrap(self, bootstrap: str) -> Settings:
         return self.settings.model_copy(update={"kafka": self.settings.kafka.model_copy(
@@ -270,7 +309,7 @@ class Pipeline:
                     print(f"done: {len(target)} images, {tail.errors} with errors, "
                           f"in {time.monotonic() - started:.1f}s", flush=True)
                     return 0
-                if not self._restart_dead():
+                if not self._restart_broker() or not self._restart_dead():
                     return 1
                 time.sleep(0.5)
             progress.finish()
@@ -309,6 +348,104 @@ class Pipeline:
                     log.error("%s did not stop in %ss: killing it", child.role, timeout)
                     child.proc.kill()
                     child.proc.wait()
+
+
+def _accepts(bootstrap: str) -> bool:
+    """Whether anything of ``bootstrap`` (HOST:PORT,...) accepts a connection now."""
+    import socket
+
+    for address in bootstrap.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), 1.0):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def _stack_processes(stack: EmbeddedStack) -> list[int]:
+    """The engine's process ids in the runner's stack.json (broker, SeaweedFS, Kafka nodes)."""
+    try:
+        info = stack.info()
+    except StackError:
+        return []
+    pids = [v for k, v in info.items() if k.endswith("_pid") and isinstance(v, int)]
+    pids += [n["pid"] for n in info.get("nodes", []) if isinstance(n, dict) and isinstance(n.get("pid"), int)]
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _runners_of(broker_dir: Path) -> list[tuple[int, int | None]]:
+    """(pid, --parent-pid) of every ``python -m infra.embedded`` running on ``broker_dir``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode("utf-8", "replace").split("\0")
+        except OSError:
+            continue
+        if "infra.embedded" not in argv or "--data-dir" not in argv:
+            continue
+        i = argv.index("--data-dir")
+        if i + 1 >= len(argv) or Path(argv[i + 1]).resolve() != broker_dir.resolve():
+            continue
+        parent = argv[argv.index("--parent-pid") + 1] if "--parent-pid" in argv[:-1] else ""
+        found.append((int(cmdline.parent.name), int(parent) if parent.isdigit() else None))
+    return found
+
+
+def wait_for_earlier_stack(broker_dir: Path, timeout: float = 120) -> None:
+    """A stack whose command was killed (kill -9 of `imgflow run`) stops by itself, which takes
+    a few seconds: wait for it, saying so, instead of failing on its data dir. A stack whose
+    command is still running is another run's: StackError at once."""
+    import fcntl
+
+    lock_path = broker_dir / ".stack.lock"
+    if not lock_path.exists():
+        return
+    deadline = time.monotonic() + timeout
+    announced = False
+    while True:
+        with open(lock_path, "a+") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                if announced:
+                    print("the earlier stack has stopped", flush=True)
+                return
+            except OSError:
+                pass
+        runners = _runners_of(broker_dir)
+        owners = [parent for _, parent in runners if parent is not None and parent != os.getpid() and _alive(parent)]
+        if owners:
+            raise StackError(f"data dir {broker_dir} is in use by another running stack (the command with "
+                             f"pid {owners[0]}): stop it, or use another --data-dir")
+        if not announced:
+            pids = ", ".join(str(pid) for pid, _ in runners) or "?"
+            print(f"an earlier stack on {broker_dir} (pid {pids}) is still stopping: its command is gone; "
+                  f"waiting for it to finish ...", flush=True)
+            announced = True
+        if time.monotonic() > deadline:
+            raise StackError(f"the earlier stack on {broker_dir} did not stop within {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 def _port_free(port: int, addr: str = "127.0.0.1") -> bool:
@@ -354,6 +491,11 @@ class Progress:
             self._bar = Bar(*columns, transient=False, refresh_per_second=4)
             self._task = self._bar.add_task("written", total=total, rate="-", eta="-", info="")
             self._bar.start()
+            # Our log lines (librdkafka's warnings among them) print above the bar, not into it.
+            self._handlers = []
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.StreamHandler) and handler.stream is sys.__stderr__:
+                    self._handlers.append((handler, handler.setStream(sys.stderr)))
 
     def rate(self, now: float, new_rows: int, working: bool = True) -> float:
         """Rows a second over the last minute, counted from when the stages began to work
@@ -391,6 +533,8 @@ class Progress:
 
     def finish(self) -> None:
         if self._bar is not None:
+            for handler, stream in self._handlers:
+                handler.setStream(stream)
             self._bar.stop()
             self._bar = None
 
