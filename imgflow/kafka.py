@@ -244,19 +244,73 @@ class KafkaUnreachable(RuntimeError):
     """The cluster did not answer, or refused us; the message names the setting to look at."""
 
 
+_BROKER_PREFIX = re.compile(r"^\S*:\d+/\S+: ")  # librdkafka's "sasl_ssl://host:port/id: " before a message
+
+
+def _tls_files(k) -> str:
+    return (f"kafka.ssl_ca_location={k.ssl_ca_location or '(empty: the system CAs)'}, "
+            f"kafka.ssl_certificate_location={k.ssl_certificate_location or '(empty)'}, "
+            f"kafka.ssl_key_location={k.ssl_key_location or '(empty)'}, kafka.ssl_key_password")
+
+
 def _explain(err: KafkaError, settings: Settings) -> str | None:
-    """A message naming the setting behind an error that retrying will not cure, else None."""
+    """A message naming the setting behind an error that retrying will not cure, else None.
+    By the error's code first: its text starts with the broker's address, which on a
+    SASL_SSL listener says "sasl_ssl://" whatever went wrong."""
     k, text = settings.kafka, err.str()
-    lowered = text.lower()
-    if err.code() == KafkaError._AUTHENTICATION or "authentication" in lowered or "sasl" in lowered:
+    lowered = _BROKER_PREFIX.sub("", text).lower()
+    code = err.code()
+    if "mechanism" in lowered and ("unsupported" in lowered or "supported mechanisms" in lowered
+                                   or "not supported" in lowered):
+        return (f"Kafka at {k.bootstrap} does not offer the SASL mechanism {k.sasl_mechanism!r} "
+                f"(kafka.sasl_mechanism): {text}")
+    ssl = code == KafkaError._SSL or "ssl handshake" in lowered or "certificate" in lowered
+    if not ssl and (code == KafkaError._AUTHENTICATION or "authentication" in lowered or "sasl" in lowered):
         return (f"Kafka at {k.bootstrap} refused the credentials of user {k.sasl_username!r} "
                 f"(kafka.sasl_username / kafka.sasl_password, mechanism {k.sasl_mechanism or 'none'}): {text}")
-    if "certificate" in lowered or "ssl handshake" in lowered or err.code() == KafkaError._SSL:
+    if ssl and ("verify failed" in lowered or "could not be verified" in lowered or "unable to get" in lowered
+                or "self-signed" in lowered or "self signed" in lowered or "hostname mismatch" in lowered):
         where = f"kafka.ssl_ca_location={k.ssl_ca_location}" if k.ssl_ca_location else \
             "kafka.ssl_ca_location (empty: the system's CAs)"
         return (f"the TLS certificate of Kafka at {k.bootstrap} is not trusted or does not match "
                 f"({where}; kafka.ssl_endpoint_identification={k.ssl_endpoint_identification}): {text}")
+    if ssl:  # the broker refused our certificate (or asked for one we do not send)
+        return (f"the TLS handshake with Kafka at {k.bootstrap} failed: a broker that asks for a client "
+                f"certificate needs kafka.ssl_certificate_location and kafka.ssl_key_location signed by a CA it "
+                f"trusts ({_tls_files(k)}): {text}")
     return None
+
+
+def _explain_client_error(err: KafkaError, settings: Settings) -> str:
+    """librdkafka refused the configuration itself (a TLS file missing or unreadable, a key
+    that the password does not open): which setting."""
+    k, text = settings.kafka, err.str()
+    lowered = text.lower()
+    if "ssl.key" in lowered or "private key" in lowered or "bad decrypt" in lowered:
+        setting = f"kafka.ssl_key_location={k.ssl_key_location} / kafka.ssl_key_password"
+    elif "ssl.certificate" in lowered:
+        setting = f"kafka.ssl_certificate_location={k.ssl_certificate_location}"
+    elif "ssl.ca" in lowered:
+        setting = f"kafka.ssl_ca_location={k.ssl_ca_location}"
+    elif "sasl" in lowered:
+        setting = f"kafka.sasl_mechanism={k.sasl_mechanism} / kafka.sasl_username"
+    else:
+        setting = f"kafka.security_protocol={k.security_protocol} and the kafka.ssl_* / kafka.sasl_* settings"
+    return f"the Kafka client settings are not usable ({setting}): {text}"
+
+
+class _QuietLogger:
+    """check_kafka's librdkafka log lines: at debug level only (its error is the message);
+    the last warning is kept for the timeout's message."""
+
+    def __init__(self) -> None:
+        self.last = ""
+
+    def log(self, level: int, fmt: str, *args) -> None:
+        text = fmt % args if args else fmt
+        if level >= logging.WARNING or text.startswith("FAIL"):  # confluent-kafka passes Python's levels
+            self.last = _BROKER_PREFIX.sub("", text.split("]: ", 1)[-1])
+        log.debug("kafka: %s", text)
 
 
 def check_kafka(settings: Settings, timeout: float = 30) -> None:
@@ -267,7 +321,9 @@ def check_kafka(settings: Settings, timeout: float = 30) -> None:
 
     errors: list[KafkaError] = []
     conf = client_config(settings)
-    conf.update({"error_cb": errors.append, "socket.timeout.ms": 5000, "reconnect.backoff.max.ms": 1000})
+    quiet = _QuietLogger()
+    conf.update({"error_cb": errors.append, "logger": quiet, "socket.timeout.ms": 5000,
+                 "reconnect.backoff.max.ms": 1000})
     deadline = time.monotonic() + timeout
     k = settings.kafka
     # A port nobody listens on is said as such (before librdkafka logs its refusals).
@@ -286,19 +342,25 @@ def check_kafka(settings: Settings, timeout: float = 30) -> None:
     if not reachable:
         raise KafkaUnreachable(f"Kafka is not reachable at {k.bootstrap} (kafka.bootstrap / IMGFLOW_KAFKA__BOOTSTRAP): "
                                f"nothing accepted a connection within {timeout:.0f} s")
-    admin = AdminClient(conf)
+    try:
+        admin = AdminClient(conf)
+    except KafkaException as exc:  # e.g. a TLS file missing, or a key its password does not open
+        raise KafkaUnreachable(_explain_client_error(exc.args[0], settings)) from None
     last = ""
     while time.monotonic() < deadline:
         try:
-            md = admin.list_topics(timeout=max(0.5, min(3.0, deadline - time.monotonic())))
+            md = admin.list_topics(timeout=max(0.5, min(1.0, deadline - time.monotonic())))
             if md.brokers:
                 return
         except KafkaException as exc:
             last = exc.args[0].str()
+        admin.poll(0)  # serves error_cb: a refused login or certificate is reported there only
         for err in errors:
             explained = _explain(err, settings)
             if explained:
                 raise KafkaUnreachable(explained)
-        last = errors[-1].str() if errors else last
+        causes = [e.str() for e in errors if e.code() != KafkaError._ALL_BROKERS_DOWN]
+        last = causes[-1] if causes else quiet.last or last
+        errors.clear()
     raise KafkaUnreachable(f"Kafka at {k.bootstrap} did not answer within {timeout:.0f} s (kafka.bootstrap, "
                            f"kafka.security_protocol={k.security_protocol}): {last or 'no answer'}")
