@@ -349,7 +349,7 @@ def check_kafka(settings: Settings, timeout: float = 30) -> None:
     last = ""
     while time.monotonic() < deadline:
         try:
-            md = admin.list_topics(timeout=max(0.5, min(1.0, deadline - time.monotonic())))
+            md = admin.list_topics(timeout=max(0.5, min(3.0, deadline - time.monotonic())))
             if md.brokers:
                 return
         except KafkaException as exc:
