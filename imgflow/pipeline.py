@@ -29,6 +29,9 @@ from watchers.s3 import current_event_ids as s3_event_ids
 log = logging.getLogger(__name__)
 
 ROLES = ["sink", "enrich", "vision", "watcher"]  # started in this order, stopped in reverse
+# The embedded broker's one client listener is PLAINTEXT on loopback: the kafka.* security
+# settings (for a cluster given with --bootstrap) do not apply to it.
+LOCAL_BROKER_SECURITY = {"IMGFLOW_KAFKA__SECURITY_PROTOCOL": "PLAINTEXT", "IMGFLOW_KAFKA__SASL_MECHANISM": ""}
 
 
 @dataclass
@@ -144,6 +147,7 @@ class Pipeline:
         env = dict(os.environ)
         env.update({
             "IMGFLOW_KAFKA__BOOTSTRAP": bootstrap,
+            **({} if self.external_bootstrap else LOCAL_BROKER_SECURITY),
             "IMGFLOW_DATA_DIR": str(self.data_dir),
             "IMGFLOW_SINK__OUT_DIR": str(self.out_dir),
             "IMGFLOW_METRICS_PORT": str(metrics_port),
@@ -231,6 +235,9 @@ class Pipeline:
                                    engine=engine)
         self.stack.start()
         print(f"broker ready at {self.stack.bootstrap}", flush=True)
+        if self.settings.kafka.security_protocol != "PLAINTEXT":
+            print(f"note: the embedded broker speaks PLAINTEXT on loopback; kafka.security_protocol="
+                  f"{self.settings.kafka.security_protocol} applies to a cluster given with --bootstrap", flush=True)
         if engine == "tansu" or port:  # a restart keeps the address every stage was given
             self.stack.port = int(self.stack.bootstrap.rpartition(":")[2])
         return self.stack.bootstrap
@@ -264,8 +271,9 @@ class Pipeline:
         return True
 
     def _with_bootstrap(self, bootstrap: str) -> Settings:
+        local = {} if self.external_bootstrap else {"security_protocol": "PLAINTEXT", "sasl_mechanism": ""}
         return self.settings.model_copy(update={"kafka": self.settings.kafka.model_copy(
-            update={"bootstrap": bootstrap})})
+            update={"bootstrap": bootstrap, **local})})
 
     def _serve_metrics(self) -> None:
         port = self.metrics_port

@@ -264,3 +264,18 @@ def test_secrets_are_not_in_the_settings_repr(secure_kafka, monkeypatch):
             monkeypatch.delenv(key)
     settings = Settings(kafka=secure_kafka.kafka_settings())
     assert _leaks(repr(settings) + str(settings) + settings.model_dump_json()) == []
+
+
+def test_run_with_its_own_broker_ignores_the_clusters_security_settings(secure_kafka, tmp_path):
+    """Security settings meant for the cluster (here in the environment) do not stop `imgflow run`
+    without --bootstrap: its embedded broker speaks PLAINTEXT on loopback, and it says so."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    render_text_image(["LOCAL 42"]).save(folder / "local.png")
+    env = secure_kafka.env()
+    env["IMGFLOW_KAFKA__CONNECT_TIMEOUT_S"] = "20"  # a child that tried SASL_SSL would fail within this
+    proc, _ = _run_cli(["run", str(folder), "--once", "--out", str(tmp_path / "out"), "--data-dir",
+                        str(tmp_path / "data"), "--port", "0", "--metrics-port", "0"], env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the embedded broker speaks PLAINTEXT" in proc.stdout and "done: 1 images" in proc.stdout
+    assert _leaks(proc.stdout + proc.stderr) == [] and _files_with_secrets(tmp_path) == []
