@@ -17,7 +17,7 @@ EDITABLE ?= -e
 # Root installs system packages directly; anyone else through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install deps prometheus run test test-long clean
+.PHONY: install deps prometheus java run test test-long clean
 
 install: $(STAMP)
 
@@ -47,13 +47,20 @@ prometheus:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends prometheus; }
 
+# The tests run Apache Kafka too (broker.engine=kafka): Java 17+ runs it, Maven resolves its
+# jars from Maven Central once (~16 s on an empty Maven cache). Debian's packages, installed
+# when missing; `make run` (tansu, the default engine) needs neither.
+java:
+	@command -v java >/dev/null && command -v mvn >/dev/null || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends openjdk-17-jdk-headless maven; }
+
 run: install
 	$(BIN)/imgflow run $(INPUT) --out $(OUT) $(ARGS)
 
-test: install prometheus
+test: install prometheus java
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
-test-long: install prometheus
+test-long: install prometheus java
 	$(BIN)/python -m pytest -m slow $(ARGS)
 
 clean:

@@ -6,6 +6,7 @@ tansu broker and on Apache Kafka in production.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -157,12 +158,16 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, time
                                 config=topic_config(settings, s)))
     if not new:
         return
+    by_name = {s.name: s for s in specs}
     for name, fut in admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout).items():
         try:
             fut.result(timeout)
         except KafkaException as exc:
             code = exc.args[0].code()
-            if code == KafkaError.TOPIC_ALREADY_EXISTS:
+            if code == KafkaError.TOPIC_ALREADY_EXISTS:  # made meanwhile, or not yet in our metadata
+                with contextlib.suppress(KafkaException, KeyError):
+                    _warn_if_different(admin.list_topics(name, timeout=timeout).topics[name], by_name[name],
+                                       replication)
                 continue
             raise KafkaException(KafkaError(code, f"could not create topic {name} (replication "
                                                   f"{replication if replication > 0 else 'the broker default'}, "

@@ -249,11 +249,18 @@ class EmbeddedStack:
                 self.listeners = dict(info.get("listeners") or {})
                 return
 
-    def kill_broker(self) -> None:
+    def kill_broker(self, hold: bool = False) -> None:
         """SIGKILL the broker process only (tansu, or the first Kafka node; fault tests): the
-        runner restarts it at once."""
-        pid = int(self.info()["broker_pid"])
-        os.kill(pid, signal.SIGKILL)
+        runner restarts it at once, or with ``hold`` only after ``release_broker``."""
+        info = self.info()
+        if hold:
+            Path(info["broker_hold_file"]).touch()
+        os.kill(int(info["broker_pid"]), signal.SIGKILL)
+
+    def release_broker(self) -> None:
+        """Let the runner restart a broker killed with ``hold``."""
+        with contextlib.suppress(FileNotFoundError):
+            Path(self.info()["broker_hold_file"]).unlink()
 
     def node(self, node_id: int) -> dict:
         """A Kafka node's entry of stack.json (pid, port, hold_file)."""

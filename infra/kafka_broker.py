@@ -439,6 +439,7 @@ class KafkaEngine:
             "bootstrap": self.bootstrap,
             "s3_endpoint": "",
             "broker_pid": self.nodes[0].proc.pid if self.nodes and self.nodes[0].proc else None,
+            "broker_hold_file": str(self.nodes[0].hold_file) if self.nodes else "",
             "nodes": [{"node_id": n.node_id, "pid": n.proc.pid if n.proc else None, "port": n.port,
                        "controller_port": n.controller_port, "hold_file": str(n.hold_file)}
                       for n in self.nodes],

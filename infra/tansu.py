@@ -140,6 +140,8 @@ class TansuEngine:
         # so a socket of another running instance is never touched)
         self.weed.ports = {k: v for k, v in saved.items() if port_is_free("127.0.0.1", v)}
         self.weed.remove_stale_sockets()
+        with contextlib.suppress(FileNotFoundError):
+            self.hold_file.unlink()  # a hold of an earlier run does not outlive it
         self.start_weed(deadline, saved, check)
         self.tansu.spawn(self.weed.endpoint)
 
@@ -181,10 +183,15 @@ class TansuEngine:
         if self.weed.proc and self.weed.proc.poll() is not None:
             self.restart_weed(check)
             changed = True
-        if self.tansu.proc and self.tansu.proc.poll() is not None:
+        if self.tansu.proc and self.tansu.proc.poll() is not None and not self.hold_file.exists():
             self.restart_tansu(check)
             changed = True
         return changed
+
+    @property
+    def hold_file(self) -> Path:
+        """While it exists, a dead tansu is not restarted (failure tests keep the broker down)."""
+        return self.data_dir / "tansu.hold"
 
     def info(self) -> dict:
         assert self.weed and self.tansu and self.weed.proc and self.tansu.proc
@@ -193,6 +200,7 @@ class TansuEngine:
             "bootstrap": self.tansu.bootstrap,
             "s3_endpoint": self.weed.endpoint,
             "broker_pid": self.tansu.proc.pid,
+            "broker_hold_file": str(self.hold_file),
             "tansu_pid": self.tansu.proc.pid,
             "weed_pid": self.weed.proc.pid,
         }
