@@ -45,9 +45,12 @@ class KafkaSettings(_Section):
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(1000, ge=100)
     transaction_timeout_ms: int = Field(60000, ge=1000)
-    # A transaction step hanging longer than this (seen on tansu right after a broker
-    # restart) makes the stage exit, so that a restart reconnects; 0 disables.
-    transaction_stall_s: float = Field(120.0, ge=0.0)
+    # A transaction step hanging longer than this makes the stage exit, so that a restart
+    # reconnects; 0 disables. Seen on tansu right after a broker restart, and on a Kafka
+    # cluster once when a group coordinator's broker was killed (send_offsets_to_transaction
+    # ignoring its timeout, as librdkafka issues #5456/#5511 describe). A commit across a
+    # failover took at most ~18 s (benchmarks/kafka_failover.py): 60 s leaves room.
+    transaction_stall_s: float = Field(60.0, ge=0.0)
     # A stage's transactional producers: how long a partition's records may wait to be sent
     # together. A transaction's commit sends what waits at once, so a long linger costs no
     # latency and makes one produce request per partition and batch (each request is
