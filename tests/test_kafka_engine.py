@@ -191,14 +191,17 @@ def test_the_broker_down_for_30_s_mid_run_the_stage_waits_and_resumes_exactly_on
                                       stderr=subprocess.STDOUT))
         return procs[-1]
 
+    def done() -> int:
+        try:
+            return committed(settings, "g-down", settings.topics.new)
+        except KafkaException:  # the broker is still coming back, or its coordinator loading
+            return -1
+
     def all_committed() -> bool:
         if procs[-1].poll() is not None:  # the supervisor's part: a stage that exited is started again
             assert procs[-1].returncode == 75, (tmp_path / "stage.log").read_text()[-3000:]
             start()
-        try:
-            return committed(settings, "g-down", settings.topics.new) == 40
-        except KafkaException:  # the broker is still coming back
-            return False
+        return done() == 40
 
     try:
         settings = make_settings(stack.bootstrap, tmp_path)
@@ -207,7 +210,7 @@ def test_the_broker_down_for_30_s_mid_run_the_stage_waits_and_resumes_exactly_on
         env = {**settings_env(settings), "TOY_GROUP": "g-down", "TOY_DELAY_S": "0.3",
                "IMGFLOW_KAFKA__TRANSACTION_STALL_S": "45"}
         start()
-        wait_until(lambda: committed(settings, "g-down", settings.topics.new) >= 4, 90, what="a first commit")
+        wait_until(lambda: done() >= 4, 90, what="a first commit")
         stack.kill_broker(hold=True)
         time.sleep(30)
         assert procs[-1].poll() is None, "the stage exited while the broker was down"
