@@ -40,6 +40,7 @@ from pathlib import Path
 
 import fastavro
 
+from benchmarks.perf_common import environ
 from imgflow.results import committed_csv_length, read_csv_rows
 from imgflow.settings import Settings
 from imgflow.stack import EmbeddedStack
@@ -440,21 +441,6 @@ def pipeline_log_figures(log_dir: Path) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # the scenario
-
-
-@contextlib.contextmanager
-def environ(**values: str):
-    """These environment variables while the block runs (the stack's runner inherits them)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def pipeline_env(llm: str) -> dict[str, str]:

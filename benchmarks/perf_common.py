@@ -4,6 +4,7 @@ run in-process to get realistic enrich inputs, RSS of processes, and result outp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -145,3 +146,18 @@ def write_result(name: str, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nresults: {path}")
     return path
+
+
+@contextlib.contextmanager
+def environ(**values: str):
+    """These environment variables while the block runs (child processes inherit them)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

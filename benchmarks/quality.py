@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.perf_common import environ
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 COLOURS = {"black", "white", "grey", "gray", "red", "orange", "yellow", "green", "blue",
@@ -71,16 +73,8 @@ def run_config(items, env: dict[str, str], batch: int = 8, progress=print) -> li
     # Both stages' models in one process (the pipeline runs each stage in its own): the vision
     # stage's six entries and the LLM, so that none is reloaded every batch.
     env = {"IMGFLOW_MODELS__CACHE_SIZE": "8", **env}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environ(**env):
         settings = Settings()  # the configuration's settings; the environment is put back
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     vision, enrich = VisionTransform(settings), EnrichTransform(settings)
     vision.setup()
     enrich.setup()

@@ -40,36 +40,30 @@ ENGINES = [e for e in os.environ.get("IMGFLOW_TEST_ENGINES", "tansu,kafka").spli
 
 
 def _session_stack(tmp_path_factory, engine: str):
+    """One stack of ``engine`` for the test session (None with IMGFLOW_TEST_BOOTSTRAP)."""
+    if os.environ.get("IMGFLOW_TEST_BOOTSTRAP"):
+        yield None
+        return
     from imgflow.stack import EmbeddedStack
 
     data = tmp_path_factory.mktemp(f"broker-{engine}")
-    return EmbeddedStack(data, port=0, log_file=data / "broker.log", engine=engine).start()
+    stack = EmbeddedStack(data, port=0, log_file=data / "broker.log", engine=engine).start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
 
 
 @pytest.fixture(scope="session")
 def tansu_stack(tmp_path_factory):
     """The session's tansu stack (its SeaweedFS is also the tests' S3 server)."""
-    if os.environ.get("IMGFLOW_TEST_BOOTSTRAP"):
-        yield None
-        return
-    stack = _session_stack(tmp_path_factory, "tansu")
-    try:
-        yield stack
-    finally:
-        stack.stop()
+    yield from _session_stack(tmp_path_factory, "tansu")
 
 
 @pytest.fixture(scope="session")
 def kafka_stack(tmp_path_factory):
     """The session's single-node Apache Kafka."""
-    if os.environ.get("IMGFLOW_TEST_BOOTSTRAP"):
-        yield None
-        return
-    stack = _session_stack(tmp_path_factory, "kafka")
-    try:
-        yield stack
-    finally:
-        stack.stop()
+    yield from _session_stack(tmp_path_factory, "kafka")
 
 
 @pytest.fixture(scope="session", params=ENGINES)
