@@ -2,9 +2,12 @@
 with the real stage loop (transactions, Avro, commits) and the real sink (CSV + Avro files).
 
     .venv/bin/python -m benchmarks.broker_path [--events 100000] [--batch 256] [--variants real,empty]
+        [--engine tansu,kafka]
 
-An embedded broker (tansu on SeaweedFS, as ``imgflow run`` starts it) in a temp folder; the
-"watcher" publishes ``--events`` ImageEvents as the local watcher does (idempotent producer,
+An embedded broker in a temp folder, as ``imgflow run`` starts it, of each ``--engine``: tansu
+on SeaweedFS (the default engine) and Apache Kafka (KRaft, one node: a ``java`` process); every
+variant runs on every engine in the same run (variant by variant, the engines in turn), each
+on a fresh broker, and the table puts the engines side by side. The "watcher" publishes ``--events`` ImageEvents as the local watcher does (idempotent producer,
 one record per image, Avro); the vision and enrich stages are ``imgflow.stage.StageRunner``
 processes whose transforms do no model work; the sink is ``imgflow stage sink``. Every stage
 runs as its own process, all at once, as in the pipeline. Two variants, each on a fresh
@@ -14,10 +17,10 @@ and the commits cost alone).
 
 Reports events/s end to end (first publish to the last row committed by the sink) and per
 stage (records / the time between its first and last batch), and the CPU time per event of
-every process (the stages, tansu, SeaweedFS: /proc), so the cost can be placed; the CPU
+every process (the stages, tansu, SeaweedFS, the Kafka JVM: /proc), so the cost can be placed; the CPU
 share of the idle pipeline is in the JSON. Goal: >= 5,000 events/s, i.e. Kafka, Avro and
 commits cost well under 5 % of a real image's time. Prints a table; JSON in
-benchmarks/results/broker_path.json. ``BENCH_PROFILE=1``: cProfile the two stages
+benchmarks/results/broker_path.json (results keyed by engine, then variant). ``BENCH_PROFILE=1``: cProfile the two stages
 (``<stage>.json.prof`` in the run folder; ``BENCH_KEEP=<folder>`` keeps it).
 """
 
@@ -38,6 +41,8 @@ VECTOR_DIMS = {"text_vector": 384, "word2vec_vector": 50, "image_vector": 1280} 
 IDLE_S = 10.0
 VECTOR_SETS = 64
 VARIANTS = ("real", "empty")  # records of a real image's size; empty vectors (Kafka + Avro + commits alone)
+ENGINES = ("tansu", "kafka")  # the embedded broker engines (imgflow run --engine)
+BROKER_PARTS = ("tansu", "seaweedfs", "kafka", "broker_runner")
 
 
 def _vectors(variant: str) -> list[dict[str, list[float]]]:
@@ -204,30 +209,34 @@ def descendants(pid: int) -> list[int]:
 
 
 def broker_processes(pid: int) -> dict[str, list[int]]:
-    """The embedded broker's processes: tansu, SeaweedFS (weed), and its supervising runner."""
-    parts: dict[str, list[int]] = {"tansu": [], "seaweedfs": [], "broker_runner": []}
+    """The embedded broker's processes: tansu, SeaweedFS (weed), the Kafka node (its JVM,
+    ``java``), and its supervising runner (``python -m infra.embedded``, anything else)."""
+    parts: dict[str, list[int]] = {part: [] for part in BROKER_PARTS}
     for p in descendants(pid):
         try:
             comm = open(f"/proc/{p}/comm").read().strip()
         except OSError:
             continue
-        parts["tansu" if comm.startswith("tansu") else "seaweedfs" if comm.startswith("weed") else "broker_runner"].append(p)
+        parts["tansu" if comm.startswith("tansu") else "seaweedfs" if comm.startswith("weed")
+              else "kafka" if comm == "java" else "broker_runner"].append(p)
     return parts
 
 
-def run_variant(variant: str, events: int, batch: int, timeout: float, avro_codec: str = "deflate") -> dict:
+def run_variant(variant: str, events: int, batch: int, timeout: float, avro_codec: str = "deflate",
+                engine: str = "tansu") -> dict:
     from imgflow.kafka import ensure_topics
     from imgflow.samples import render_text_image
     from imgflow.settings import Settings
     from imgflow.stack import EmbeddedStack
 
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(os.environ.get("BENCH_KEEP") or tmp) / variant
+        tmp = Path(os.environ.get("BENCH_KEEP") or tmp) / f"{engine}-{variant}"
         image = tmp / "images" / "one.png"
         image.parent.mkdir(parents=True)
         render_text_image(["BENCH"]).save(image)
         out = tmp / "out"
-        stack = EmbeddedStack(tmp / "broker", port=_free_port(), log_file=tmp / "broker.log")
+        stack = EmbeddedStack(tmp / "broker", port=_free_port(), log_file=tmp / "broker.log", engine=engine)
+        print(f"[{engine} {variant}] starting the {engine} broker ...", flush=True)
         stack.start()
         procs: dict[str, subprocess.Popen] = {}
         try:
@@ -249,7 +258,8 @@ def run_variant(variant: str, events: int, batch: int, timeout: float, avro_code
                 procs["sink"] = subprocess.Popen([sys.executable, "-m", "imgflow.cli", "stage", "sink"], env=env,
                                                  stdout=log, stderr=subprocess.STDOUT)
             time.sleep(5)  # let the stages join their groups
-            broker = broker_processes(stack.proc.pid)
+            broker = {part: pids for part, pids in broker_processes(stack.proc.pid).items()
+                      if pids or part == "broker_runner"}  # only this engine's parts
 
             def cpu_now() -> dict[str, float]:
                 now = {role: cpu_seconds([p.pid]) for role, p in procs.items()}
@@ -262,7 +272,7 @@ def run_variant(variant: str, events: int, batch: int, timeout: float, avro_code
             cpu0 = cpu_now()
             cpu0["watcher"] = sum(os.times()[:2])
             load0 = os.getloadavg()[0]
-            print(f"[{variant}] publishing {events} events ...", flush=True)
+            print(f"[{engine} {variant}] publishing {events} events ...", flush=True)
             started = publish(settings, events, image)
             published = time.time()
             cpu_pub = sum(os.times()[:2]) - cpu0["watcher"]
@@ -312,8 +322,10 @@ def run_variant(variant: str, events: int, batch: int, timeout: float, avro_code
             figures.setdefault(part, {})["cpu_us_per_event"] = 1e6 * seconds / events
         for part, share in idle.items():  # CPU share (1.0: one core) while no event flows
             figures[part]["idle_cpu_share"] = share
-        return {"figures": figures, "load_avg_1m": [load0, load1], "output_bytes": out_bytes,
-                "record_bytes": record_sizes(variant, image)}
+        figures["broker_total"] = {"cpu_us_per_event": sum(figures[part]["cpu_us_per_event"] for part in broker),
+                                   "idle_cpu_share": sum(idle[part] for part in broker)}
+        return {"engine": engine, "figures": figures, "load_avg_1m": [load0, load1], "output_bytes": out_bytes,
+                "record_bytes": record_sizes(variant, image), "broker_startup_s": stack.startup_s}
 
 
 def record_sizes(variant: str, image: Path) -> dict:
@@ -338,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="real (a real image's vectors), empty (no vectors), or both (default: real,empty)")
     ap.add_argument("--avro-codec", choices=["deflate", "null"], default="deflate",
                     help="the sink's Avro files (sink.avro_codec; default deflate, the default setting)")
-    ap.add_argument("--timeout", type=float, default=1800, help="per variant")
+    ap.add_argument("--engine", default=",".join(ENGINES),
+                    help="embedded broker engines, each variant on each (default: tansu,kafka)")
+    ap.add_argument("--timeout", type=float, default=1800, help="per variant and engine")
     ap.add_argument("--child", nargs=4, metavar=("ROLE", "N", "STATS", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -347,26 +361,36 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not variants or any(v not in VARIANTS for v in variants):
         ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
-    results = {v: run_variant(v, args.events, args.batch, args.timeout, args.avro_codec) for v in variants}
-    parts = ["end_to_end", "watcher", "vision", "enrich", "sink", "tansu", "seaweedfs", "broker_runner"]
+    engines = list(dict.fromkeys(e.strip() for e in args.engine.split(",") if e.strip()))
+    if not engines or any(e not in ENGINES for e in engines):
+        ap.error(f"--engine: choose from {', '.join(ENGINES)}")
+    results: dict[str, dict[str, dict]] = {e: {} for e in engines}
+    for v in variants:  # the engines in turn, variant by variant, each on a fresh broker
+        for e in engines:
+            results[e][v] = run_variant(v, args.events, args.batch, args.timeout, args.avro_codec, engine=e)
+    parts = ["end_to_end", "watcher", "vision", "enrich", "sink", "tansu", "seaweedfs", "kafka", "broker_runner",
+             "broker_total"]
+    parts = [p for p in parts if any(p in results[e][v]["figures"] for e in engines for v in variants)]
     headers = ["part"]
     for v in variants:
-        headers += [f"{v} events/s", f"{v} cpu us/event"]
+        for e in engines:
+            headers += [f"{v} {e} events/s", f"{v} {e} cpu us/event"]
     rows = []
     for part in parts:
         row = [part]
         for v in variants:
-            f = results[v]["figures"].get(part, {})
-            row += [round(f["events_per_s"]) if "events_per_s" in f else "",
-                    round(f["cpu_us_per_event"]) if "cpu_us_per_event" in f else ""]
+            for e in engines:
+                f = results[e][v]["figures"].get(part, {})
+                row += [round(f["events_per_s"]) if "events_per_s" in f else "",
+                        round(f["cpu_us_per_event"]) if "cpu_us_per_event" in f else ""]
         rows.append(row)
-    loads = ", ".join(f"{results[v]['load_avg_1m'][0]:.1f}" for v in variants)
-    print_table(f"broker path: {args.events} events per variant, no-op transforms, stage batch {args.batch}, "
-                f"transactions on, sink Avro {args.avro_codec}; load average at start {loads}",
+    loads = ", ".join(f"{v} {e} {results[e][v]['load_avg_1m'][0]:.1f}" for v in variants for e in engines)
+    print_table(f"broker path: {args.events} events per variant and engine, no-op transforms, stage batch "
+                f"{args.batch}, transactions on, sink Avro {args.avro_codec}; load average at start: {loads}",
                 headers, rows)
     write_result("broker_path", {"events": args.events, "batch": args.batch, "avro_codec": args.avro_codec,
-                                 "goal_events_per_s": 5000,
-                                 "variants": results})
+                                 "goal_events_per_s": 5000, "engines": engines, "variants": variants,
+                                 "results": results})
     return 0
 
 

@@ -1,7 +1,7 @@
 """The pipeline against the original one-image-at-a-time loop: same models, same images,
 same run, alternated.
 
-    .venv/bin/python -m benchmarks.pipeline_vs_seed [--images 24] [--rounds 1]
+    .venv/bin/python -m benchmarks.pipeline_vs_seed [--images 24] [--rounds 1] [--engine tansu,kafka]
 
 ``seed``: a faithful re-creation of the original ``vec_qwen.py`` loop on the shipped models
 (its own process, cold start included): for each image in turn, prepare it (RGB, longest
@@ -10,14 +10,18 @@ the LLM for the JSON (one ``create_chat_completion``, the request the enrich sta
 before issue 10/11, ``image_text`` included), append
 the rows to the CSV every 10 images; images already in the CSV are skipped.
 
-``pipeline``: ``imgflow run IMAGES --out OUT --once`` in a fresh data dir (embedded broker,
-watcher, vision, enrich, sink; cold start included), with the default settings.
+``pipeline``: ``imgflow run IMAGES --out OUT --once --engine E`` in a fresh data dir (embedded
+broker, watcher, vision, enrich, sink; cold start included), with the default settings, once
+per ``--engine`` (default tansu,kafka: tansu on SeaweedFS and Apache Kafka, side by side). Each
+round runs the seed loop once and the pipeline once per engine, alternated (round 1: seed,
+then the engines in order; round 2 the reverse, ...).
 
-Reports images/s of each, the ratio, and each part's share of the time (seed: measured per
+Reports images/s of each, each engine's ratio to the seed loop, and each part's share of the time (seed: measured per
 image; pipeline: the seconds each stage spent transforming, from its log, over the wall
 time). ``--seed-threads N`` gives the seed loop's libraries N threads (default: their own
 defaults, as the original ran: torch and onnxruntime all cores, llama.cpp half the cores for
-generation and all for prompts). Prints a table; JSON in benchmarks/results/pipeline_vs_seed.json.
+generation and all for prompts). Prints a table; JSON in benchmarks/results/pipeline_vs_seed.json
+(the pipeline's figures keyed by engine).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from benchmarks.perf_common import mixed_images, print_table, write_result
 COLUMNS = ["image_path", "text", "description", "categories", "keywords", "image_text", "text_vector",
            "word2vec_vector", "image_vector", "timestamp", "error", "llama_extracted"]
 CSV_EVERY = 10  # the original's BATCH/flush cadence: rows appended every 10 images
+ENGINES = ("tansu", "kafka")  # imgflow run --engine
 
 
 def seed_loop(images: Path, out_csv: Path) -> dict:
@@ -158,30 +163,34 @@ def stage_seconds(log: Path) -> tuple[int, float]:
     return n, s
 
 
-def run_pipeline(images: Path, work: Path, env_extra: dict[str, str]) -> dict:
+def run_pipeline(images: Path, work: Path, env_extra: dict[str, str], engine: str = "tansu") -> dict:
     data, out = work / "data", work / "out"
     env = dict(os.environ, **env_extra)
     env.pop("IMGFLOW_DATA_DIR", None)
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "imgflow.cli", "run", str(images), "--out", str(out), "--once",
-                           "--data-dir", str(data)], capture_output=True, text=True, env=env)
+                           "--data-dir", str(data), "--engine", engine], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
-        raise SystemExit(f"imgflow run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"imgflow run --engine {engine} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     stages = {}
     for role in ("vision", "enrich"):
         n, s = stage_seconds(data / "logs" / f"{role}.log")
         stages[role] = {"records": n, "transform_s": s}
-    return {"images": len(rows), "errors": sum(1 for r in rows if r.get("error")), "wall_s": wall, "stages": stages}
+    return {"engine": engine, "images": len(rows), "errors": sum(1 for r in rows if r.get("error")),
+            "wall_s": wall, "stages": stages}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=24, help="images (half photos, half rendered text), default 24")
-    ap.add_argument("--rounds", type=int, default=1, help="seed/pipeline pairs, alternated (default 1)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="rounds of the seed loop and one pipeline run per engine, alternated (default 1)")
+    ap.add_argument("--engine", default=",".join(ENGINES),
+                    help="embedded broker engines of the pipeline runs, side by side (default: tansu,kafka)")
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                     help="extra IMGFLOW_* setting for the pipeline, e.g. IMGFLOW_MODELS__LLM_BATCH=8")
     ap.add_argument("--seed-threads", type=int, default=0,
@@ -193,44 +202,58 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(seed_loop(Path(args.seed_child[0]), Path(args.seed_child[1]))))
         return 0
 
+    engines = list(dict.fromkeys(e.strip() for e in args.engine.split(",") if e.strip()))
+    if not engines or any(e not in ENGINES for e in engines):
+        ap.error(f"--engine: choose from {', '.join(ENGINES)}")
     env_extra = dict(e.split("=", 1) for e in args.env)
-    seeds, pipes = [], []
+    seeds: list[dict] = []
+    pipes: dict[str, list[dict]] = {e: [] for e in engines}
     with tempfile.TemporaryDirectory() as tmp:
         images = Path(tmp) / "images"
         mixed_images(images, args.images)
         for r in range(args.rounds):
-            order = ["seed", "pipeline"] if r % 2 == 0 else ["pipeline", "seed"]
+            order = ["seed", *engines]
+            order = order if r % 2 == 0 else order[::-1]
             for which in order:
                 work = Path(tmp) / f"{which}{r}"
                 work.mkdir()
-                print(f"round {r + 1}: {which} ...", flush=True)
+                label = "seed" if which == "seed" else f"pipeline --engine {which}"
+                print(f"round {r + 1}: {label} ...", flush=True)
                 if which == "seed":
                     res = run_seed(images, work, args.seed_threads)
                     seeds.append(res)
                 else:
-                    res = run_pipeline(images, work, env_extra)
-                    pipes.append(res)
-                print(f"  {which}: {res['images']} images in {res['wall_s']:.1f}s "
+                    res = run_pipeline(images, work, env_extra, which)
+                    pipes[which].append(res)
+                print(f"  {label}: {res['images']} images in {res['wall_s']:.1f}s "
                       f"({res['images'] / res['wall_s']:.3f} images/s)", flush=True)
     seed_wall = sum(s["wall_s"] for s in seeds)
-    pipe_wall = sum(p["wall_s"] for p in pipes)
     n_seed = sum(s["images"] for s in seeds)
-    n_pipe = sum(p["images"] for p in pipes)
-    seed_rate, pipe_rate = n_seed / seed_wall, n_pipe / pipe_wall
+    seed_rate = n_seed / seed_wall
     seed_parts = {k: sum(s["parts"][k] for s in seeds) / seed_wall for k in seeds[0]["parts"]}
     seed_parts["other"] = 1 - sum(seed_parts.values())
-    pipe_parts = {role: sum(p["stages"][role]["transform_s"] for p in pipes) / pipe_wall for role in ("vision", "enrich")}
     rows = [["seed loop", n_seed, seed_wall, seed_rate, "1.00x",
-             ", ".join(f"{k} {v:.0%}" for k, v in seed_parts.items())],
-            ["imgflow run --once", n_pipe, pipe_wall, pipe_rate, f"{pipe_rate / seed_rate:.2f}x",
-             ", ".join(f"{k} busy {v:.0%}" for k, v in pipe_parts.items())]]
-    print_table(f"pipeline vs the original loop: {args.images} images x {args.rounds} round(s), same models",
+             ", ".join(f"{k} {v:.0%}" for k, v in seed_parts.items())]]
+    pipeline: dict[str, dict] = {}
+    for e in engines:
+        pipe_wall = sum(p["wall_s"] for p in pipes[e])
+        n_pipe = sum(p["images"] for p in pipes[e])
+        pipe_rate = n_pipe / pipe_wall
+        pipe_parts = {role: sum(p["stages"][role]["transform_s"] for p in pipes[e]) / pipe_wall
+                      for role in ("vision", "enrich")}
+        pipeline[e] = {"images_per_s": pipe_rate, "ratio": pipe_rate / seed_rate, "runs": pipes[e],
+                       "stage_busy_shares": pipe_parts}
+        rows.append([f"imgflow run --once --engine {e}", n_pipe, pipe_wall, pipe_rate, f"{pipe_rate / seed_rate:.2f}x",
+                     ", ".join(f"{k} busy {v:.0%}" for k, v in pipe_parts.items())])
+    print_table(f"pipeline vs the original loop: {args.images} images x {args.rounds} round(s), same models, "
+                f"engines {', '.join(engines)}",
                 ["", "images", "wall s", "images/s", "ratio", "share of the wall time"], rows)
     write_result("pipeline_vs_seed", {
         "images": args.images, "rounds": args.rounds, "pipeline_env": env_extra, "seed_threads": args.seed_threads,
+        "engines": engines,
         "seed": {"images_per_s": seed_rate, "runs": seeds, "shares": seed_parts},
-        "pipeline": {"images_per_s": pipe_rate, "runs": pipes, "stage_busy_shares": pipe_parts},
-        "ratio": pipe_rate / seed_rate,
+        "pipeline": pipeline,
+        "ratio": {e: pipeline[e]["ratio"] for e in engines},
     })
     return 0
 
