@@ -15,14 +15,18 @@ import zlib
 from pathlib import Path
 
 
-def png(path: Path, width: int, height: int, bit_depth: int, keep: float = 1.0) -> None:
-    """A real PNG, written a row at a time (never the whole image in memory)."""
+def png(path: Path, width: int, height: int, bit_depth: int, keep: float = 1.0, blank: bool = False) -> None:
+    """A real PNG, written a row at a time (never the whole image in memory); ``blank``: every
+    pixel 0 (a 20,000 x 20,000 one-bit one is 48 KB), else a byte ramp; ``keep``: the share of
+    its compressed data kept (below 1: truncated)."""
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     comp = zlib.compressobj(6)
     row = b"\x00" + bytes(range(256)) * ((width * bit_depth + 7) // 8 // 256 + 1)
     row = row[:1 + (width * bit_depth + 7) // 8]
+    if blank:
+        row = bytes(len(row))
     idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
     idat = idat[:int(len(idat) * keep)]
     with open(path, "wb") as f:
@@ -42,7 +46,7 @@ def main(kind: str, count: int) -> None:
         for i in range(count):
             path = folder / f"{kind}_{i}.png"
             if kind == "bomb":
-                png(path, 20_000, 20_000, 1)
+                png(path, 20_000, 20_000, 1, blank=True)
             else:
                 png(path, 8_000, 8_000, 8, keep=0.5)
             event = local_image_event(path, path.stat(), source="test", run_id="t")

@@ -64,6 +64,10 @@ def build_corpus(folder: Path) -> dict[str, str | None]:
     save("png inside.jpg", cat, "PNG")  # wrong extension, valid image
     (folder / "bomb.png").write_bytes(png_header_only(100_000, 100_000))
     expect["bomb.png"] = "too large"
+    from tests.decode_memory import png
+
+    png(folder / "bilevel_400mp.png", 20_000, 20_000, 1, blank=True)  # a real one, 48 KB: 1.9 GB to decode
+    expect["bilevel_400mp.png"] = "image too large: 20000x20000 pixels (limit 120000000 pixels, models.image_max_pixels)"
     save("huge_20000.jpg", Image.new("L", (20000, 20000), 128), "JPEG")
     save("tiny_1x1.png", Image.new("RGB", (1, 1), "red"), "PNG")
     save("cmyk.jpg", cat.convert("CMYK"), "JPEG")
