@@ -432,10 +432,10 @@ class ResultStore:
 class SinkRunner:
     name = "sink"
 
-    def __init__(self, settings: Settings, group_id: str = "imgflow-sink", run_id: str | None = None,
+    def __init__(self, settings: Settings, group_id: str | None = None, run_id: str | None = None,
                  bounds: RangeBounds | None = None) -> None:
         self.settings = settings
-        self.group_id = group_id
+        self.group_id = group_id or f"{settings.kafka.group_prefix}-sink"
         self.run_id = run_id  # a replay of the sink stage itself: its rows carry the replay's run_id
         self.bounds = bounds  # a replay: stop when this range of the input is written
         self.range = RangeTracker(bounds) if bounds is not None else None

@@ -142,7 +142,7 @@ class StageName(str, Enum):
 
 @app.command()
 def stage(name: Annotated[StageName, typer.Argument(help="Which stage.")],
-          group: Annotated[Optional[str], typer.Option(help="Consumer group (default imgflow-<stage>).")] = None,
+          group: Annotated[Optional[str], typer.Option(help="Consumer group (default <kafka.group_prefix>-<stage>, i.e. imgflow-<stage>).")] = None,
           run_id: Annotated[Optional[str], typer.Option(
               "--run", help="Run this stage as part of replay run RUN_ID (its topics, group and range; "
                             "what `imgflow replay` starts).")] = None,

@@ -357,8 +357,8 @@ def _hold_stage_lock(path: Path, timeout: float = 300) -> None:
             time.sleep(0.5)
 
 
-def group_for(stage: str, run_id: str) -> str:
-    return f"imgflow-{stage}.{run_id}"
+def group_for(settings: Settings, stage: str, run_id: str) -> str:
+    return f"{settings.kafka.group_prefix}-{stage}.{run_id}"
 
 
 def stage_plan(settings: Settings, stage: str, run_id: str) -> StagePlan:
@@ -381,7 +381,7 @@ def stage_plan(settings: Settings, stage: str, run_id: str) -> StagePlan:
         finally:
             reader.close()
         bounds = RangeBounds(start={tp: s for tp, (s, _) in spans.items()}, end={tp: e for tp, (_, e) in spans.items()})
-    return StagePlan(scoped, group_for(stage, run_id), bounds, run_id)
+    return StagePlan(scoped, group_for(settings, stage, run_id), bounds, run_id)
 
 
 # ---- the command ---------------------------------------------------------------------------------

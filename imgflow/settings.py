@@ -38,6 +38,9 @@ class _Section(BaseModel):
 
 class KafkaSettings(_Section):
     bootstrap: str = "127.0.0.1:19092"
+    # Consumer groups and transactional ids start with this (imgflow-vision, imgflow-sink,
+    # imgflow-vision.<topic>.<partition> ...): two pipelines sharing a cluster need different ones.
+    group_prefix: str = Field("imgflow", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     # A command started against a cluster that does not answer within this exits 2 naming
     # kafka.bootstrap (a refused password or certificate: at once).
     connect_timeout_s: float = Field(60.0, gt=0.0)

@@ -250,7 +250,7 @@ class StageRunner:
                  run_id: str | None = None, bounds: RangeBounds | None = None) -> None:
         self.transform = transform
         self.settings = settings
-        self.group_id = group_id or f"imgflow-{transform.name}"
+        self.group_id = group_id or f"{settings.kafka.group_prefix}-{transform.name}"
         # None: the live pipeline, records keep their own run_id (a forced backfill's events
         # carry theirs). A replay stamps its run_id on every event it reads.
         self.run_id = run_id

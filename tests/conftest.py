@@ -127,7 +127,8 @@ def s3_bucket(s3_server) -> str:
 def make_settings(broker: str, tmp_path: Path, **overrides) -> Settings:
     suffix = uuid.uuid4().hex[:8]
     base = {
-        "kafka": {"bootstrap": broker},
+        # Groups of their own too: a test's sink never shares a group with another test's.
+        "kafka": {"bootstrap": broker, "group_prefix": f"t{suffix}"},
         "topics": {"new": f"t{suffix}.new", "new_high": f"t{suffix}.new.high", "vision": f"t{suffix}.vision",
                    "enriched": f"t{suffix}.enriched", "dlq": f"t{suffix}.dlq", "partitions": 3},
         "data_dir": tmp_path / "data",
@@ -156,6 +157,7 @@ def settings_env(settings: Settings) -> dict:
     env = dict(os.environ)
     env.update({
         "IMGFLOW_KAFKA__BOOTSTRAP": settings.kafka.bootstrap,
+        "IMGFLOW_KAFKA__GROUP_PREFIX": settings.kafka.group_prefix,
         "IMGFLOW_TOPICS__NEW": t.new, "IMGFLOW_TOPICS__NEW_HIGH": t.new_high, "IMGFLOW_TOPICS__VISION": t.vision,
         "IMGFLOW_TOPICS__ENRICHED": t.enriched, "IMGFLOW_TOPICS__DLQ": t.dlq,
         "IMGFLOW_TOPICS__PARTITIONS": str(t.partitions),

@@ -117,10 +117,10 @@ def test_sink_replay_by_time_with_kills(settings, tmp_path, engine):
               "input_topic": t.new, "input_partition": 0, "input_offset": 0, "event": event(30), "vision": None,
               "raw_value": None}
     produce_at(settings, t.dlq, "DeadLetter", [failed], now - 10_000)
-    live = Consumer(consumer_config(settings, "imgflow-sink"))
+    live = Consumer(consumer_config(settings, f"{settings.kafka.group_prefix}-sink"))
     live.commit(offsets=[TopicPartition(t.enriched, p, 1) for p in range(3)], asynchronous=False)
     live.close()
-    before = committed(settings, "imgflow-sink", t.enriched)
+    before = committed(settings, f"{settings.kafka.group_prefix}-sink", t.enriched)
     boundary = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((now - 15_000) / 1000)) + \
         f".{(now - 15_000) % 1000:03d}Z"
     wanted = sorted([f"r{i:04d}" for i in range(10, 22)] + ["r0030"])
@@ -160,7 +160,7 @@ def test_sink_replay_by_time_with_kills(settings, tmp_path, engine):
 
     # The live pipeline saw nothing of it.
     assert not (settings.sink.out_dir / "results.csv").exists()
-    assert committed(settings, "imgflow-sink", t.enriched) == before
+    assert committed(settings, f"{settings.kafka.group_prefix}-sink", t.enriched) == before
     listing = subprocess.run(replay_cmd("--list"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     lines = {line.split()[0]: line for line in listing.stdout.splitlines()[1:] if line.strip()}
     for rid in (by_time, run_id):
@@ -177,10 +177,10 @@ def test_enrich_replay_killed_and_rerun(settings):
     env["IMGFLOW_STAGE__BATCH_SIZE"] = "1"  # a kill between batches leaves some done, some not
     t = settings.topics
     produce_at(settings, t.vision, "VisionResult", [vision_result(i) for i in range(3)], int(time.time() * 1000))
-    live = Consumer(consumer_config(settings, "imgflow-enrich"))
+    live = Consumer(consumer_config(settings, f"{settings.kafka.group_prefix}-enrich"))
     live.commit(offsets=[TopicPartition(t.vision, p, 1) for p in range(3)], asynchronous=False)
     live.close()
-    before = committed(settings, "imgflow-enrich", t.vision)
+    before = committed(settings, f"{settings.kafka.group_prefix}-enrich", t.vision)
 
     first = subprocess.Popen(replay_cmd("--stage", "enrich"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
@@ -206,7 +206,7 @@ def test_enrich_replay_killed_and_rerun(settings):
     # The LLM's answer, or the reason there is none (a small model can fail): a row either way.
     assert all(json.loads(r["llama_extracted"]) if not r["error"] else r["error"].startswith("enrich:") for r in rows)
     assert not (settings.sink.out_dir / "results.csv").exists()
-    assert committed(settings, "imgflow-enrich", t.vision) == before
+    assert committed(settings, f"{settings.kafka.group_prefix}-enrich", t.vision) == before
     assert read_topic(settings, t.enriched, timeout=10) == []  # replayed records stay in run topics
     record = RunRegistry(settings).get(run_id)
     assert (record.status, record.results, record.stage) == ("done", 3, "enrich")
