@@ -152,7 +152,7 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, time
     new = []
     for s in specs:
         if s.name in topics:
-            _warn_if_different(topics[s.name], s, replication)
+            _warn_if_different(topics[s.name], s, replication, admin)
         else:
             new.append(NewTopic(s.name, num_partitions=s.partitions, replication_factor=replication,
                                 config=topic_config(settings, s)))
@@ -167,7 +167,7 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, time
             if code == KafkaError.TOPIC_ALREADY_EXISTS:  # made meanwhile, or not yet in our metadata
                 with contextlib.suppress(KafkaException, KeyError):
                     _warn_if_different(admin.list_topics(name, timeout=timeout).topics[name], by_name[name],
-                                       replication)
+                                       replication, admin)
                 continue
             raise KafkaException(KafkaError(code, f"could not create topic {name} (replication "
                                                   f"{replication if replication > 0 else 'the broker default'}, "
@@ -175,7 +175,17 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, time
         log.info("created topic %s", name)
 
 
-def _warn_if_different(meta, spec: TopicSpec, replication: int) -> None:
+def _warn_if_different(meta, spec: TopicSpec, replication: int, admin: AdminClient | None = None) -> None:
+    # A topic made a moment ago can be listed before its partitions are (Kafka's metadata
+    # catches up within a second): ask again rather than warn about 0 partitions.
+    for _ in range(20):
+        if meta.partitions and meta.error is None or admin is None:
+            break
+        time.sleep(0.25)
+        with contextlib.suppress(KafkaException, KeyError):
+            meta = admin.list_topics(spec.name, timeout=5).topics[spec.name]
+    if not meta.partitions:
+        return
     partitions = len(meta.partitions)
     replicas = len(meta.partitions[0].replicas) if 0 in meta.partitions else 0
     if partitions != spec.partitions:
