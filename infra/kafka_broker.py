@@ -32,8 +32,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.procs import (StartupError, child_env, free_ports, port_is_free, reopen_log, spawn_child,
-                         stop_process, tail, write_json_atomic)
+from infra.procs import (StartupError, back_off_if_crash_looping, child_env, free_ports, port_is_free,
+                         reopen_log, spawn_child, stop_process, write_json_atomic)
 
 log = logging.getLogger("infra.embedded")
 
@@ -417,14 +417,8 @@ class KafkaEngine:
         for node in self.nodes:
             if node.alive() or node.hold_file.exists():
                 continue
-            now = time.monotonic()
-            recent = [t for t in self.restarts.get(node.node_id, []) if now - t < 30] + [now]
-            self.restarts[node.node_id] = recent
-            if len(recent) > 5:
-                log.error("Kafka node %d keeps dying (%d restarts in 30 s); log tail:\n%s",
-                          node.node_id, len(recent), tail(node.log_path, 15))
-                time.sleep(min(5.0, 0.5 * len(recent)))
-                check()
+            self.restarts[node.node_id] = back_off_if_crash_looping(
+                self.restarts.get(node.node_id, []), f"Kafka node {node.node_id}", node.log_path, check)
             log.warning("Kafka node %d (pid %s) died with code %s; restarting it on %s", node.node_id,
                         node.proc.pid if node.proc else "?", node.proc.returncode if node.proc else "?",
                         node.bootstrap)

@@ -140,3 +140,16 @@ def stop_process(proc: subprocess.Popen | None, name: str, timeout: float) -> No
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait()
+
+
+def back_off_if_crash_looping(restarts: list[float], name: str, log_path: Path, check) -> list[float]:
+    """Before restarting ``name``: its restart times of the last 30 s with this one added.
+    More than 5: a crash loop, logged with the tail of its log and slowed down a little so the
+    supervisor does not spin (``check`` may then raise Stopping)."""
+    now = time.monotonic()
+    recent = [t for t in restarts if now - t < 30] + [now]
+    if len(recent) > 5:
+        log.error("%s keeps dying (%d restarts in 30 s); log tail:\n%s", name, len(recent), tail(log_path, 15))
+        time.sleep(min(5.0, 0.5 * len(recent)))
+        check()
+    return recent

@@ -12,8 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from infra.procs import (StartupError, child_env, port_is_free, reopen_log, spawn_child, stop_process, tail,
-                         write_json_atomic)
+from infra.procs import (StartupError, back_off_if_crash_looping, child_env, port_is_free, reopen_log,
+                         spawn_child, stop_process, tail, write_json_atomic)
 from infra.seaweedfs import (GRPC_SOCKET_SERVICES, REGION, WEED_PORT_NAMES, Credentials, Weed, choose_weed_ports,
                              load_credentials)
 
@@ -152,14 +152,7 @@ class TansuEngine:
     def restart_tansu(self, check) -> None:
         assert self.tansu and self.weed and self.tansu.proc
         code = self.tansu.proc.returncode
-        now = time.monotonic()
-        self.tansu_restarts = [t for t in self.tansu_restarts if now - t < 30] + [now]
-        if len(self.tansu_restarts) > 5:
-            # crash loop: back off a little so we do not spin
-            log.error("tansu keeps dying (%d restarts in 30 s); log tail:\n%s",
-                      len(self.tansu_restarts), tail(self.tansu.log_path, 15))
-            time.sleep(min(5.0, 0.5 * len(self.tansu_restarts)))
-            check()
+        self.tansu_restarts = back_off_if_crash_looping(self.tansu_restarts, "tansu", self.tansu.log_path, check)
         log.warning("tansu (pid %d) died with code %s; restarting it on %s",
                     self.tansu.proc.pid, code, self.tansu.bootstrap)
         self.tansu.spawn(self.weed.endpoint)
