@@ -44,39 +44,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_for_broker(bootstrap: str, timeout: float) -> None:
-    """Until a metadata round trip to ``bootstrap`` succeeds; StackError after ``timeout`` s."""
-    from confluent_kafka.admin import AdminClient
-
-    deadline = time.monotonic() + timeout
-    host, _, port = bootstrap.rpartition(":")
-    last: Exception | None = None
-    admin = None
-    try:
-        while time.monotonic() < deadline:
-            if admin is None:
-                try:  # connect only once it accepts: keeps librdkafka from logging refusals
-                    with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), 1.0):
-                        pass
-                except OSError as e:
-                    last = e
-                    time.sleep(0.1)
-                    continue
-                admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 5000})
-            try:
-                remaining = max(0.5, min(5.0, deadline - time.monotonic()))
-                md = admin.list_topics(timeout=remaining)
-                if md.brokers:
-                    return
-                last = RuntimeError("metadata lists no brokers")
-            except Exception as e:  # noqa: BLE001 - not there yet
-                last = e
-            time.sleep(0.1)
-    finally:
-        del admin
-    raise StackError(f"broker at {bootstrap} did not answer within {timeout:.0f} s: {last!r}")
-
-
 def _tail(path: Path | None, lines: int = 40) -> str:
     if path is None:
         return ""

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from imgflow.settings import Settings
-from imgflow.stack import EmbeddedStack, StackError, free_port, wait_for_broker
+from imgflow.kafka import KafkaUnreachable, check_kafka
+from imgflow.stack import EmbeddedStack, StackError, free_port
 from imgflow.topics import topic_specs
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
@@ -173,7 +174,7 @@ def test_broker_kill_is_recovered_and_stacks_do_not_interfere(tmp_path: Path) ->
         while a.info()["tansu_pid"] == old_pid:
             assert time.monotonic() < deadline, "tansu was not restarted"
             time.sleep(0.1)
-        wait_for_broker(a.bootstrap, timeout=15)
+        check_kafka(Settings(kafka={"bootstrap": a.bootstrap}), 15)
 
         # the same producer and consumer reconnect by themselves
         p.produce(topic, value=b"after-kill")
@@ -194,8 +195,8 @@ def test_broker_kill_is_recovered_and_stacks_do_not_interfere(tmp_path: Path) ->
         del p
 
 
-def test_wait_for_broker_times_out(tmp_path: Path) -> None:
+def test_waiting_for_a_broker_that_is_not_there_times_out_naming_the_setting(tmp_path: Path) -> None:
     t0 = time.monotonic()
-    with pytest.raises(StackError, match="did not answer"):
-        wait_for_broker(f"127.0.0.1:{free_port()}", timeout=1.5)
+    with pytest.raises(KafkaUnreachable, match="not reachable at .* \\(kafka.bootstrap"):
+        check_kafka(Settings(kafka={"bootstrap": f"127.0.0.1:{free_port()}"}), timeout=1.5)
     assert time.monotonic() - t0 < 5

@@ -17,9 +17,9 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
-from imgflow.kafka import admin_client, consumer_config, ensure_topics, producer_config
+from imgflow.kafka import admin_client, check_kafka, consumer_config, ensure_topics, producer_config
 from imgflow.settings import Settings
-from imgflow.stack import EmbeddedStack, free_port, wait_for_broker
+from imgflow.stack import EmbeddedStack, free_port
 from tests.conftest import make_settings, settings_env
 from tests.kafka_helpers import decoded, produce_events, read_topic, wait_until
 from tests.test_stage_loop import committed, events
@@ -52,7 +52,7 @@ def test_kill_9_of_the_broker_and_of_the_whole_stack_keep_records_offsets_and_tr
         old = stack.info()["broker_pid"]
         stack.kill_broker()
         wait_until(lambda: stack.info()["broker_pid"] != old, 30, what="the node restarted")
-        wait_for_broker(stack.bootstrap, 60)
+        check_kafka(Settings(kafka={"bootstrap": stack.bootstrap}), 60)
         assert _values(stack.bootstrap, topic) == [f"rec-{i}".encode() for i in range(20)]
         # The whole stack, kill -9 (runner and node): a new one on the same data dir.
         bootstrap = stack.bootstrap
