@@ -216,18 +216,26 @@ class EmbeddedStack:
                 self.listeners = dict(info.get("listeners") or {})
                 return
 
+    @staticmethod
+    def _kill(pid: int, hold_file: str, hold: bool) -> None:
+        if hold:
+            Path(hold_file).touch()
+        os.kill(pid, signal.SIGKILL)
+
+    @staticmethod
+    def _release(hold_file: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            Path(hold_file).unlink()
+
     def kill_broker(self, hold: bool = False) -> None:
         """SIGKILL the broker process only (tansu, or the first Kafka node; fault tests): the
         runner restarts it at once, or with ``hold`` only after ``release_broker``."""
         info = self.info()
-        if hold:
-            Path(info["broker_hold_file"]).touch()
-        os.kill(int(info["broker_pid"]), signal.SIGKILL)
+        self._kill(int(info["broker_pid"]), info["broker_hold_file"], hold)
 
     def release_broker(self) -> None:
         """Let the runner restart a broker killed with ``hold``."""
-        with contextlib.suppress(FileNotFoundError):
-            Path(self.info()["broker_hold_file"]).unlink()
+        self._release(self.info()["broker_hold_file"])
 
     def node(self, node_id: int) -> dict:
         """A Kafka node's entry of stack.json (pid, port, hold_file)."""
@@ -239,19 +247,21 @@ class EmbeddedStack:
     def kill_node(self, node_id: int, hold: bool = False) -> None:
         """SIGKILL one Kafka node. ``hold``: the runner leaves it down until ``release_node``."""
         node = self.node(node_id)
-        if hold:
-            Path(node["hold_file"]).touch()
-        os.kill(int(node["pid"]), signal.SIGKILL)
+        self._kill(int(node["pid"]), node["hold_file"], hold)
 
     def release_node(self, node_id: int) -> None:
         """Let the runner restart a held node (on its ports and data)."""
-        with contextlib.suppress(FileNotFoundError):
-            Path(self.node(node_id)["hold_file"]).unlink()
+        self._release(self.node(node_id)["hold_file"])
 
-    def kill_s3(self) -> None:
-        """SIGKILL SeaweedFS only (fault tests); the runner restarts it."""
-        pid = int(self.info()["weed_pid"])
-        os.kill(pid, signal.SIGKILL)
+    def kill_s3(self, hold: bool = False) -> None:
+        """SIGKILL SeaweedFS only (fault tests; tansu engine): the runner restarts it at once,
+        or with ``hold`` only after ``release_s3`` (an outage of a known length)."""
+        info = self.info()
+        self._kill(int(info["weed_pid"]), info["s3_hold_file"], hold)
+
+    def release_s3(self) -> None:
+        """Let the runner restart a SeaweedFS killed with ``hold``."""
+        self._release(self.info()["s3_hold_file"])
 
     def stop(self, timeout: float = 45) -> None:
         """SIGTERM the runner (it stops the broker, then SeaweedFS), wait, SIGKILL if needed."""

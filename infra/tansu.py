@@ -142,6 +142,8 @@ class TansuEngine:
         self.weed.remove_stale_sockets()
         with contextlib.suppress(FileNotFoundError):
             self.hold_file.unlink()  # a hold of an earlier run does not outlive it
+        with contextlib.suppress(FileNotFoundError):
+            self.s3_hold_file.unlink()
         self.start_weed(deadline, saved, check)
         self.tansu.spawn(self.weed.endpoint)
 
@@ -173,7 +175,7 @@ class TansuEngine:
         """Restart what died; True when something was (the stack file is then rewritten)."""
         assert self.tansu and self.weed
         changed = False
-        if self.weed.proc and self.weed.proc.poll() is not None:
+        if self.weed.proc and self.weed.proc.poll() is not None and not self.s3_hold_file.exists():
             self.restart_weed(check)
             changed = True
         if self.tansu.proc and self.tansu.proc.poll() is not None and not self.hold_file.exists():
@@ -186,6 +188,11 @@ class TansuEngine:
         """While it exists, a dead tansu is not restarted (failure tests keep the broker down)."""
         return self.data_dir / "tansu.hold"
 
+    @property
+    def s3_hold_file(self) -> Path:
+        """While it exists, a dead SeaweedFS is not restarted (an S3 outage as long as a test needs)."""
+        return self.data_dir / "weed.hold"
+
     def info(self) -> dict:
         assert self.weed and self.tansu and self.weed.proc and self.tansu.proc
         return {
@@ -194,6 +201,7 @@ class TansuEngine:
             "s3_endpoint": self.weed.endpoint,
             "broker_pid": self.tansu.proc.pid,
             "broker_hold_file": str(self.hold_file),
+            "s3_hold_file": str(self.s3_hold_file),
             "tansu_pid": self.tansu.proc.pid,
             "weed_pid": self.weed.proc.pid,
         }

@@ -229,12 +229,18 @@ def test_seaweedfs_notifications_and_an_s3_restart(broker, tmp_path, caplog):
             c.put_object(Bucket=bucket, Key="k/0-a.jpg", Body=b"new")  # sorts before the cursor
             wait_until(lambda: len(events_on(settings)) >= 4, 30, interval=0.2, what="the notified object")
             assert time.monotonic() - t0 < 20
-            stack.kill_s3()
+            # Held down until both have seen it: the runner's restart alone can be quicker than
+            # one poll, which made the outage a race.
+            stack.kill_s3(hold=True)
             # The vision stage's read waits for the store instead of failing a good image.
             read = ThreadPoolExecutor(1).submit(ImageSource(settings).read, s3_uri(bucket, "k/5-1.jpg"))
             wait_until(lambda: "retrying with back-off" in caplog.text, 30, interval=0.2,
                        what="the watcher to see S3 down")
-            assert read.result(timeout=90) == b"x1" and "S3 endpoint unreachable" in caplog.text
+            wait_until(lambda: "S3 endpoint unreachable" in caplog.text, 30, interval=0.2,
+                       what="the read to see S3 down")
+            assert not read.done()
+            stack.release_s3()
+            assert read.result(timeout=90) == b"x1"
             wait_until(lambda: _s3_up(c), 60, what="SeaweedFS restarted")
             for name in ("0-b", "0-c"):
                 c.put_object(Bucket=bucket, Key=f"k/{name}.jpg", Body=name.encode())
