@@ -9,10 +9,12 @@ import signal
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
 from pydantic import ValidationError
+
+from imgflow.cli_support import command_settings, exit_with_error
 
 app = typer.Typer(help="Streaming, exactly-once image enrichment on Kafka.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -31,10 +33,7 @@ class BrokerEngine(str, Enum):
     kafka = "kafka"
 
 
-def _exit_with_error(exc: BaseException, code: int = 2) -> NoReturn:
-    """The one way a command fails on a user's error: the message on stderr, exit ``code``."""
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(code) from None
+_exit_with_error = exit_with_error
 
 
 def _require_kafka(settings) -> None:
@@ -54,21 +53,7 @@ def _stop_on_signals(runner) -> None:
 
     install_signal_handlers(runner)
 
-def _settings(**env: object):
-    """Command-line options become IMGFLOW_* variables, so child processes see them too."""
-    for key, value in env.items():
-        if value is not None:
-            os.environ[f"IMGFLOW_{key.upper()}"] = str(value)
-    from imgflow.logs import setup_logging
-    from imgflow.settings import Settings
-
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        typer.echo(f"error: invalid configuration:\n{exc}", err=True)
-        raise typer.Exit(2) from None
-    setup_logging(settings.log_level, settings.log_format)
-    return settings
+_settings = command_settings
 
 
 @app.command()
@@ -436,6 +421,13 @@ def export_csv(src: Annotated[str, typer.Argument(help="A sink output: folder or
                    "completed when the sink next starts); their rows are not in this export", err=True)
     if out is not None:
         typer.echo(f"wrote {out} ({summary.rows_files} part(s))", err=True)
+
+
+# ---- finding results (imgflow/search/)
+from imgflow.search import commands as search_commands  # noqa: E402 - registered after the pipeline's
+
+app.command("search")(search_commands.search)
+app.command("index")(search_commands.index)
 
 
 # ---- options every command has ---------------------------------------------------------------

@@ -237,6 +237,29 @@ class S3Settings(_Section):
     outage_retry_s: float = Field(120.0, ge=0.0)
 
 
+class SearchSettings(_Section):
+    """The search index over a sink output (imgflow/search/; README "Search")."""
+
+    # Where the index lives; "" = DATA_DIR/search/<the output, made a folder name>. Derived
+    # data: deleting it loses nothing (``imgflow index --rebuild`` makes it again).
+    index_dir: str = ""
+    # Below this many rows a run's vectors are searched exactly (flat scan: fast enough and
+    # recall 1); at and above it an approximate index is built (benchmarks/search_index.py).
+    ann_min_rows: int = Field(50_000, ge=256)
+    # IVF_HNSW_SQ or IVF_PQ (LanceDB's index kinds); the probes searched per query and, for
+    # IVF_PQ, how many candidates per hit are re-ranked on the full vectors.
+    ann_index_type: Literal["IVF_HNSW_SQ", "IVF_PQ"] = "IVF_HNSW_SQ"
+    ann_nprobes: int = Field(20, ge=1)
+    ann_refine_factor: int = Field(10, ge=1)
+    # New rows are searchable at once (searched flat until the next optimize folds them into
+    # the indexes); optimize after this many rows were added since the last one.
+    optimize_every_rows: int = Field(10_000, ge=1)
+    # ``imgflow serve`` re-reads the output this often to take in new rows.
+    sync_interval_s: float = Field(5.0, gt=0.0)
+    # Rows longer than this in a query are refused (a query is a phrase, not a document).
+    max_query_chars: int = Field(1000, ge=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="IMGFLOW_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -259,6 +282,7 @@ class Settings(BaseSettings):
     watch: WatchSettings = WatchSettings()
     sink: SinkSettings = SinkSettings()
     s3: S3Settings = S3Settings()
+    search: SearchSettings = SearchSettings()
 
     @field_validator("log_level")
     @classmethod

@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from imgflow.kafka import ensure_topics  # noqa: E402
 from imgflow.settings import Settings  # noqa: E402
+from tests.search_fixtures import search_run  # noqa: E402,F401 - a session fixture
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,13 @@
+"""Finding results: a vector and full-text index derived from a sink output.
+
+- ``index.py``: ``SearchIndex``, the LanceDB database that follows the output (its complete
+  Avro batches are the source of truth; the index is rebuildable and never more);
+- ``query.py``: ``Searcher``, search by meaning, by look-alike, and browsing, with filters;
+- ``web.py``: ``imgflow serve``, the results as a web page.
+"""
+
+from __future__ import annotations
+
+
+class SearchError(ValueError):
+    """A search that cannot be answered as asked; its message says what and what to do."""
