@@ -41,11 +41,15 @@ class SearchRun:
 
 @pytest.fixture(scope="session")
 def search_run(tmp_path_factory) -> SearchRun:
-    """The sample folder (cat, coffee, astronaut, rocket, a ticket, a shop sign), a sign whose
+    """The sample folder (cat, coffee, astronaut, rocket, a ticket, a shop sign), a mirrored
+    smaller copy of the cat, a sign whose
     text is markup (the page must show it as text), and a file that is not an image (an error
     row), through every stage of `imgflow run --once` on the embedded default."""
     images = write_samples(tmp_path_factory.mktemp("search-images"))
     render_text_image(["<b>BOLD</b> & <i>"]).save(images / "markup_sign.png")
+    # a transformed copy of one photo: "more like this" on the cat must find it first
+    load_image(images / "chelsea_cat.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((300, 225)).save(
+        images / "chelsea_mirrored.jpg", quality=80)
     (images / "broken.jpg").write_text("this is a text file, not a JPEG")
     work = tmp_path_factory.mktemp("search-run")
     run = SearchRun(images, work / "out", work / "data")

@@ -107,6 +107,10 @@ class ImageEmbedder(ModelAdapter):
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         """float32 array of shape (len(images), dim)."""
 
+    # A model with a text tower in the same space (CLIP) overrides this; search then ranks
+    # image vectors against the query too (imgflow/search/query.py).
+    embed_query_texts = None
+
 
 class TextEmbedder(ModelAdapter):
     job = "embed_text"

@@ -27,6 +27,7 @@ def _when(text: str | None, option: str) -> datetime | None:
 
 def _open(settings, out: str | None, sync: bool = True, rebuild: bool = False):
     """The index of the output, brought up to date (a progress bar when there is much to read)."""
+    from rich.console import Console
     from rich.progress import Progress
 
     from imgflow.search import SearchError
@@ -36,7 +37,7 @@ def _open(settings, out: str | None, sync: bool = True, rebuild: bool = False):
     try:
         index = SearchIndex(where, settings)
         if sync or rebuild:
-            with Progress(transient=True) as bar:
+            with Progress(transient=True, console=Console(stderr=True)) as bar:  # stdout: hits only
                 task = bar.add_task("indexing new results", total=None)
 
                 def progress(done: int, total: int) -> None:

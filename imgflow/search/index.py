@@ -356,10 +356,10 @@ class SearchIndex:
             return
         table = self.db.create_table(name, data)
         self._tables[name] = table
-        table.create_scalar_index("event_id")
-        if fts:
-            from lancedb.index import FTS
+        from lancedb.index import FTS, BTree
 
+        table.create_index("event_id", config=BTree())  # find() and --like by event_id
+        if fts:
             table.create_index("words", config=FTS())
 
     @staticmethod

@@ -57,6 +57,7 @@ class _LoadedClip:
         model, _, self.preprocess = open_clip.create_model_and_transforms(
             name, pretrained=str(weights), device=device, load_weights=True)
         self.model = model.eval()
+        self.tokenizer = open_clip.get_tokenizer(name)
         self.lock = threading.Lock()
 
     def close(self) -> None:
@@ -130,4 +131,13 @@ class OpenClipImageEmbedder(ImageEmbedder):
                 torch.autocast("cuda", dtype=torch.bfloat16, enabled=m.device == "cuda"):
             x = torch.stack([m.preprocess(to_rgb(img)) for img in images]).to(m.device)
             vecs = m.model.encode_image(x, normalize=True).float().cpu().numpy()
+        return np.ascontiguousarray(vecs, dtype=np.float32)
+
+    def embed_query_texts(self, texts: list[str]) -> np.ndarray:
+        """The text tower: a search query in the space of ``embed_images`` (L2-normalised)."""
+        m = self._model()
+        torch = m.torch
+        with m.lock, oom_guard("open_clip"), torch.inference_mode():
+            tokens = m.tokenizer(texts).to(m.device)
+            vecs = m.model.encode_text(tokens, normalize=True).float().cpu().numpy()
         return np.ascontiguousarray(vecs, dtype=np.float32)
