@@ -210,6 +210,8 @@ class Pipeline:
                       f"{self.out_dir} --out results.csv)", flush=True)
             else:
                 print(f"results: {self.out_dir / 'results.csv'} and {self.out_dir / 'avro'}/", flush=True)
+            print(f'find images in them: imgflow search "a cat" --out {self.out_dir} · as a web page: '
+                  f"imgflow serve --out {self.out_dir}", flush=True)
 
     def _start_broker(self, logs: Path) -> str:
         """The local broker of ``broker.engine`` (or the given cluster, checked and its topics
