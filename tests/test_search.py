@@ -149,6 +149,9 @@ def test_a_sync_cut_short_is_not_counted_twice(search_run, tmp_path):
     searcher = Searcher(again, again.settings)
     ids = [h.event_id for h in searcher.browse(limit=1000)]
     assert len(ids) == len(set(ids)) == images
+    # pages of the newest-first listing: consecutive, together the whole listing
+    pages = [h.event_id for o in range(0, images, 3) for h in searcher.browse(limit=3, offset=o)]
+    assert pages == ids and [h.rank for h in searcher.browse(limit=2, offset=2)] == [3, 4]
 
 
 def test_runs_are_kept_apart_and_models_checked(search_run, tmp_path):

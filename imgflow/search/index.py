@@ -208,9 +208,10 @@ class SearchIndex:
         table = self.failed_table(run_id)
         if table is None:
             return []
-        rows = table.search().limit(offset + limit).to_list()
-        rows.sort(key=lambda r: r["timestamp"], reverse=True)
-        return rows[offset:offset + limit]
+        total = table.count_rows()  # the newest last (appended as batches complete): read from the end
+        start = max(0, total - offset - limit)
+        rows = table.search().offset(start).limit(max(0, total - offset - start)).to_list()
+        return rows[::-1]
 
     # -- building
     def rebuild(self, progress: Callable[[int, int], None] | None = None) -> SyncSummary:

@@ -198,18 +198,34 @@ class Searcher:
 
     def browse(self, limit: int = 60, offset: int = 0, run: str | None = None,
                filters: Filters | None = None) -> list[Hit]:
-        """The newest images first (the results page with no query)."""
+        """The newest images first (the results page with no query). Rows are appended as
+        the sink's batches complete, so the newest are the last: a page is read from the end,
+        never the whole table (memory: one page)."""
         filters = filters or Filters()
         run = self._run(run)
         self._check_filters(run, filters)
-        rows: list[dict] = []
-        for space in self.index.spaces_of(run):
-            q = self.index.table(space.name).search().select(SHOWN)
-            if filters.where():
-                q = q.where(filters.where())
-            rows += q.limit(max(1, space.rows)).to_list()
-        rows.sort(key=lambda r: (r["timestamp"], r["event_id"]), reverse=True)
-        return [_hit(r, i, 0.0, []) for i, r in enumerate(rows[offset:offset + limit], offset + 1)]
+        where = filters.where()
+        hits: list[Hit] = []
+        skip = offset
+        for space in reversed(self.index.spaces_of(run)):
+            table = self.index.table(space.name)
+            total = table.count_rows(where) if where else space.rows
+            if skip >= total:
+                skip -= total
+                continue
+            want = limit - len(hits)
+            start = max(0, total - skip - want)
+            q = table.search().select(SHOWN)
+            if where:
+                q = q.where(where)
+            rows = q.offset(start).limit(total - skip - start).to_list()
+            skip = 0
+            hits += [_hit(r, 0, 0.0, []) for r in reversed(rows)]
+            if len(hits) >= limit:
+                break
+        for i, hit in enumerate(hits, offset + 1):
+            hit.rank = i
+        return hits
 
     def row(self, event_id: str) -> dict | None:
         """An image's full row (a result or an error row), vectors as lists."""
