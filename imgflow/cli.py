@@ -425,9 +425,11 @@ def export_csv(src: Annotated[str, typer.Argument(help="A sink output: folder or
 
 # ---- finding results (imgflow/search/)
 from imgflow.search import commands as search_commands  # noqa: E402 - registered after the pipeline's
+from imgflow.search import web as search_web  # noqa: E402
 
 app.command("search")(search_commands.search)
 app.command("index")(search_commands.index)
+app.command("serve")(search_web.serve)
 
 
 # ---- options every command has ---------------------------------------------------------------
