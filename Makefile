@@ -17,7 +17,7 @@ EDITABLE ?= -e
 # Root installs system packages directly; anyone else through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install deps prometheus java run test test-long clean
+.PHONY: install deps prometheus java chromium run test test-long clean
 
 install: $(STAMP)
 
@@ -54,13 +54,19 @@ java:
 	@command -v java >/dev/null && command -v mvn >/dev/null || \
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends openjdk-17-jdk-headless maven; }
 
+# The web page's test drives a real browser: Debian's Chromium through Playwright (its own
+# browser download is not used). With its recommends: the fonts the page and its screenshot are drawn in.
+chromium:
+	@test -x /usr/bin/chromium || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
+
 run: install
 	$(BIN)/imgflow run $(INPUT) --out $(OUT) $(ARGS)
 
-test: install prometheus java
+test: install prometheus java chromium
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
-test-long: install prometheus java
+test-long: install prometheus java chromium
 	$(BIN)/python -m pytest -m slow $(ARGS)
 
 clean:
