@@ -135,9 +135,16 @@ class WebState:
             log.warning("could not load the query models: %s", exc)
 
     def models(self) -> None:
+        """The query models, loaded once; a model that cannot load is a SearchError (a page
+        that says why, not a 500)."""
+        from imgflow.search import SearchError
+
         with self.model_lock:
-            self.searcher.text_model  # noqa: B018 - loads it
-            self.searcher.image_model  # noqa: B018
+            try:
+                self.searcher.text_model  # noqa: B018 - loads it
+                self.searcher.image_model  # noqa: B018
+            except Exception as exc:  # noqa: BLE001 - ModelError, a missing file...: said on the page
+                raise SearchError(f"the query models could not be loaded: {exc} (imgflow models)") from None
 
     def start(self) -> None:
         self._warm_if_needed()
@@ -334,13 +341,22 @@ def create_app(state: WebState):
     def link(**params) -> str:
         return "/?" + urlencode({k: v for k, v in params.items() if v not in (None, "", 0)})
 
+    def models_for(q: str | None) -> SearchError | None:
+        """The query models loaded for a text query; what went wrong if they cannot be."""
+        if not (q or "").strip():
+            return None
+        try:
+            state.models()
+        except SearchError as exc:
+            return exc
+        return None
+
     @app.get("/", response_class=HTMLResponse)
     def home(q: Optional[str] = None, like: Optional[str] = None, run: Optional[str] = None,
              category: Optional[str] = None, offset: Annotated[int, Query(ge=0)] = 0):
         q = (q or "").strip()
         started = time.perf_counter()
-        if q:
-            state.models()
+        model_error = models_for(q)  # before the lock: a first query may wait for them, pages go on
         with state.lock:
             run = run or default_run(state.index.runs())
             context = {"run": run, "q": q, "category": category or "", "hits": [], "mode": "browse",
@@ -348,6 +364,8 @@ def create_app(state: WebState):
             if not state.index.runs():
                 return page("grid.html", **context)
             try:
+                if model_error:
+                    raise model_error
                 if like:
                     if not EVENT_ID.fullmatch(like):
                         raise SearchError("more like this takes an image's event_id")
@@ -367,7 +385,7 @@ def create_app(state: WebState):
             except SearchError as exc:
                 context["error"] = str(exc)
                 return page("grid.html", status=400, **context)
-            context["seconds"] = time.perf_counter() - started
+            log.debug("page %r in %.3f s", q or like or "browse", time.perf_counter() - started)
             return page("grid.html", **context)
 
     @app.get("/item/{event_id}", response_class=HTMLResponse)
@@ -434,12 +452,13 @@ def create_app(state: WebState):
                    limit: Annotated[int, Query(ge=1, le=1000)] = 10):
         if bool((q or "").strip()) == bool(like):
             return JSONResponse({"error": "give one of q (words) or like (an event_id)"}, status_code=400)
-        if q:
-            state.models()
         started = time.perf_counter()
         filters = Filters(category=category or None, keyword=keyword or None)
+        model_error = models_for(q)
         with state.lock:
             try:
+                if model_error:
+                    raise model_error
                 hits = state.searcher.like(like, limit, run, filters) if like else \
                     state.searcher.search(q, limit, run, filters)
             except SearchError as exc:
