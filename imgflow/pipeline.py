@@ -210,8 +210,9 @@ class Pipeline:
                       f"{self.out_dir} --out results.csv)", flush=True)
             else:
                 print(f"results: {self.out_dir / 'results.csv'} and {self.out_dir / 'avro'}/", flush=True)
+            allow = self.input_dir.uri if isinstance(self.input_dir, S3Location) else self.input_dir
             print(f'find images in them: imgflow search "a cat" --out {self.out_dir} · as a web page: '
-                  f"imgflow serve --out {self.out_dir}", flush=True)
+                  f"imgflow serve --out {self.out_dir} --allow {allow}", flush=True)
 
     def _start_broker(self, logs: Path) -> str:
         """The local broker of ``broker.engine`` (or the given cluster, checked and its topics

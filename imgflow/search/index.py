@@ -187,11 +187,13 @@ class SearchIndex:
         return dict(sorted(counts.items()))
 
     # -- lookups
-    def find(self, ref: str, run_id: str | None = None) -> tuple[Space, dict] | None:
+    def find(self, ref: str, run_id: str | None = None, by_id_only: bool = False) -> tuple[Space, dict] | None:
         """The row of an event_id, an image path or a source URI (the newest if several)."""
         ref = ref.strip()
-        conds = [f"event_id = {sql_text(ref)}", f"image_path = {sql_text(ref)}", f"source_uri = {sql_text(ref)}"]
-        if not ref.startswith("s3://") and "/" in ref:
+        conds = [f"event_id = {sql_text(ref)}"]
+        if not by_id_only:
+            conds += [f"image_path = {sql_text(ref)}", f"source_uri = {sql_text(ref)}"]
+        if not by_id_only and not ref.startswith("s3://") and "/" in ref:
             with contextlib.suppress(OSError, ValueError):
                 conds.append(f"image_path = {sql_text(str(Path(ref).resolve()))}")
         where = " OR ".join(conds)
@@ -452,7 +454,7 @@ def vector_query(table, column: str, vector, limit: int, where: str | None, sett
     q = table.search(np.asarray(vector, np.float32), vector_column_name=column).distance_type("cosine")
     if ann:
         q = q.nprobes(settings.search.ann_nprobes)
-        if settings.search.ann_index_type == "IVF_PQ":
+        if settings.search.ann_refine_factor > 1:  # re-rank refine x limit candidates on the full vectors
             q = q.refine_factor(settings.search.ann_refine_factor)
     else:
         q = q.bypass_vector_index()

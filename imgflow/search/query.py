@@ -164,7 +164,9 @@ class Searcher:
         rankings: dict[str, list[dict]] = {}
         text_vec = self.text_model.embed_texts([query])[0]
         rankings["text"] = vector_query(table, "text_vector", text_vec, k, where, self.settings, space.ann).to_list()
-        clip_text = getattr(self.image_model, "embed_query_texts", None)
+        # CLIP's text tower, where the rows' image vectors are CLIP's (the model is built only then)
+        clip_text = getattr(self.image_model, "embed_query_texts", None) \
+            if space.models.get("embed_image", "").startswith("open_clip:") else None
         if clip_text is not None and space.models.get("embed_image") == self.image_model.model_id:
             vec = clip_text([query])[0]
             rankings["image"] = vector_query(table, "image_vector", vec, k, where, self.settings,
@@ -229,7 +231,7 @@ class Searcher:
 
     def row(self, event_id: str) -> dict | None:
         """An image's full row (a result or an error row), vectors as lists."""
-        found = self.index.find(event_id)
+        found = self.index.find(event_id, by_id_only=True)
         if found is not None:
             row = dict(found[1])
         else:
@@ -259,6 +261,8 @@ def fuse(rankings: dict[str, list[dict]], limit: int) -> list[Hit]:
     rows: dict[str, dict] = {}
     found_by: dict[str, list[str]] = {}
     for name, ranked in rankings.items():
+        # equal scores (copies of one image: the same description) in a stable order
+        ranked = sorted(ranked, key=lambda r: (r.get("_distance", -r.get("_score", 0.0)), r["event_id"]))
         for rank, row in enumerate(ranked, 1):
             eid = row["event_id"]
             scores[eid] = scores.get(eid, 0.0) + 1.0 / (RRF_K + rank)
