@@ -16,7 +16,11 @@ transforms (the same code the pipeline runs, without Kafka), in batches. A GPU r
 Figures (per split and overall): category accuracy, subject named (in the description or the
 keywords), rendered text read exactly, OCR text on photos that show none, OCR non-words on
 photos, keywords not supported by the image, description length, descriptions with numbers
-the image does not show, with percentages, identical to the composed text (`text`).
+the image does not show, with percentages, identical to the composed text (`text`); and
+search (``benchmarks/search_quality.py``): the rows written as a sink output, indexed and
+queried by subject word, by rendered text, and "more like this" over a photo's copies
+(``--no-search`` skips it; an ``imgflow run``'s output is scored with ``python -m
+benchmarks.search_quality``).
 Results go to ``benchmarks/results/quality-NAME.json``.
 """
 
@@ -61,9 +65,11 @@ def _record(cls, topic: str, offset: int, event_id: str, value: dict):
     return cls(topic, 0, offset, event_id, value, None, **extra)
 
 
-def run_config(items, env: dict[str, str], batch: int = 8, progress=print) -> list[dict]:
+def run_config(items, env: dict[str, str], batch: int = 8, progress=print,
+               enriched: list[dict] | None = None) -> list[dict]:
     """Every item through VisionTransform then EnrichTransform; one output dict per item with
-    the CSV's fields (text, description, category, keywords, image_text)."""
+    the CSV's fields (text, description, category, keywords, image_text). ``enriched``: a list
+    that gets each item's whole EnrichedRecord value (vectors and all: the search figures)."""
     from consumers.enrich import EnrichTransform
     from consumers.vision import VisionTransform
     from imgflow.events import local_image_event
@@ -102,6 +108,8 @@ def run_config(items, env: dict[str, str], batch: int = 8, progress=print) -> li
                 if isinstance(res, BaseException):
                     raise res
                 e = res[0].value
+                if enriched is not None:
+                    enriched.append(e)
                 out.append({"text": e["vision"]["text"], "description": e["description"],
                             "category": e["category"], "keywords": list(e["keywords"]),
                             "image_text": e["image_text"]})
@@ -223,7 +231,7 @@ def print_table(name: str, figures: dict) -> None:
     for split in figures:
         t.add_column(split, justify="right")
     for key in figures["all"]:
-        t.add_row(key, *[str(figures[s][key]) for s in figures])
+        t.add_row(key, *[str(figures[s].get(key, "-")) for s in figures])
     Console().print(t)
 
 
@@ -248,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="score the outputs kept in an earlier result file against the current labels "
                          "(after a label was corrected); writes it back unless --out is given")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/quality-NAME.json)")
+    ap.add_argument("--no-search", action="store_true",
+                    help="skip the search figures (benchmarks/search_quality.py: the rows indexed and queried)")
     args = ap.parse_args(argv)
 
     splits = ("tune", "holdout") if args.split == "all" else (args.split,)
@@ -259,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
                    for r in earlier["items"]]
         result = score(labels, outputs, vocabulary())
         result["configuration"] = dict(earlier["configuration"], rescored=True)
+        if "search" in earlier:  # the search figures of that run (they need its vectors: kept as they were)
+            from benchmarks import search_quality
+
+            search_quality.merge(result, {"figures": {s: {k: f[k] for k in search_quality.FIGURES if k in f}
+                                                      for s, f in earlier["figures"].items()},
+                                          **earlier["search"]})
         print_table(earlier["configuration"]["name"], result["figures"])
         out = args.out or args.rescore
         out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
@@ -283,10 +299,20 @@ def main(argv: list[str] | None = None) -> int:
         name = args.name or (env.get("IMGFLOW_MODELS__LLM") or "embedded-default")
         print(f"{len(items)} images, configuration {name}: {env or 'defaults'}")
         started = time.monotonic()
-        outputs = run_config(items, env, args.batch)
+        enriched: list[dict] = []
+        outputs = run_config(items, env, args.batch, enriched=enriched)
         seconds = round(time.monotonic() - started, 1)
         labels = [it.label() for it in items]
     result = score(labels, outputs, vocabulary())
+    if not args.score_csv and not args.no_search:
+        from benchmarks import search_quality
+        from imgflow.settings import Settings
+
+        with environ(**env):
+            settings = Settings()
+        search = search_quality.evaluate(search_quality.sink_rows(enriched, settings.run_id), labels, settings)
+        search_quality.merge(result, search)
+        search_quality.print_misses(search)
     result["configuration"] = {"name": name, "settings": args.set, "llm": args.llm,
                                "seconds": seconds, "fonts": [f for f, _ in quality_set.fonts()]}
     print_table(name, result["figures"])
