@@ -24,15 +24,19 @@ def first_names(proc, n: int = 1) -> list[str]:
     return [Path(line.split()[2]).name for line in lines[:n]]
 
 
+CATS = {"chelsea_cat.png", "chelsea_mirrored.jpg"}  # the same photo twice: either may rank first
+
+
 @pytest.mark.parametrize("query, expected", [
-    ("a cat", "chelsea_cat.png"),
-    ("a cup of coffee", "coffee.jpg"),
-    ("a person", "astronaut.jpg"),
-    ("HARBOR", "harbor_ticket.png"),  # a word printed on the image
-    ("fresh bread", "open_sign.png"),
+    ("a cat", CATS),
+    ("a cup of coffee", {"coffee.jpg"}),
+    ("a person", {"astronaut.jpg"}),
+    ("HARBOR", {"harbor_ticket.png"}),  # a word printed on the image
+    ("fresh bread", {"open_sign.png"}),
 ])
 def test_search_puts_the_image_first(search_run, query, expected):
-    assert first_names(search_run.imgflow("search", query, "--limit", "3")) == [expected]
+    names = first_names(search_run.imgflow("search", query, "--limit", "3"), n=len(expected))
+    assert set(names) == expected
 
 
 def test_search_json_filters_and_like(search_run):
@@ -41,7 +45,8 @@ def test_search_json_filters_and_like(search_run):
     assert [h["rank"] for h in hits] == list(range(1, len(hits) + 1))
     assert all(hits[i]["score"] >= hits[i + 1]["score"] for i in range(len(hits) - 1))
     assert {"broken.jpg"} & {Path(h["image_path"]).name for h in hits} == set()  # error rows are not hits
-    cat = hits[0]
+    assert {Path(h["image_path"]).name for h in hits[:2]} == CATS
+    cat = next(h for h in hits if Path(h["image_path"]).name == "chelsea_cat.png")
     assert cat["category"] and cat["run_id"] == "live" and "text" in cat["matched"]
 
     only = search_run.imgflow("search", "a cat", "--json", "--category", cat["category"], "--limit", "20")

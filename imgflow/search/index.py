@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("LANCE_LOG", "error")
 
 META = "meta.json"
-VERSION = 1
+VERSION = 2  # 2: full-text index keeps stop words
 # The model jobs whose vectors are searched: a space is one run + these models.
 SPACE_JOBS = ("embed_text", "embed_image")
 SHOWN = ["event_id", "run_id", "image_path", "source_uri", "description", "category", "keywords",
@@ -363,7 +363,9 @@ class SearchIndex:
 
         table.create_index("event_id", config=BTree())  # find() and --like by event_id
         if fts:
-            table.create_index("words", config=FTS())
+            # Stop words kept: a word printed on an image ("THE", "OPEN") is often one, and
+            # dropping them lost those hits (search quality benchmark: distinctive words 98 % -> 100 %).
+            table.create_index("words", config=FTS(remove_stop_words=False))
 
     @staticmethod
     def _image_table(rows: list[dict], dims: dict[str, int]) -> pa.Table:
