@@ -73,6 +73,7 @@ from pathlib import Path
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from imgflow import metrics
+from imgflow.errors import ImgflowError
 from imgflow.events import dedupe_key
 from imgflow.kafka import consumer_config
 from imgflow.lag import LagReader
@@ -83,8 +84,8 @@ from imgflow.results import (  # noqa: F401 - CSV_COLUMNS, read_csv_rows, row_fr
     CSV_COLUMNS,
     CSV_PARTS,
     INDEX,
-    CsvLines,
     RESULTS_CSV,
+    CsvLines,
     Output,
     avro_bytes,
     committed_csv_length,
@@ -115,7 +116,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = ".sink-checkpoint"
 
 
-class SinkLockedError(RuntimeError):
+class SinkLockedError(ImgflowError, RuntimeError):
     """Another sink writes this output (or took over its lease): the message names both."""
 
 

@@ -148,13 +148,12 @@ def stage(name: Annotated[StageName, typer.Argument(help="Which stage.")],
             _exit_with_error(exc)
         settings, group = plan.settings, plan.group_id
         scope = {"bounds": plan.bounds, "run_id": plan.run_id}
+    from imgflow.errors import ImgflowError
     from imgflow.metrics import serve_metrics
-    from imgflow.errors import StageConfigError
-    from imgflow.models.base import ModelConfigError
 
     serve_metrics(settings.metrics_port, name.value, settings.metrics_addr)
     if name is StageName.sink:
-        from consumers.sink import SinkLockedError, SinkRunner
+        from consumers.sink import SinkRunner
 
         runner = SinkRunner(settings, **({"group_id": group} if group else {}), **scope)
     else:
@@ -170,12 +169,8 @@ def stage(name: Annotated[StageName, typer.Argument(help="Which stage.")],
         runner.request_stop()
     try:
         runner.run()
-    except (ModelConfigError, StageConfigError) as exc:
+    except ImgflowError as exc:  # a setting, a locked output, an unreachable store: the message says which
         _exit_with_error(exc)
-    except Exception as exc:
-        if name is StageName.sink and isinstance(exc, SinkLockedError):
-            _exit_with_error(exc)
-        raise
 
 
 @watch_app.command("local")

@@ -14,6 +14,7 @@ import time
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from imgflow.errors import ImgflowError
 from imgflow.settings import Settings
 from imgflow.topics import SCHEMA_TOPIC, TopicSpec, all_topic_specs
 from schemas.codec import Codec
@@ -255,7 +256,7 @@ def read_latest_by_key(settings: Settings, topic: str, timeout: float = 30) -> d
         consumer.close()
 
 
-class KafkaUnreachable(RuntimeError):
+class KafkaUnreachable(ImgflowError, RuntimeError):
     """The cluster did not answer, or refused us; the message names the setting to look at."""
 
 

@@ -83,7 +83,6 @@ SINK_OUTPUT_LAG = Gauge("imgflow_sink_output_lag_seconds",
 CHILD_UP = Gauge("imgflow_process_up", "1 while a child process of `imgflow run` answers its metrics", ["process"])
 
 MODEL_CACHE_RESULTS = ("hit", "miss", "evicted")
-WATCHER_SOURCES = ("local", "s3", "notification", "backfill")
 
 
 def init_stage(stage: str, input_topics: list[str], output_topics: list[str] = ()) -> None:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from imgflow.errors import ImgflowError
 from imgflow.kafka import consumer_config, ensure_compacted_topic, ensure_topics, producer_config, read_latest_by_key
 from imgflow.process import own_session_dying_with_parent
 from imgflow.settings import Settings
@@ -53,7 +54,7 @@ STAGES = ["vision", "enrich", "sink"]
 TP = tuple[str, int]
 
 
-class ReplayError(RuntimeError):
+class ReplayError(ImgflowError, RuntimeError):
     """A replay that cannot start: the message says what to change."""
 
 

@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlparse
 
+from imgflow.errors import BadInput, ImgflowError
 from imgflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 SCHEME = "s3://"
 
 
-class S3Error(RuntimeError):
+class S3Error(ImgflowError, RuntimeError):
     """An S3 operation failed; the message says what, where, and which setting to check."""
 
     def __init__(self, message: str, *, retriable: bool = False, code: str = "") -> None:
@@ -146,7 +147,6 @@ def read_object(client, bucket: str, key: str, max_bytes: int, chunk_size: int =
     Content-Length before reading, and while reading). A missing object or one too large
     raises BadInput (permanent); store trouble raises S3Error (``.retriable`` for outages;
     boto3 itself retries each request ``s3.max_attempts`` times)."""
-    from imgflow.errors import BadInput
 
     what = s3_uri(bucket, key)
     try:

@@ -22,12 +22,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from imgflow.errors import ImgflowError
 from imgflow.s3 import S3Error, explain, s3_uri
 
 log = logging.getLogger(__name__)
 
 
-class LeaseHeld(RuntimeError):
+class LeaseHeld(ImgflowError, RuntimeError):
     """Someone else holds the lease (the message names the prefix and the holder)."""
 
 

@@ -27,13 +27,14 @@ import time
 from pathlib import Path
 
 import imgflow
+from imgflow.errors import ImgflowError
 
 DEFAULT_PORT = 19092
 READY_PREFIX = "ready bootstrap="
 EXIT_USAGE = 2
 
 
-class StackError(RuntimeError):
+class StackError(ImgflowError, RuntimeError):
     """The embedded stack failed to start, or the broker did not answer in time."""
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from confluent_kafka import KafkaException, Producer
 
 from imgflow import metrics
+from imgflow.errors import ImgflowError
 from imgflow.events import local_image_event, s3_image_event
 from imgflow.kafka import ensure_compacted_topic, producer_config, publish_schemas, read_latest_by_key
 from imgflow.s3 import S3Error, explain, is_s3_uri, parse_s3_uri, s3_client
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 REGISTRY_TOPIC = "imgflow.backfills"
 
 
-class BackfillError(RuntimeError):
+class BackfillError(ImgflowError, RuntimeError):
     """A backfill that cannot run: the message says what to change."""
 
 
@@ -305,8 +306,14 @@ class ProgressBar:
         self._last = 0.0
         self._bar = None
         if sys.stderr.isatty():
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]:>9} img/s"), TimeElapsedColumn(), TextColumn("ETA"),

@@ -39,10 +39,20 @@ class ModelAdapter(ABC):
     output records can say which model produced each field."""
 
     job: str = ""
+    _id: str | None = None  # model_id, once computed
 
     @property
-    @abstractmethod
-    def model_id(self) -> str: ...
+    def model_id(self) -> str:
+        """Computed once, after ``check``: a missing file is named by its setting before
+        anything tries to hash it."""
+        if self._id is None:
+            self.check()
+            self._id = self.make_model_id()
+        return self._id
+
+    def make_model_id(self) -> str:
+        """"<name>@<hash of the weight files>": a string that changes whenever the weights do."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how its model_id is made")
 
     @property
     def source(self) -> str:
@@ -64,13 +74,10 @@ class FilesModelId:
     id_name: str = ""
     files: dict
 
-    @property
-    def model_id(self) -> str:
-        if getattr(self, "_id", None) is None:
-            from imgflow.models.common import short_hash
+    def make_model_id(self) -> str:
+        from imgflow.models.common import short_hash  # common imports this module
 
-            self._id = f"{self.id_name}@{short_hash(self.files.values())}"
-        return self._id
+        return f"{self.id_name}@{short_hash(self.files.values())}"
 
 
 @dataclass(frozen=True)

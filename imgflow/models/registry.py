@@ -64,7 +64,6 @@ PRODUCTION_SOURCES: dict[str, str] = {
     "structure_text": "llm",
 }
 VISION_JOBS = ("describe", "read_text", "embed_image", "embed_text", "word_vectors")
-ENRICH_JOBS = ("structure_text",)
 
 Factory = Callable[[Settings, ModelCache, str], ModelAdapter]
 

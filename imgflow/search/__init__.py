@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from imgflow.errors import ImgflowError
 
-class SearchError(ValueError):
+
+class SearchError(ImgflowError, ValueError):
     """A search that cannot be answered as asked; its message says what and what to do."""

@@ -368,7 +368,23 @@ class SearchIndex:
             table.create_index("words", config=FTS(remove_stop_words=False))
 
     @staticmethod
-    def _image_table(rows: list[dict], dims: dict[str, int]) -> pa.Table:
+    def _row_columns(rows: list[dict]) -> dict:
+        """The columns an image's row and a failed image's row both have: who, where from, when."""
+        return {
+            "event_id": [r["event_id"] for r in rows],
+            "run_id": [r["run_id"] for r in rows],
+            "image_path": [r["image_path"] for r in rows],
+            "source_uri": [r["source_uri"] for r in rows],
+            "timestamp": pa.array([_timestamp_ms(r["timestamp"]) for r in rows], pa.timestamp("ms", tz="UTC")),
+            "models": [json.dumps(r.get("models") or {}) for r in rows],
+            "source_topic": [r["source_topic"] for r in rows],
+            "source_partition": pa.array([r["source_partition"] for r in rows], pa.int32()),
+            "source_offset": pa.array([r["source_offset"] for r in rows], pa.int64()),
+            "batch": [r["batch"] for r in rows],
+        }
+
+    @classmethod
+    def _image_table(cls, rows: list[dict], dims: dict[str, int]) -> pa.Table:
         def vectors(column: str, dim: int) -> pa.Array:
             flat = np.zeros((len(rows), dim), np.float32)
             for i, row in enumerate(rows):
@@ -377,10 +393,7 @@ class SearchIndex:
             return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), dim)
 
         return pa.table({
-            "event_id": [r["event_id"] for r in rows],
-            "run_id": [r["run_id"] for r in rows],
-            "image_path": [r["image_path"] for r in rows],
-            "source_uri": [r["source_uri"] for r in rows],
+            **cls._row_columns(rows),
             "description": [r.get("description") or "" for r in rows],
             "text": [r.get("text") or "" for r in rows],
             "category": [(r.get("categories") or [""])[0] for r in rows],
@@ -388,33 +401,18 @@ class SearchIndex:
             "keywords": pa.array([list(r.get("keywords") or []) for r in rows], pa.list_(pa.string())),
             "image_text": [r.get("image_text") or "" for r in rows],
             "words": [_words(r) for r in rows],
-            "timestamp": pa.array([_timestamp_ms(r["timestamp"]) for r in rows], pa.timestamp("ms", tz="UTC")),
             "llama_extracted": [r.get("llama_extracted") or "" for r in rows],
-            "models": [json.dumps(r.get("models") or {}) for r in rows],
             "word2vec_vector": pa.array([list(r.get("word2vec_vector") or []) for r in rows], pa.list_(pa.float32())),
-            "source_topic": [r["source_topic"] for r in rows],
-            "source_partition": pa.array([r["source_partition"] for r in rows], pa.int32()),
-            "source_offset": pa.array([r["source_offset"] for r in rows], pa.int64()),
-            "batch": [r["batch"] for r in rows],
             "text_vector": vectors("text_vector", dims["text"]),
             "image_vector": vectors("image_vector", dims["image"]),
         })
 
-    @staticmethod
-    def _failed_table(rows: list[dict]) -> pa.Table:
+    @classmethod
+    def _failed_table(cls, rows: list[dict]) -> pa.Table:
         return pa.table({
-            "event_id": [r["event_id"] for r in rows],
-            "run_id": [r["run_id"] for r in rows],
-            "image_path": [r["image_path"] for r in rows],
-            "source_uri": [r["source_uri"] for r in rows],
+            **cls._row_columns(rows),
             "error": [r.get("error") or "" for r in rows],
             "failed_stage": [r.get("failed_stage") or "" for r in rows],
-            "timestamp": pa.array([_timestamp_ms(r["timestamp"]) for r in rows], pa.timestamp("ms", tz="UTC")),
-            "models": [json.dumps(r.get("models") or {}) for r in rows],
-            "source_topic": [r["source_topic"] for r in rows],
-            "source_partition": pa.array([r["source_partition"] for r in rows], pa.int32()),
-            "source_offset": pa.array([r["source_offset"] for r in rows], pa.int64()),
-            "batch": [r["batch"] for r in rows],
         })
 
     def _maintain(self) -> None:

@@ -413,33 +413,32 @@ def create_app(state: WebState):
         return Response(PLACEHOLDER_SVG, media_type="image/svg+xml",
                         headers={"Cache-Control": "no-store", "X-Imgflow-Placeholder": _header_text(reason)})
 
-    def not_found() -> Response:
-        return Response("no such image\n", status_code=404, media_type="text/plain")
+    def from_source(event_id: str, what: str, respond) -> Response:
+        """``respond(uri)`` for an indexed image; 404 for an unknown id, a placeholder when its
+        file is gone or refused (the page stays whole)."""
+        uri = state.source_uri(event_id)
+        if uri is None:
+            return Response("no such image\n", status_code=404, media_type="text/plain")
+        try:
+            return respond(uri)
+        except ImageUnavailable as exc:
+            log.info("%s of %s: %s", what, event_id, exc)
+            return placeholder(str(exc))
 
     @app.get("/thumb/{event_id}")
     def thumb(event_id: str):
-        uri = state.source_uri(event_id)
-        if uri is None:
-            return not_found()
-        try:
-            data = state.thumbnail(event_id, uri)
-        except ImageUnavailable as exc:
-            log.info("thumbnail of %s: %s", event_id, exc)
-            return placeholder(str(exc))
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+        return from_source(event_id, "thumbnail", lambda uri: Response(
+            state.thumbnail(event_id, uri), media_type="image/jpeg",
+            headers={"Cache-Control": "private, max-age=86400"}))
 
     @app.get("/image/{event_id}")
     def image(event_id: str):
-        uri = state.source_uri(event_id)
-        if uri is None:
-            return not_found()
-        try:
+        def respond(uri: str) -> Response:
             data, mime = state.image(uri)
-        except ImageUnavailable as exc:
-            log.info("image %s: %s", event_id, exc)
-            return placeholder(str(exc))
-        return Response(data, media_type=mime, headers={"Cache-Control": "private, max-age=3600",
-                                                        "Content-Disposition": "inline"})
+            return Response(data, media_type=mime, headers={"Cache-Control": "private, max-age=3600",
+                                                            "Content-Disposition": "inline"})
+
+        return from_source(event_id, "image", respond)
 
     @app.get("/style.css")
     def style():

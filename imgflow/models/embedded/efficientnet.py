@@ -132,11 +132,8 @@ class _EfficientNetAdapter(ModelAdapter):
         self.path = Path(path) if path is not None else weights_path()
         self._id: str | None = None
 
-    @property
-    def model_id(self) -> str:
-        if self._id is None:
-            self._id = f"{NAME}@{short_hash([self.path])}"
-        return self._id
+    def make_model_id(self) -> str:
+        return f"{NAME}@{short_hash([self.path])}"
 
     def check(self) -> None:
         require_files(self.job, self.setting, [self.path])

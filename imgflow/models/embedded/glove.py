@@ -45,11 +45,8 @@ class GloveWordVectorizer(WordVectorizer):
         self.path = Path(path) if path is not None else data_dir()
         self._id: str | None = None
 
-    @property
-    def model_id(self) -> str:
-        if self._id is None:
-            self._id = f"{NAME}@{short_hash([self.path / 'glove_6B_50d_emb.npy'])}"
-        return self._id
+    def make_model_id(self) -> str:
+        return f"{NAME}@{short_hash([self.path / 'glove_6B_50d_emb.npy'])}"
 
     def check(self) -> None:
         require_files(self.job, "word_vectors",

@@ -309,15 +309,10 @@ class LlamaCppStructurer(TextStructurer):
     def path(self) -> Path:
         return self.llm_spec.path
 
-    @property
-    def model_id(self) -> str:
-        if self._id is None:
-            if self.llm_spec.joined:  # known without joining or hashing 490 MB
-                self._id = f"{self.llm_spec.name}-instruct-q4@{QWEN_SHA256[:12]}"
-            else:
-                self.check()
-                self._id = f"{self.llm_spec.name}@{short_hash([self.path])}"
-        return self._id
+    def make_model_id(self) -> str:
+        if self.llm_spec.joined:  # known without joining or hashing 490 MB
+            return f"{self.llm_spec.name}-instruct-q4@{QWEN_SHA256[:12]}"
+        return f"{self.llm_spec.name}@{short_hash([self.path])}"
 
     def check(self) -> None:
         if self.llm_spec.joined:

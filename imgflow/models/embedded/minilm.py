@@ -42,11 +42,8 @@ class MiniLmTextEmbedder(TextEmbedder):
         self.batch_size = batch_size
         self._id: str | None = None
 
-    @property
-    def model_id(self) -> str:
-        if self._id is None:
-            self._id = f"{NAME}@{short_hash([self.path / 'model.safetensors'])}"
-        return self._id
+    def make_model_id(self) -> str:
+        return f"{NAME}@{short_hash([self.path / 'model.safetensors'])}"
 
     def check(self) -> None:
         require_files(self.job, "embed_text",

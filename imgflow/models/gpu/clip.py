@@ -90,16 +90,8 @@ class OpenClipImageEmbedder(ImageEmbedder):
                 self._dim = int(open_clip.get_model_config(self.name)["embed_dim"])
         return self._dim
 
-    @property
-    def model_id(self) -> str:
-        if self._id is None:
-            self.check()
-            self._id = f"open_clip:{self.name}@{quick_hash([self.path])}"
-        return self._id
-
-    @property
-    def source(self) -> str:
-        return str(self.path)
+    def make_model_id(self) -> str:
+        return f"open_clip:{self.name}@{quick_hash([self.path])}"
 
     def check(self) -> None:
         import open_clip

@@ -29,16 +29,8 @@ class GgufStructurer(LlamaCppStructurer):
                          max_tokens=max_tokens, device=device, n_parallel=n_parallel,
                          description=description)
 
-    @property
-    def model_id(self) -> str:
-        if self._id is None:
-            self.check()
-            self._id = f"llama.cpp:{self.path.stem}@{quick_hash([self.path])}"
-        return self._id
-
-    @property
-    def source(self) -> str:
-        return str(self.path)
+    def make_model_id(self) -> str:
+        return f"llama.cpp:{self.path.stem}@{quick_hash([self.path])}"
 
     def check(self) -> None:
         existing(SETTING, self.path, "file")

@@ -40,16 +40,8 @@ class SentenceTransformerEmbedder(TextEmbedder):
         get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return int(get())
 
-    @property
-    def model_id(self) -> str:
-        if self._id is None:
-            self.check()
-            self._id = f"sentence-transformers:{self.path.name}@{quick_hash([self.path / 'config.json'] + self._weights())}"
-        return self._id
-
-    @property
-    def source(self) -> str:
-        return str(self.path)
+    def make_model_id(self) -> str:
+        return f"sentence-transformers:{self.path.name}@{quick_hash([self.path / 'config.json'] + self._weights())}"
 
     def check(self) -> None:
         existing(SETTING, self.path, "dir")

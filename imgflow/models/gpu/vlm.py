@@ -129,17 +129,9 @@ class _Qwen2Vl:
         self.max_new_tokens = max_new_tokens
         self._id: str | None = None
 
-    @property
-    def model_id(self) -> str:
-        if self._id is None:
-            self.check()
-            self._id = f"qwen2-vl:{self.path.name}@" + quick_hash(
-                [self.path / "config.json"] + weight_files(self.path))
-        return self._id
-
-    @property
-    def source(self) -> str:
-        return str(self.path)
+    def make_model_id(self) -> str:
+        return f"qwen2-vl:{self.path.name}@" + quick_hash(
+            [self.path / "config.json"] + weight_files(self.path))
 
     def check(self) -> None:
         check_folder(self.path)

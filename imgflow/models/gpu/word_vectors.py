@@ -78,16 +78,9 @@ class GensimWordVectorizer(WordVectorizer):
                 self._dim = int(self._kv().vector_size)
         return self._dim
 
-    @property
-    def model_id(self) -> str:
-        if self._id is None:
-            name = "fasttext" if self.format == "fasttext" else "word2vec"
-            self._id = f"{name}:{self.path.stem}@{quick_hash([self.path])}"
-        return self._id
-
-    @property
-    def source(self) -> str:
-        return str(self.path)
+    def make_model_id(self) -> str:
+        name = "fasttext" if self.format == "fasttext" else "word2vec"
+        return f"{name}:{self.path.stem}@{quick_hash([self.path])}"
 
     def check(self) -> None:
         existing(SETTING, self.path, "file")
