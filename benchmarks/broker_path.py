@@ -75,7 +75,7 @@ def enriched_value(vision: dict) -> dict:
 def _transforms(variant: str):
     VECTORS = _vectors(variant)
     from imgflow.settings import Settings
-    from imgflow.stage import Output, Transform
+    from imgflow.stage import OutputRecord, Transform
 
     class Counting(Transform):
         def __init__(self, settings: Settings, expected: int, stats: Path) -> None:
@@ -102,7 +102,7 @@ def _transforms(variant: str):
 
         def one(self, rec):
             value = vision_value(rec.value, VECTORS[rec.offset % len(VECTORS)])
-            return [Output(self.settings.topics.vision, "VisionResult", value, rec.event_id)]
+            return [OutputRecord(self.settings.topics.vision, "VisionResult", value, rec.event_id)]
 
     class NoOpEnrich(Counting):
         name, input_schema, output_schemas = "enrich", "VisionResult", ["EnrichedRecord"]
@@ -118,7 +118,7 @@ def _transforms(variant: str):
 
         def one(self, rec):
             value = enriched_value(rec.value)
-            return [Output(self.settings.topics.enriched, "EnrichedRecord", value, rec.event_id)]
+            return [OutputRecord(self.settings.topics.enriched, "EnrichedRecord", value, rec.event_id)]
 
     return NoOpVision, NoOpEnrich
 

@@ -79,7 +79,7 @@ def txn_partition(transactional_id: str, partitions: int) -> int:
 
 def stage_transactional_ids(settings: Settings, partitions: dict[str, int]) -> dict[str, list[str]]:
     """Per stage, the ids of its transactional producers: one per input partition,
-    ``imgflow-<stage>.<topic>.<partition>`` (imgflow.stage.StageRunner._on_assign)."""
+    ``imgflow-<stage>.<topic>.<partition>`` (imgflow.stage.commit.TransactionalCommit.assign)."""
     t = settings.topics
     inputs = {"vision": [t.new_high, t.new], "enrich": [t.vision]}
     return {stage: [f"imgflow-{stage}.{topic}.{p}" for topic in inputs[stage] for p in range(partitions[topic])]

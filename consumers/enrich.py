@@ -10,7 +10,7 @@ from imgflow.metrics import model_timer
 from imgflow.models.base import StructureInput
 from imgflow.models.registry import EnrichModels, build_enrich_models, warm_up
 from imgflow.settings import Settings
-from imgflow.stage import InputRecord, Output, Transform
+from imgflow.stage import InputRecord, OutputRecord, Transform
 
 
 class EnrichTransform(Transform):
@@ -40,7 +40,7 @@ class EnrichTransform(Transform):
     def vision_of(self, value: dict) -> dict | None:
         return value
 
-    def process(self, records: list[InputRecord]) -> list[list[Output] | BaseException]:
+    def process(self, records: list[InputRecord]) -> list[list[OutputRecord] | BaseException]:
         started = time.monotonic()
         structurer = self.models.structurer
         items = [
@@ -53,7 +53,7 @@ class EnrichTransform(Transform):
             structured = structurer.structure_each(items)  # an invalid answer fails its record only
         seconds = (time.monotonic() - started) / max(1, len(records))
         now = int(time.time() * 1000)
-        results: list[list[Output] | BaseException] = []
+        results: list[list[OutputRecord] | BaseException] = []
         for rec, data in zip(records, structured):
             if isinstance(data, Exception):
                 results.append(data)
@@ -69,5 +69,5 @@ class EnrichTransform(Transform):
                 "seconds": seconds,
                 "processed_at": now,
             }
-            results.append([Output(self.settings.topics.enriched, "EnrichedRecord", value, rec.event_id)])
+            results.append([OutputRecord(self.settings.topics.enriched, "EnrichedRecord", value, rec.event_id)])
         return results

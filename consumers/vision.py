@@ -11,7 +11,7 @@ from imgflow.metrics import model_timer
 from imgflow.models.common import release_gpu_memory_if_low
 from imgflow.models.registry import VisionModels, build_vision_models, warm_up
 from imgflow.settings import Settings
-from imgflow.stage import InputRecord, Output, Transform
+from imgflow.stage import InputRecord, OutputRecord, Transform
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,10 @@ class VisionTransform(Transform):
         return prepare_image(self.source.read(event["uri"]), self.settings.models.image_max_size,
                              self.settings.models.image_max_pixels)
 
-    def process(self, records: list[InputRecord]) -> list[list[Output] | BaseException]:
+    def process(self, records: list[InputRecord]) -> list[list[OutputRecord] | BaseException]:
         started = time.monotonic()
         release_gpu_memory_if_low(self.settings.models.memory_clear_threshold_gb)
-        results: list[list[Output] | BaseException | None] = [None] * len(records)
+        results: list[list[OutputRecord] | BaseException | None] = [None] * len(records)
         ready: list[tuple[int, PreparedImage]] = []
         for i, rec in enumerate(records):
             try:
@@ -113,5 +113,5 @@ class VisionTransform(Transform):
                     "seconds": seconds,
                     "processed_at": now,
                 }
-                results[i] = [Output(self.settings.topics.vision, "VisionResult", value, event["event_id"])]
+                results[i] = [OutputRecord(self.settings.topics.vision, "VisionResult", value, event["event_id"])]
         return results  # type: ignore[return-value]

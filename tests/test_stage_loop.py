@@ -227,7 +227,7 @@ def test_records_the_consumer_stepped_over_are_processed_once_the_stage_falls_id
     partition 0 once (as tansu's read_committed consumer once stepped over a committed
     transaction); the idle re-read processes them, every other record exactly once, and the
     committed offsets never move back."""
-    import imgflow.stage as stage_module
+    import imgflow.stage.runner as stage_module
 
     from confluent_kafka import Producer
 

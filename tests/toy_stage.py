@@ -12,7 +12,7 @@ from collections import Counter
 
 from imgflow.errors import BadInput
 from imgflow.settings import Settings
-from imgflow.stage import InputRecord, Output, StageRunner, Transform, install_signal_handlers
+from imgflow.stage import InputRecord, OutputRecord, StageRunner, Transform, install_signal_handlers
 
 
 class ToyTransform(Transform):
@@ -42,7 +42,7 @@ class ToyTransform(Transform):
                 out.append(RuntimeError(f"model failed on {path}"))
             else:
                 value = dict(rec.value, source=f"toy:{os.getpid()}")
-                out.append([Output(self.settings.topics.vision, "ImageEvent", value, rec.event_id)])
+                out.append([OutputRecord(self.settings.topics.vision, "ImageEvent", value, rec.event_id)])
         return out
 
 
