@@ -5,7 +5,7 @@ FROM python:3.11-slim
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake git libgomp1 make \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-COPY Makefile pyproject.toml README.md ./
+COPY Makefile pyproject.toml constraints.txt README.md ./
 COPY imgflow imgflow
 COPY schemas schemas
 COPY watchers watchers

