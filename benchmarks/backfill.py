@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 from consumers.sink import ResultStore
+from imgflow.kafka import ensure_topics
 from imgflow.settings import Settings
 from imgflow.stack import EmbeddedStack
-from imgflow.kafka import ensure_topics
 from tests.test_backfill import result_row
 from watchers.backfill import Backfill, FolderSource, pick_job
 
@@ -43,7 +43,7 @@ def write_results(out: Path, events: list[dict], settings: Settings) -> None:
     store.lock()
     store.recover()
     for start in range(0, len(events), 5000):
-        store.write([result_row(event, n) for n, event in enumerate(events[start:start + 5000], start)])
+        store.write([result_row(event, n) for n, event in enumerate(events[start : start + 5000], start)])
 
 
 def main() -> None:
@@ -54,8 +54,7 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="imgflow-bench-backfill-"))
     stack = EmbeddedStack(work / "broker", port=0, log_file=work / "broker.log").start()
     try:
-        settings = Settings(kafka={"bootstrap": stack.bootstrap}, data_dir=work / "data",
-                            sink={"out_dir": work / "out-empty"})
+        settings = Settings(kafka={"bootstrap": stack.bootstrap}, data_dir=work / "data", sink={"out_dir": work / "out-empty"})
         ensure_topics(settings)
         images = work / "images"
         t0 = time.monotonic()
@@ -101,10 +100,12 @@ def main() -> None:
     }
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| images | list + build events | publish | events/s | skip check (half done) | images/s |\n"
-          f"|---|---|---|---|---|---|\n"
-          f"| {args.images:,} | {list_s:.1f} s | {publish_s:.1f} s | {result['publish_events_per_s']:,} | "
-          f"{skip_s:.1f} s | {result['skip_check_images_per_s']:,} |")
+    print(
+        f"| images | list + build events | publish | events/s | skip check (half done) | images/s |\n"
+        f"|---|---|---|---|---|---|\n"
+        f"| {args.images:,} | {list_s:.1f} s | {publish_s:.1f} s | {result['publish_events_per_s']:,} | "
+        f"{skip_s:.1f} s | {result['skip_check_images_per_s']:,} |"
+    )
     print(f"written to {RESULTS}")
 
 

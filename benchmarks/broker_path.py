@@ -55,21 +55,37 @@ def _vectors(variant: str) -> list[dict[str, list[float]]]:
     import struct
 
     rng = random.Random(1)
-    return [{k: list(struct.unpack(f"<{n}f", struct.pack(f"<{n}f", *(rng.gauss(0, 0.05) for _ in range(n)))))
-             for k, n in VECTOR_DIMS.items()} for _ in range(VECTOR_SETS)]
+    return [
+        {k: list(struct.unpack(f"<{n}f", struct.pack(f"<{n}f", *(rng.gauss(0, 0.05) for _ in range(n))))) for k, n in VECTOR_DIMS.items()}
+        for _ in range(VECTOR_SETS)
+    ]
 
 
 def vision_value(event: dict, vectors: dict) -> dict:
-    return {"event": event, "text": "a photo showing a cat (80%)", "image_text": "",
-            "labels": [{"label": "Egyptian cat", "score": 0.8}], **vectors,
-            "width": 384, "height": 256, "models": {"describe": "noop"}, "seconds": 0.0,
-            "processed_at": int(time.time() * 1000)}
+    return {
+        "event": event,
+        "text": "a photo showing a cat (80%)",
+        "image_text": "",
+        "labels": [{"label": "Egyptian cat", "score": 0.8}],
+        **vectors,
+        "width": 384,
+        "height": 256,
+        "models": {"describe": "noop"},
+        "seconds": 0.0,
+        "processed_at": int(time.time() * 1000),
+    }
 
 
 def enriched_value(vision: dict) -> dict:
     data = {"description": "A cat.", "category": "animal", "keywords": ["cat", "pet", "animal"], "image_text": ""}
-    return {"vision": vision, **data, "llama_extracted": json.dumps(data), "models": {"structure_text": "noop"},
-            "seconds": 0.0, "processed_at": int(time.time() * 1000)}
+    return {
+        "vision": vision,
+        **data,
+        "llama_extracted": json.dumps(data),
+        "models": {"structure_text": "noop"},
+        "seconds": 0.0,
+        "processed_at": int(time.time() * 1000),
+    }
 
 
 def _transforms(variant: str):
@@ -217,13 +233,11 @@ def broker_processes(pid: int) -> dict[str, list[int]]:
             comm = open(f"/proc/{p}/comm").read().strip()
         except OSError:
             continue
-        parts["tansu" if comm.startswith("tansu") else "seaweedfs" if comm.startswith("weed")
-              else "kafka" if comm == "java" else "broker_runner"].append(p)
+        parts["tansu" if comm.startswith("tansu") else "seaweedfs" if comm.startswith("weed") else "kafka" if comm == "java" else "broker_runner"].append(p)
     return parts
 
 
-def run_variant(variant: str, events: int, batch: int, timeout: float, avro_codec: str = "deflate",
-                engine: str = "tansu") -> dict:
+def run_variant(variant: str, events: int, batch: int, timeout: float, avro_codec: str = "deflate", engine: str = "tansu") -> dict:
     from imgflow.kafka import ensure_topics
     from imgflow.samples import render_text_image
     from imgflow.settings import Settings
@@ -240,26 +254,33 @@ def run_variant(variant: str, events: int, batch: int, timeout: float, avro_code
         stack.start()
         procs: dict[str, subprocess.Popen] = {}
         try:
-            env = dict(os.environ, IMGFLOW_KAFKA__BOOTSTRAP=stack.bootstrap, IMGFLOW_DATA_DIR=str(tmp / "data"),
-                       IMGFLOW_SINK__OUT_DIR=str(out), IMGFLOW_STAGE__BATCH_SIZE=str(batch),
-                       IMGFLOW_ALLOWED_ROOTS=f'["{image.parent}"]', IMGFLOW_METRICS_PORT="0", PYTHONUNBUFFERED="1",
-                       IMGFLOW_SINK__AVRO_CODEC=avro_codec)
+            env = dict(
+                os.environ,
+                IMGFLOW_KAFKA__BOOTSTRAP=stack.bootstrap,
+                IMGFLOW_DATA_DIR=str(tmp / "data"),
+                IMGFLOW_SINK__OUT_DIR=str(out),
+                IMGFLOW_STAGE__BATCH_SIZE=str(batch),
+                IMGFLOW_ALLOWED_ROOTS=f'["{image.parent}"]',
+                IMGFLOW_METRICS_PORT="0",
+                PYTHONUNBUFFERED="1",
+                IMGFLOW_SINK__AVRO_CODEC=avro_codec,
+            )
             env.pop("IMGFLOW_CONFIG", None)
-            settings = Settings(kafka={"bootstrap": stack.bootstrap}, data_dir=tmp / "data",
-                                stage={"batch_size": batch})
+            settings = Settings(kafka={"bootstrap": stack.bootstrap}, data_dir=tmp / "data", stage={"batch_size": batch})
             ensure_topics(settings)
             stats = {role: tmp / f"{role}.json" for role in ("vision", "enrich")}
             for role in ("vision", "enrich"):
                 with open(tmp / f"{role}.log", "w") as log:
-                    procs[role] = subprocess.Popen([sys.executable, "-m", "benchmarks.broker_path", "--child", role,
-                                                    str(events), str(stats[role]), variant], env=env,
-                                                   stdout=log, stderr=subprocess.STDOUT)
+                    procs[role] = subprocess.Popen(
+                        [sys.executable, "-m", "benchmarks.broker_path", "--child", role, str(events), str(stats[role]), variant],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
             with open(tmp / "sink.log", "w") as log:
-                procs["sink"] = subprocess.Popen([sys.executable, "-m", "imgflow.cli", "stage", "sink"], env=env,
-                                                 stdout=log, stderr=subprocess.STDOUT)
+                procs["sink"] = subprocess.Popen([sys.executable, "-m", "imgflow.cli", "stage", "sink"], env=env, stdout=log, stderr=subprocess.STDOUT)
             time.sleep(5)  # let the stages join their groups
-            broker = {part: pids for part, pids in broker_processes(stack.proc.pid).items()
-                      if pids or part == "broker_runner"}  # only this engine's parts
+            broker = {part: pids for part, pids in broker_processes(stack.proc.pid).items() if pids or part == "broker_runner"}  # only this engine's parts
 
             def cpu_now() -> dict[str, float]:
                 now = {role: cpu_seconds([p.pid]) for role, p in procs.items()}
@@ -297,8 +318,7 @@ def run_variant(variant: str, events: int, batch: int, timeout: float, avro_code
             cpu.update({part: cpu_seconds(pids) - cpu0[part] for part, pids in broker.items()})
             cpu["watcher"] = cpu_pub
             load1 = os.getloadavg()[0]
-            out_bytes = {"csv": (out / "results.csv").stat().st_size,
-                         "avro": sum(f.stat().st_size for f in (out / "avro").rglob("*.avro"))}
+            out_bytes = {"csv": (out / "results.csv").stat().st_size, "avro": sum(f.stat().st_size for f in (out / "avro").rglob("*.avro"))}
         finally:
             for p in procs.values():
                 if p.poll() is None:
@@ -309,23 +329,30 @@ def run_variant(variant: str, events: int, batch: int, timeout: float, avro_code
                 except subprocess.TimeoutExpired:
                     p.kill()
             stack.stop()
-        figures = {"end_to_end": {"events": events, "seconds": done - started, "events_per_s": events / (done - started)},
-                   "watcher": {"events": events, "seconds": published - started,
-                               "events_per_s": events / max(1e-9, published - started)}}
+        figures = {
+            "end_to_end": {"events": events, "seconds": done - started, "events_per_s": events / (done - started)},
+            "watcher": {"events": events, "seconds": published - started, "events_per_s": events / max(1e-9, published - started)},
+        }
         for role in ("vision", "enrich"):
             s = json.loads(stats[role].read_text())
-            figures[role] = {"events": s["count"], "seconds": s["last"] - s["first"],
-                             "events_per_s": s["count"] / max(1e-9, s["last"] - s["first"])}
-        figures["sink"] = {"events": events, "seconds": done - first_row,
-                           "events_per_s": events / max(1e-9, done - first_row)}
+            figures[role] = {"events": s["count"], "seconds": s["last"] - s["first"], "events_per_s": s["count"] / max(1e-9, s["last"] - s["first"])}
+        figures["sink"] = {"events": events, "seconds": done - first_row, "events_per_s": events / max(1e-9, done - first_row)}
         for part, seconds in cpu.items():  # CPU time per event, each process (broker: tansu + SeaweedFS)
             figures.setdefault(part, {})["cpu_us_per_event"] = 1e6 * seconds / events
         for part, share in idle.items():  # CPU share (1.0: one core) while no event flows
             figures[part]["idle_cpu_share"] = share
-        figures["broker_total"] = {"cpu_us_per_event": sum(figures[part]["cpu_us_per_event"] for part in broker),
-                                   "idle_cpu_share": sum(idle[part] for part in broker)}
-        return {"engine": engine, "figures": figures, "load_avg_1m": [load0, load1], "output_bytes": out_bytes,
-                "record_bytes": record_sizes(variant, image), "broker_startup_s": stack.startup_s}
+        figures["broker_total"] = {
+            "cpu_us_per_event": sum(figures[part]["cpu_us_per_event"] for part in broker),
+            "idle_cpu_share": sum(idle[part] for part in broker),
+        }
+        return {
+            "engine": engine,
+            "figures": figures,
+            "load_avg_1m": [load0, load1],
+            "output_bytes": out_bytes,
+            "record_bytes": record_sizes(variant, image),
+            "broker_startup_s": stack.startup_s,
+        }
 
 
 def record_sizes(variant: str, image: Path) -> dict:
@@ -336,22 +363,22 @@ def record_sizes(variant: str, image: Path) -> dict:
     codec = get_codec()
     event = local_image_event(image, image.stat(), source="benchmark", run_id="live")
     vision = vision_value(event, _vectors(variant)[0])
-    return {"ImageEvent": len(codec.encode("ImageEvent", event)),
-            "VisionResult": len(codec.encode("VisionResult", vision)),
-            "EnrichedRecord": len(codec.encode("EnrichedRecord", enriched_value(vision)))}
+    return {
+        "ImageEvent": len(codec.encode("ImageEvent", event)),
+        "VisionResult": len(codec.encode("VisionResult", vision)),
+        "EnrichedRecord": len(codec.encode("EnrichedRecord", enriched_value(vision))),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=256, help="stage.batch_size of every stage (default 256)")
-    ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help="real (a real image's vectors), empty (no vectors), or both (default: real,empty)")
-    ap.add_argument("--avro-codec", choices=["deflate", "null"], default="deflate",
-                    help="the sink's Avro files (sink.avro_codec; default deflate, the default setting)")
-    ap.add_argument("--engine", default=",".join(ENGINES),
-                    help="embedded broker engines, each variant on each (default: tansu,kafka)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="real (a real image's vectors), empty (no vectors), or both (default: real,empty)")
+    ap.add_argument(
+        "--avro-codec", choices=["deflate", "null"], default="deflate", help="the sink's Avro files (sink.avro_codec; default deflate, the default setting)"
+    )
+    ap.add_argument("--engine", default=",".join(ENGINES), help="embedded broker engines, each variant on each (default: tansu,kafka)")
     ap.add_argument("--timeout", type=float, default=1800, help="per variant and engine")
     ap.add_argument("--child", nargs=4, metavar=("ROLE", "N", "STATS", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -368,8 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:  # the engines in turn, variant by variant, each on a fresh broker
         for e in engines:
             results[e][v] = run_variant(v, args.events, args.batch, args.timeout, args.avro_codec, engine=e)
-    parts = ["end_to_end", "watcher", "vision", "enrich", "sink", "tansu", "seaweedfs", "kafka", "broker_runner",
-             "broker_total"]
+    parts = ["end_to_end", "watcher", "vision", "enrich", "sink", "tansu", "seaweedfs", "kafka", "broker_runner", "broker_total"]
     parts = [p for p in parts if any(p in results[e][v]["figures"] for e in engines for v in variants)]
     headers = ["part"]
     for v in variants:
@@ -381,16 +407,27 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants:
             for e in engines:
                 f = results[e][v]["figures"].get(part, {})
-                row += [round(f["events_per_s"]) if "events_per_s" in f else "",
-                        round(f["cpu_us_per_event"]) if "cpu_us_per_event" in f else ""]
+                row += [round(f["events_per_s"]) if "events_per_s" in f else "", round(f["cpu_us_per_event"]) if "cpu_us_per_event" in f else ""]
         rows.append(row)
     loads = ", ".join(f"{v} {e} {results[e][v]['load_avg_1m'][0]:.1f}" for v in variants for e in engines)
-    print_table(f"broker path: {args.events} events per variant and engine, no-op transforms, stage batch "
-                f"{args.batch}, transactions on, sink Avro {args.avro_codec}; load average at start: {loads}",
-                headers, rows)
-    write_result("broker_path", {"events": args.events, "batch": args.batch, "avro_codec": args.avro_codec,
-                                 "goal_events_per_s": 5000, "engines": engines, "variants": variants,
-                                 "results": results})
+    print_table(
+        f"broker path: {args.events} events per variant and engine, no-op transforms, stage batch "
+        f"{args.batch}, transactions on, sink Avro {args.avro_codec}; load average at start: {loads}",
+        headers,
+        rows,
+    )
+    write_result(
+        "broker_path",
+        {
+            "events": args.events,
+            "batch": args.batch,
+            "avro_codec": args.avro_codec,
+            "goal_events_per_s": 5000,
+            "engines": engines,
+            "variants": variants,
+            "results": results,
+        },
+    )
     return 0
 
 

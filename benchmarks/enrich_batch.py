@@ -54,7 +54,7 @@ TODAY_SYSTEM = (
     "category: one or two words, a general class such as animal, food, drink, vehicle, "
     "person, document, sign, building, plant, object.\n"
     "keywords: 3 to 8 short keywords from the notes.\n"
-    "image_text: copy the text read in the image exactly; \"\" if none.\n"
+    'image_text: copy the text read in the image exactly; "" if none.\n'
     "Use only the facts in the notes; do not invent anything."
 )
 
@@ -64,17 +64,19 @@ def today_prompt(item) -> str:
     if item.labels:
         lines.append("Labels (best first): " + ", ".join(item.labels))
     text = item.image_text.strip()
-    lines.append(f"Text read in the image: {json.dumps(text, ensure_ascii=False)}" if text
-                 else 'Text read in the image: "" (none)')
+    lines.append(f"Text read in the image: {json.dumps(text, ensure_ascii=False)}" if text else 'Text read in the image: "" (none)')
     return "\n".join(lines)
 
 
 def structure_inputs(values: list[dict]):
     from imgflow.models.base import StructureInput
 
-    return [StructureInput(description=v["text"], image_text=v["image_text"],
-                           labels=[lab["label"] for lab in v["labels"]],
-                           scores=[lab["score"] for lab in v["labels"]]) for v in values]
+    return [
+        StructureInput(
+            description=v["text"], image_text=v["image_text"], labels=[lab["label"] for lab in v["labels"]], scores=[lab["score"] for lab in v["labels"]]
+        )
+        for v in values
+    ]
 
 
 def run_per_image(llm, grammar_of, items, messages_of, max_tokens: int) -> dict:
@@ -82,16 +84,14 @@ def run_per_image(llm, grammar_of, items, messages_of, max_tokens: int) -> dict:
 
     texts, tin, tout = [], 0, 0
     for item in items:
-        resp = llm.create_chat_completion(messages=messages_of(item), grammar=grammar_of(item), temperature=0.0,
-                                          top_k=1, seed=SEED, max_tokens=max_tokens)
+        resp = llm.create_chat_completion(messages=messages_of(item), grammar=grammar_of(item), temperature=0.0, top_k=1, seed=SEED, max_tokens=max_tokens)
         texts.append(resp["choices"][0]["message"]["content"] or "")
         tin += resp["usage"]["prompt_tokens"]
         tout += resp["usage"]["completion_tokens"]
     return {"texts": texts, "prompt_tokens": tin, "completion_tokens": tout}
 
 
-def run_engine(llm, grammar_of, items, messages_of, prefix, n_parallel: int, n_ctx: int, threads: int,
-               max_tokens: int) -> dict:
+def run_engine(llm, grammar_of, items, messages_of, prefix, n_parallel: int, n_ctx: int, threads: int, max_tokens: int) -> dict:
     from dataclasses import replace
 
     from imgflow.models.llama_batch import BatchGenerator, render_chat
@@ -105,13 +105,16 @@ def run_engine(llm, grammar_of, items, messages_of, prefix, n_parallel: int, n_c
         gen.close()
     texts = [g.text if not isinstance(g, Exception) else "" for g in out]
     ok = [g for g in out if not isinstance(g, Exception)]
-    return {"texts": texts, "prompt_tokens": sum(g.prompt_tokens for g in ok),
-            "completion_tokens": sum(g.completion_tokens for g in ok), "full_grammar_passes": full}
+    return {
+        "texts": texts,
+        "prompt_tokens": sum(g.prompt_tokens for g in ok),
+        "completion_tokens": sum(g.completion_tokens for g in ok),
+        "full_grammar_passes": full,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=16, help="images (half photos, half text), default 16")
     ap.add_argument("--llm", default="", help="models.llm: '' (Qwen2.5-Coder-0.5B), smollm2-135m or a .gguf path")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads for every variant (default 1)")
@@ -119,8 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--ctx", type=int, default=2048, help="context per sequence (models.llm_ctx)")
     ap.add_argument("--skip-today", action="store_true", help="leave out the two per-image variants")
-    ap.add_argument("--description", default="auto", choices=["auto", "llm", "facts"],
-                    help="models.llm_description for the current request (default auto: as the enrich stage)")
+    ap.add_argument(
+        "--description",
+        default="auto",
+        choices=["auto", "llm", "facts"],
+        help="models.llm_description for the current request (default auto: as the enrich stage)",
+    )
     args = ap.parse_args(argv)
 
     from llama_cpp import Llama, LlamaGrammar
@@ -136,12 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         values = vision_values(mixed_images(Path(tmp) / "images", args.images), Settings())
     items = structure_inputs(values)
 
-    llm = Llama(model_path=str(path), n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads,
-                seed=L.SEED, verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads, seed=L.SEED, verbose=False)
     today_grammar = LlamaGrammar.from_json_schema(json.dumps(TODAY_SCHEMA), verbose=False)
     # The request the enrich stage makes now (as LlamaCppStructurer builds it for this model).
-    describe = L.LlamaCppStructurer(None, args.llm, default_models_dir(),
-                                    description=args.description).writes_description
+    describe = L.LlamaCppStructurer(None, args.llm, default_models_dir(), description=args.description).writes_description
     grammars = L.Grammars(describe)
 
     def today_messages(item):
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         from imgflow.models.base import StructureInput
 
         a, b = (render_chat(llm, messages_of(StructureInput(x, "", [], []))).tokens for x in ("a", "b"))
-        return a[:common_prefix(a, b)]
+        return a[: common_prefix(a, b)]
 
     prefix, today_prefix = prefix_of(current_messages), prefix_of(today_messages)
     variants: dict[str, callable] = {}
@@ -162,12 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         variants["today"] = lambda: run_per_image(llm, lambda _: today_grammar, items, today_messages, args.max_tokens)
         variants["per-image"] = lambda: run_per_image(llm, grammars.for_item, items, current_messages, args.max_tokens)
     top = max(int(x) for x in args.batches.split(",") if x)
-    variants[f"batch {top}, today's request"] = (lambda: run_engine(
-        llm, lambda _: today_grammar, items, today_messages, today_prefix, top, args.ctx, args.threads,
-        args.max_tokens))
+    variants[f"batch {top}, today's request"] = lambda: run_engine(
+        llm, lambda _: today_grammar, items, today_messages, today_prefix, top, args.ctx, args.threads, args.max_tokens
+    )
     for n in [int(x) for x in args.batches.split(",") if x]:
-        variants[f"batch {n}"] = (lambda n=n: run_engine(llm, grammars.for_item, items, current_messages, prefix, n,
-                                                         args.ctx, args.threads, args.max_tokens))
+        variants[f"batch {n}"] = lambda n=n: run_engine(llm, grammars.for_item, items, current_messages, prefix, n, args.ctx, args.threads, args.max_tokens)
     names = list(variants)
     order = [names[i // 2] if i % 2 == 0 else names[-1 - i // 2] for i in range(len(names))]
     order = list(dict.fromkeys(order))  # interleave wide and narrow: today, batch 16, per-image, batch 8, ...
@@ -201,26 +205,47 @@ def main(argv: list[str] | None = None) -> int:
         if name == "batch 1" and "per-image" in results:
             same = sum(x == y for x, y in zip(r["texts"], results["per-image"]["texts"]))
         fig = {
-            "images_per_s": n / r["wall_s"], "cpu_s_per_image": r["cpu_s"] / n,
-            "prompt_tokens_per_image": r["prompt_tokens"] / n, "answer_tokens_per_image": r["completion_tokens"] / n,
-            "valid": r["valid"], "identical_to_per_image": same,
+            "images_per_s": n / r["wall_s"],
+            "cpu_s_per_image": r["cpu_s"] / n,
+            "prompt_tokens_per_image": r["prompt_tokens"] / n,
+            "answer_tokens_per_image": r["completion_tokens"] / n,
+            "valid": r["valid"],
+            "identical_to_per_image": same,
             "speedup_wall_vs_today": (base["wall_s"] / r["wall_s"]) if base else None,
             "speedup_cpu_vs_today": (base["cpu_s"] / r["cpu_s"]) if base else None,
             "full_grammar_passes": r.get("full_grammar_passes"),
         }
         out[name] = fig
-        rows.append([name, fig["images_per_s"], fig["cpu_s_per_image"],
-                     "-" if base is None else f"{fig['speedup_wall_vs_today']:.2f}x",
-                     "-" if base is None else f"{fig['speedup_cpu_vs_today']:.2f}x",
-                     round(fig["prompt_tokens_per_image"]), round(fig["answer_tokens_per_image"], 1),
-                     f"{r['valid']}/{n}", "-" if same is None else f"{same}/{n}"])
-    print_table(f"enrich alone: {n} images, model {spec.name}, {args.threads} thread(s)",
-                ["variant", "images/s", "CPU s/img", "vs today", "vs today (CPU)", "prompt tok", "answer tok",
-                 "valid", "same as per-image"], rows)
-    write_result("enrich_batch", {"images": n, "model": spec.name, "threads": args.threads,
-                                  "writes_description": describe,
-                                  "order": order, "variants": out,
-                                  "texts": {k: v["texts"] for k, v in results.items()}})
+        rows.append(
+            [
+                name,
+                fig["images_per_s"],
+                fig["cpu_s_per_image"],
+                "-" if base is None else f"{fig['speedup_wall_vs_today']:.2f}x",
+                "-" if base is None else f"{fig['speedup_cpu_vs_today']:.2f}x",
+                round(fig["prompt_tokens_per_image"]),
+                round(fig["answer_tokens_per_image"], 1),
+                f"{r['valid']}/{n}",
+                "-" if same is None else f"{same}/{n}",
+            ]
+        )
+    print_table(
+        f"enrich alone: {n} images, model {spec.name}, {args.threads} thread(s)",
+        ["variant", "images/s", "CPU s/img", "vs today", "vs today (CPU)", "prompt tok", "answer tok", "valid", "same as per-image"],
+        rows,
+    )
+    write_result(
+        "enrich_batch",
+        {
+            "images": n,
+            "model": spec.name,
+            "threads": args.threads,
+            "writes_description": describe,
+            "order": order,
+            "variants": out,
+            "texts": {k: v["texts"] for k, v in results.items()},
+        },
+    )
     return 0
 
 

@@ -99,8 +99,14 @@ class RandomQwen2Vl:
         text = config.text_config
         self.eos = text.eos_token_id
         self.vocab = text.vocab_size
-        self.specials = {config.image_token_id, config.video_token_id, config.vision_start_token_id,
-                         config.vision_end_token_id, text.eos_token_id, text.bos_token_id}
+        self.specials = {
+            config.image_token_id,
+            config.video_token_id,
+            config.vision_start_token_id,
+            config.vision_end_token_id,
+            text.eos_token_id,
+            text.bos_token_id,
+        }
 
     def _text_ids(self, rs, n: int) -> list[int]:
         low = min(1000, self.vocab // 4)
@@ -110,20 +116,25 @@ class RandomQwen2Vl:
     def run(self, images: list[Image.Image], new_tokens: int) -> None:
         c = self.config
         px = self.processor(images=images, return_tensors="pt")
-        merge = c.vision_config.spatial_merge_size ** 2
+        merge = c.vision_config.spatial_merge_size**2
         rs = np.random.RandomState(1)
         rows = []
         for thw in px["image_grid_thw"]:
             n = int(thw.prod()) // merge
-            rows.append(self._text_ids(rs, 20) + [c.vision_start_token_id] + [c.image_token_id] * n
-                        + [c.vision_end_token_id] + self._text_ids(rs, 12))
+            rows.append(self._text_ids(rs, 20) + [c.vision_start_token_id] + [c.image_token_id] * n + [c.vision_end_token_id] + self._text_ids(rs, 12))
         input_ids = torch.tensor(rows, device=self.device)  # same-size images: no padding
         with torch.inference_mode():
-            self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                pixel_values=px["pixel_values"].to(self.device, self.model.dtype),
-                                image_grid_thw=px["image_grid_thw"].to(self.device),
-                                max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                eos_token_id=self.eos, pad_token_id=self.eos)
+            self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                pixel_values=px["pixel_values"].to(self.device, self.model.dtype),
+                image_grid_thw=px["image_grid_thw"].to(self.device),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=self.eos,
+                pad_token_id=self.eos,
+            )
 
 
 class AdapterQwen2Vl:
@@ -159,9 +170,12 @@ def main(argv=None) -> int:
         print("warning: a 7B model on CPU is very slow; use --tiny for a smoke test", file=sys.stderr)
     bench = AdapterQwen2Vl(args, device, args.dtype) if args.model else RandomQwen2Vl(args, device, dtype)
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"device {card}, dtype {dtype}, attn {args.attn}, {bench.params / 1e9:.2f} B params, "
-          f"built/loaded in {bench.build_s:.1f} s, {args.images} images of {args.image_size} px, "
-          f"{args.new_tokens} new tokens each", flush=True)
+    print(
+        f"device {card}, dtype {dtype}, attn {args.attn}, {bench.params / 1e9:.2f} B params, "
+        f"built/loaded in {bench.build_s:.1f} s, {args.images} images of {args.image_size} px, "
+        f"{args.new_tokens} new tokens each",
+        flush=True,
+    )
     images = random_images(args.images, args.image_size)
     bench.run(images[:1], 2)  # warm-up: kernels, allocator
     results = []
@@ -174,7 +188,7 @@ def main(argv=None) -> int:
             sync(device)
             started = time.perf_counter()
             for i in range(math.ceil(args.images / bs)):
-                bench.run(images[i * bs:(i + 1) * bs], args.new_tokens)
+                bench.run(images[i * bs : (i + 1) * bs], args.new_tokens)
             sync(device)
             took = time.perf_counter() - started
             row.update(seconds=round(took, 3), images_per_s=round(args.images / took, 3))
@@ -192,12 +206,22 @@ def main(argv=None) -> int:
     for r in results:
         ips = r.get("images_per_s")
         speed = f"{ips / base:.2f}x" if ips and base else "-"
-        print(f"{r['batch_size']:>5} {('OOM' if r.get('oom') else f'{ips:.3f}'):>9} {speed:>8} "
-              f"{r.get('peak_gib', '-'):>9}")
+        print(f"{r['batch_size']:>5} {('OOM' if r.get('oom') else f'{ips:.3f}'):>9} {speed:>8} {r.get('peak_gib', '-'):>9}")
     if args.out:
-        args.out.write_text(json.dumps({"device": card, "dtype": str(dtype), "attn": args.attn,
-                                        "params": bench.params, "new_tokens": args.new_tokens,
-                                        "image_size": args.image_size, "results": results}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "device": card,
+                    "dtype": str(dtype),
+                    "attn": args.attn,
+                    "params": bench.params,
+                    "new_tokens": args.new_tokens,
+                    "image_size": args.image_size,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -82,8 +82,7 @@ def stage_transactional_ids(settings: Settings, partitions: dict[str, int]) -> d
     ``imgflow-<stage>.<topic>.<partition>`` (imgflow.stage.commit.TransactionalCommit.assign)."""
     t = settings.topics
     inputs = {"vision": [t.new_high, t.new], "enrich": [t.vision]}
-    return {stage: [f"imgflow-{stage}.{topic}.{p}" for topic in inputs[stage] for p in range(partitions[topic])]
-            for stage in STAGES}
+    return {stage: [f"imgflow-{stage}.{topic}.{p}" for topic in inputs[stage] for p in range(partitions[topic])] for stage in STAGES}
 
 
 def busy_transactional_ids(settings: Settings, ids: dict[str, list[str]]) -> set[str]:
@@ -92,8 +91,10 @@ def busy_transactional_ids(settings: Settings, ids: dict[str, list[str]]) -> set
     return {i for stage in ids.values() for i in stage if high not in i}
 
 
-INIT_LINE = re.compile(r"Initialized transactionalId (\S+) with producerId \d+ and producer epoch \d+ "
-                       r"on partition " + TXN_TOPIC + r"-(\d+)")
+INIT_LINE = re.compile(
+    r"Initialized transactionalId (\S+) with producerId \d+ and producer epoch \d+ "
+    r"on partition " + TXN_TOPIC + r"-(\d+)"
+)
 
 
 def coordinators_from_logs(log_dir: Path) -> dict[str, tuple[int, int]]:
@@ -120,15 +121,17 @@ def coordinators_from_logs(log_dir: Path) -> dict[str, tuple[int, int]]:
 def admin_for(bootstrap: str):
     from confluent_kafka.admin import AdminClient
 
-    return AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 5000,
-                        "reconnect.backoff.max.ms": 500, "log_level": 0})
+    return AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 5000, "reconnect.backoff.max.ms": 500, "log_level": 0})
 
 
 def partition_map(admin, topics: list[str] | None = None) -> dict[str, dict[int, tuple[int, list, list]]]:
     """topic -> partition -> (leader, replicas, isrs); every topic when ``topics`` is None."""
     md = admin.list_topics(timeout=15)
-    return {name: {p: (pm.leader, list(pm.replicas), list(pm.isrs)) for p, pm in t.partitions.items()}
-            for name, t in md.topics.items() if topics is None or name in topics}
+    return {
+        name: {p: (pm.leader, list(pm.replicas), list(pm.isrs)) for p, pm in t.partitions.items()}
+        for name, t in md.topics.items()
+        if topics is None or name in topics
+    }
 
 
 def brokers(admin) -> list[int]:
@@ -153,9 +156,10 @@ def coordinators(parts: dict, settings: Settings) -> dict:
     partition, placed like a transactional id) and each busy transactional id now."""
     offsets, txn = parts["__consumer_offsets"], parts[TXN_TOPIC]
     ids = stage_transactional_ids(settings, {t: len(parts[t]) for t in pipeline_topics(settings)})
-    return {"groups": {g: offsets[txn_partition(g, len(offsets))][0] for g in GROUPS},
-            "transactions": {i: txn[txn_partition(i, len(txn))][0]
-                             for i in sorted(busy_transactional_ids(settings, ids))}}
+    return {
+        "groups": {g: offsets[txn_partition(g, len(offsets))][0] for g in GROUPS},
+        "transactions": {i: txn[txn_partition(i, len(txn))][0] for i in sorted(busy_transactional_ids(settings, ids))},
+    }
 
 
 def stage_group_coordinators(parts: dict, settings: Settings) -> set[int]:
@@ -172,12 +176,14 @@ def choose_leader_victim(parts: dict, settings: Settings) -> tuple[int, dict]:
     group_coords = stage_group_coordinators(parts, settings)
     victim = max(sorted(mine), key=lambda b: (mine[b], b not in group_coords, internal[b], -b))
     tied = [b for b in mine if mine[b] == mine[victim]]
-    why = (f"leads {mine[victim]} of {sum(mine.values())} pipeline-topic partitions"
-           + (f" (tied with {sorted(set(tied) - {victim})}; "
-              f"{'a' if victim in group_coords else 'no'} stage group coordinator, "
-              f"leads {internal[victim]} internal partitions)" if len(tied) > 1 else ""))
-    return victim, {"pipeline_partitions_led": dict(sorted(mine.items())),
-                    "internal_partitions_led": dict(sorted(internal.items())), "why": why}
+    why = f"leads {mine[victim]} of {sum(mine.values())} pipeline-topic partitions" + (
+        f" (tied with {sorted(set(tied) - {victim})}; "
+        f"{'a' if victim in group_coords else 'no'} stage group coordinator, "
+        f"leads {internal[victim]} internal partitions)"
+        if len(tied) > 1
+        else ""
+    )
+    return victim, {"pipeline_partitions_led": dict(sorted(mine.items())), "internal_partitions_led": dict(sorted(internal.items())), "why": why}
 
 
 def choose_coordinator_victim(parts: dict, settings: Settings, log_dir: Path) -> tuple[int, dict]:
@@ -208,8 +214,7 @@ def choose_coordinator_victim(parts: dict, settings: Settings, log_dir: Path) ->
         "checked_against_broker_logs": len([i for i in coordinator if i in logged]),
         "broker_log_mismatches": mismatches,
         "why": f"transaction coordinator of {len(led)} of {len(busy)} busy stage transactional ids "
-               f"(e.g. {led[0] if led else '-'})" + (", and a stage group coordinator" if victim in group_coords
-                                                     else ""),
+        f"(e.g. {led[0] if led else '-'})" + (", and a stage group coordinator" if victim in group_coords else ""),
     }
 
 
@@ -218,8 +223,7 @@ def choose_group_coordinator_victim(parts: dict, settings: Settings) -> tuple[in
     send_offsets_to_transaction needs that coordinator."""
     groups = coordinators(parts, settings)["groups"]
     victim = groups["imgflow-enrich"]
-    return victim, {"why": f"group coordinator of imgflow-enrich "
-                           f"(and of {sorted(g for g, b in groups.items() if b == victim)})"}
+    return victim, {"why": f"group coordinator of imgflow-enrich (and of {sorted(g for g, b in groups.items() if b == victim)})"}
 
 
 def replication_of(admin, topics: list[str]) -> dict[str, dict]:
@@ -231,8 +235,10 @@ def replication_of(admin, topics: list[str]) -> dict[str, dict]:
     out = {}
     for res, fut in admin.describe_configs(resources, request_timeout=15).items():
         cfg = fut.result(15)
-        out[res.name] = {"replication_factors": sorted({len(r) for _, r, _ in parts[res.name].values()}),
-                         "min_insync_replicas": int(cfg["min.insync.replicas"].value)}
+        out[res.name] = {
+            "replication_factors": sorted({len(r) for _, r, _ in parts[res.name].values()}),
+            "min_insync_replicas": int(cfg["min.insync.replicas"].value),
+        }
     return out
 
 
@@ -376,10 +382,17 @@ def result_checks(out: Path, expected: dict[str, str]) -> dict:
 
 
 def exactly_once(checks: dict) -> bool:
-    return (checks["csv_rows"] == checks["images"] == checks["avro_rows"] and checks["csv_duplicates"] == 0
-            and checks["csv_duplicate_images"] == 0 and checks["avro_duplicates"] == 0 and not checks["lost"]
-            and not checks["unexpected"] and not checks["error_rows"] and not checks["wrong_content"]
-            and checks["leftover_temp_files"] == 0)
+    return (
+        checks["csv_rows"] == checks["images"] == checks["avro_rows"]
+        and checks["csv_duplicates"] == 0
+        and checks["csv_duplicate_images"] == 0
+        and checks["avro_duplicates"] == 0
+        and not checks["lost"]
+        and not checks["unexpected"]
+        and not checks["error_rows"]
+        and not checks["wrong_content"]
+        and checks["leftover_temp_files"] == 0
+    )
 
 
 LOG_PATTERNS = {
@@ -426,8 +439,11 @@ def stage_gaps(log_dir: Path, wall0: float, kill: float, end: float, cap: float 
             continue
         a, b = max(gaps, key=lambda g: g[1] - g[0])
         first = next((t for t in times if t > kill), None)
-        out[role] = {"longest_gap_s": round(b - a, 2), "gap_from_kill_s": [round(a - kill, 2), round(b - kill, 2)],
-                     "first_commit_after_kill_s": round(first - kill, 2) if first else None}
+        out[role] = {
+            "longest_gap_s": round(b - a, 2),
+            "gap_from_kill_s": [round(a - kill, 2), round(b - kill, 2)],
+            "first_commit_after_kill_s": round(first - kill, 2) if first else None,
+        }
     return out
 
 
@@ -445,24 +461,36 @@ def pipeline_log_figures(log_dir: Path) -> dict:
 
 def pipeline_env(llm: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGFLOW_")}
-    env.update({
-        "IMGFLOW_MODELS__LLM": llm,
-        "IMGFLOW_TOPICS__REPLICATION_FACTOR": str(REPLICATION),
-        "IMGFLOW_TOPICS__MIN_INSYNC_REPLICAS": str(MIN_ISR),
-        # Small batches (the LLM's too): row writes close together, so a pause stands out.
-        "IMGFLOW_STAGE__BATCH_SIZE": "4", "IMGFLOW_MODELS__LLM_BATCH": "4",
-        "IMGFLOW_WATCH__POLL_INTERVAL_S": "0.5", "IMGFLOW_WATCH__SETTLE_S": "0.5",
-        "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "IMGFLOW_MODELS__LLM": llm,
+            "IMGFLOW_TOPICS__REPLICATION_FACTOR": str(REPLICATION),
+            "IMGFLOW_TOPICS__MIN_INSYNC_REPLICAS": str(MIN_ISR),
+            # Small batches (the LLM's too): row writes close together, so a pause stands out.
+            "IMGFLOW_STAGE__BATCH_SIZE": "4",
+            "IMGFLOW_MODELS__LLM_BATCH": "4",
+            "IMGFLOW_WATCH__POLL_INTERVAL_S": "0.5",
+            "IMGFLOW_WATCH__SETTLE_S": "0.5",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
 ROUNDS = ("leader", "coordinator", "group-coordinator")
 
 
-def run_failover(workdir: Path, images: int = 200, down_s: float = 20.0, seed: int = 5,
-                 llm: str = "smollm2-135m", timeout: float = 1800, rounds: tuple[str, ...] = ROUNDS[:2],
-                 log=print) -> dict:
+def run_failover(
+    workdir: Path,
+    images: int = 200,
+    down_s: float = 20.0,
+    seed: int = 5,
+    llm: str = "smollm2-135m",
+    timeout: float = 1800,
+    rounds: tuple[str, ...] = ROUNDS[:2],
+    log=print,
+) -> dict:
     """The whole scenario (see the module docstring); returns the report."""
     from tests.chaos import make_images
 
@@ -476,10 +504,8 @@ def run_failover(workdir: Path, images: int = 200, down_s: float = 20.0, seed: i
     settings = Settings()
     report: dict = {"images": images, "nodes": NODES, "down_s": down_s, "llm": llm, "rounds": []}
     # The runner creates the pipeline's topics itself, with the same settings as the pipeline.
-    with environ(IMGFLOW_TOPICS__REPLICATION_FACTOR=str(REPLICATION),
-                 IMGFLOW_TOPICS__MIN_INSYNC_REPLICAS=str(MIN_ISR)):
-        stack = EmbeddedStack(workdir / "broker", port=0, engine="kafka", nodes=NODES,
-                              log_file=logs / "broker.log").start()
+    with environ(IMGFLOW_TOPICS__REPLICATION_FACTOR=str(REPLICATION), IMGFLOW_TOPICS__MIN_INSYNC_REPLICAS=str(MIN_ISR)):
+        stack = EmbeddedStack(workdir / "broker", port=0, engine="kafka", nodes=NODES, log_file=logs / "broker.log").start()
     broker_logs = workdir / "broker" / "logs"
     admin = admin_for(stack.bootstrap)
     clock = RowClock(out)
@@ -496,16 +522,19 @@ def run_failover(workdir: Path, images: int = 200, down_s: float = 20.0, seed: i
                 time.sleep(0.5)
         log(f"cluster up in {stack.startup_s:.1f}s at {stack.bootstrap}: {report['replication']}")
         with (logs / "imgflow-run.log").open("ab") as run_log:
-            proc = subprocess.Popen([sys.executable, "-m", "imgflow.cli", "run", str(folder), "--out", str(out),
-                                     "--once", "--data-dir", str(data), "--bootstrap", stack.bootstrap],
-                                    cwd=ROOT, env=env, stdout=run_log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "imgflow.cli", "run", str(folder), "--out", str(out), "--once", "--data-dir", str(data), "--bootstrap", stack.bootstrap],
+                cwd=ROOT,
+                env=env,
+                stdout=run_log,
+                stderr=subprocess.STDOUT,
+            )
         clock.start()
         deadline = time.monotonic() + timeout
 
         def alive() -> None:
             if proc.poll() is not None and clock.rows < images:
-                raise RuntimeError(f"imgflow run exited {proc.returncode} after {clock.rows} rows; "
-                                   f"see {logs / 'imgflow-run.log'} and {data / 'logs'}")
+                raise RuntimeError(f"imgflow run exited {proc.returncode} after {clock.rows} rows; see {logs / 'imgflow-run.log'} and {data / 'logs'}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{clock.rows} of {images} rows after {timeout:.0f}s")
 
@@ -549,20 +578,27 @@ def run_failover(workdir: Path, images: int = 200, down_s: float = 20.0, seed: i
             rows_while_down = clock.rows_at(release) - clock.rows_at(kill)
             stack.release_node(victim)
             rejoin_s, problems = wait_healthy(admin, 180)
-            log(f"round {kind}: node {victim} released at {release:.1f}s; {rows_while_down} rows while down; "
-                f"back in every ISR after {rejoin_s:.1f}s")
+            log(f"round {kind}: node {victim} released at {release:.1f}s; {rows_while_down} rows while down; back in every ISR after {rejoin_s:.1f}s")
             # Rows a little past the restart too: the rejoin can cause a pause of its own.
             settle = 15.0
             while clock.now() < release + settle and clock.rows < images:
                 alive()
                 time.sleep(0.2)
-            rnd = {"kind": kind, "killed_node": victim, **why, "coordinators_at_kill": at_kill,
-                   "killed_at_s": round(kill, 1),
-                   "released_at_s": round(release, 1), "down_for_s": round(release - kill, 1),
-                   "rows_before": rows_before, "rows_while_down": rows_while_down,
-                   "rows_in_second_half_down": clock.rows_at(release) - clock.rows_at(kill + down_s / 2),
-                   **down_view,
-                   "rejoined_every_isr_s": round(rejoin_s, 1), "unhealthy_after_rejoin": problems}
+            rnd = {
+                "kind": kind,
+                "killed_node": victim,
+                **why,
+                "coordinators_at_kill": at_kill,
+                "killed_at_s": round(kill, 1),
+                "released_at_s": round(release, 1),
+                "down_for_s": round(release - kill, 1),
+                "rows_before": rows_before,
+                "rows_while_down": rows_while_down,
+                "rows_in_second_half_down": clock.rows_at(release) - clock.rows_at(kill + down_s / 2),
+                **down_view,
+                "rejoined_every_isr_s": round(rejoin_s, 1),
+                "unhealthy_after_rejoin": problems,
+            }
             report["rounds"].append(rnd)
         while clock.rows < images:
             alive()
@@ -578,8 +614,7 @@ def run_failover(workdir: Path, images: int = 200, down_s: float = 20.0, seed: i
         median = statistics.median(before) if before else None
         report["median_gap_before_s"] = round(median, 2) if median else None
         span = (times[-1] - times[0]) if len(times) > 1 else 0
-        report["rows_per_s_before"] = round((clock.rows_at(first_kill) - clock.rows_at(times[0])) / span, 2) \
-            if span else None
+        report["rows_per_s_before"] = round((clock.rows_at(first_kill) - clock.rows_at(times[0])) / span, 2) if span else None
         for n, rnd in enumerate(report["rounds"]):
             # From the kill to 15 s after the restart, or to the next round's kill if sooner.
             nxt = report["rounds"][n + 1]["killed_at_s"] if n + 1 < len(report["rounds"]) else float("inf")
@@ -587,8 +622,7 @@ def run_failover(workdir: Path, images: int = 200, down_s: float = 20.0, seed: i
             rnd.update(gap_figures(clock, rnd["killed_at_s"], rnd["released_at_s"], after, cap=nxt))
             rnd["pause_s"] = round(rnd["longest_gap_s"] - median, 2) if rnd["longest_gap_s"] and median else None
             rnd["rows_per_s_while_down"] = round(rnd["rows_while_down"] / rnd["down_for_s"], 2)
-            rnd["stages"] = stage_gaps(data / "logs", clock.wall0, rnd["killed_at_s"], rnd["released_at_s"] + after,
-                                       cap=nxt)
+            rnd["stages"] = stage_gaps(data / "logs", clock.wall0, rnd["killed_at_s"], rnd["released_at_s"] + after, cap=nxt)
         report["cluster_problems_at_end"] = unhealthy(admin)
         report["row_writes"] = [[round(t, 2), n] for t, n in clock.writes]  # (s since start, rows)
         report["node_pids_at_end"] = {n["node_id"]: n["pid"] for n in stack.info()["nodes"]}
@@ -612,29 +646,33 @@ def run_failover(workdir: Path, images: int = 200, down_s: float = 20.0, seed: i
 
 
 def summary(report: dict) -> str:
-    lines = [f"{report['images']} images on {report['nodes']} Kafka brokers (RF {REPLICATION}, min ISR {MIN_ISR}) "
-             f"in {report.get('seconds')}s; median gap between row writes before the kills "
-             f"{report.get('median_gap_before_s')}s ({report.get('rows_per_s_before')} rows/s)"]
+    lines = [
+        f"{report['images']} images on {report['nodes']} Kafka brokers (RF {REPLICATION}, min ISR {MIN_ISR}) "
+        f"in {report.get('seconds')}s; median gap between row writes before the kills "
+        f"{report.get('median_gap_before_s')}s ({report.get('rows_per_s_before')} rows/s)"
+    ]
     for r in report["rounds"]:
-        lines.append(f"  {r['kind']:<11} node {r['killed_node']} ({r['why']}): down {r['down_for_s']}s, "
-                     f"{r['rows_while_down']} rows while down, longest gap {r['longest_gap_s']}s "
-                     f"(pause {r.get('pause_s')}s), first row {r['first_row_after_kill_s']}s after the kill, "
-                     f"back in every ISR {r['rejoined_every_isr_s']}s after the restart")
+        lines.append(
+            f"  {r['kind']:<11} node {r['killed_node']} ({r['why']}): down {r['down_for_s']}s, "
+            f"{r['rows_while_down']} rows while down, longest gap {r['longest_gap_s']}s "
+            f"(pause {r.get('pause_s')}s), first row {r['first_row_after_kill_s']}s after the kill, "
+            f"back in every ISR {r['rejoined_every_isr_s']}s after the restart"
+        )
     c = report["checks"]
-    lines.append(f"  exactly once: {report['exactly_once']} (csv {c['csv_rows']}, avro {c['avro_rows']}, "
-                 f"lost {len(c['lost'])}, duplicates {c['csv_duplicates']}/{c['avro_duplicates']}, "
-                 f"errors {len(c['error_rows'])}); cluster at the end: "
-                 f"{report.get('cluster_problems_at_end') or 'healthy'}")
+    lines.append(
+        f"  exactly once: {report['exactly_once']} (csv {c['csv_rows']}, avro {c['avro_rows']}, "
+        f"lost {len(c['lost'])}, duplicates {c['csv_duplicates']}/{c['avro_duplicates']}, "
+        f"errors {len(c['error_rows'])}); cluster at the end: "
+        f"{report.get('cluster_problems_at_end') or 'healthy'}"
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--images", type=int, default=300, help="images to process (default 300)")
     ap.add_argument("--down", type=float, default=20.0, help="seconds each killed broker stays down (default 20)")
-    ap.add_argument("--rounds", default="leader,coordinator",
-                    help="kills in order, of: leader, coordinator, group-coordinator (default leader,coordinator)")
+    ap.add_argument("--rounds", default="leader,coordinator", help="kills in order, of: leader, coordinator, group-coordinator (default leader,coordinator)")
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--llm", default="smollm2-135m")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the run here (default: a temp dir)")
@@ -644,8 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = tuple(r.strip() for r in args.rounds.split(",") if r.strip())
     if not rounds or set(rounds) - set(ROUNDS):
         ap.error(f"--rounds: a comma-separated list of {', '.join(ROUNDS)}")
-    report = run_failover(workdir, args.images, args.down, args.seed, args.llm, rounds=rounds,
-                          log=lambda m: print(m, file=sys.stderr, flush=True))
+    report = run_failover(workdir, args.images, args.down, args.seed, args.llm, rounds=rounds, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(report, indent=2))
     print(summary(report), file=sys.stderr)
     if not args.no_save:

@@ -32,8 +32,7 @@ def main() -> None:
     from imgflow.stack import EmbeddedStack
     from imgflow.topics import TopicSpec
 
-    print(f"{'records':>9} {'first round s':>14} {'idle round s':>13} {'+1000 round s':>14} "
-          f"{'after commit s':>15} {'peak RSS MiB':>13}")
+    print(f"{'records':>9} {'first round s':>14} {'idle round s':>13} {'+1000 round s':>14} {'after commit s':>15} {'peak RSS MiB':>13}")
     with tempfile.TemporaryDirectory() as tmp:
         stack = EmbeddedStack(Path(tmp) / "stack", port=0, log_file=Path(tmp) / "stack.log").start()
         try:

@@ -50,8 +50,7 @@ def rows_written(out: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--size", type=int, default=160, help="longest side of the images (default 160)")
     ap.add_argument("--llm", default="smollm2-135m")
@@ -65,9 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ, IMGFLOW_MODELS__LLM=args.llm)
         env.pop("IMGFLOW_DATA_DIR", None)
         started = time.time()
-        proc = subprocess.Popen([sys.executable, "-m", "imgflow.cli", "run", str(images), "--out", str(out),
-                                 "--once", "--data-dir", str(tmp / "data")], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "imgflow.cli", "run", str(images), "--out", str(out), "--once", "--data-dir", str(tmp / "data")],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         samples: dict[str, list[tuple[float, int, float]]] = {}  # role -> (t, rows, rss)
         try:
             while proc.poll() is None:
@@ -97,16 +99,23 @@ def main(argv: list[str] | None = None) -> int:
     for role, s in samples.items():
         after = [mb for _, rows, mb in s if rows >= warm_rows] or [s[-1][2]]
         warm, half, end, peak = after[0], at(s, 0.5), s[-1][2], max(mb for _, _, mb in s)
-        figures[role] = {"rss_after_warmup_mb": warm, "rss_half_mb": half, "rss_three_quarters_mb": at(s, 0.75),
-                         "rss_end_mb": end, "growth_mb": end - warm,
-                         "peak_mb": peak, "max_after_warmup_mb": max(after), "samples": len(s)}
-        table.append([role, round(warm), round(half), round(at(s, 0.75)), round(end), round(end - warm),
-                      round(peak)])
-    print_table(f"memory: imgflow run --once, {total} images of {args.size} px in {wall:.0f}s, LLM {args.llm}",
-                ["process", "RSS at 25 % MB", "at 50 %", "at 75 %", "at the end", "growth 25 % -> end",
-                 "peak MB"], table)
-    write_result("memory", {"images": total, "size_px": args.size, "llm": args.llm, "wall_s": wall,
-                            "processes": figures})
+        figures[role] = {
+            "rss_after_warmup_mb": warm,
+            "rss_half_mb": half,
+            "rss_three_quarters_mb": at(s, 0.75),
+            "rss_end_mb": end,
+            "growth_mb": end - warm,
+            "peak_mb": peak,
+            "max_after_warmup_mb": max(after),
+            "samples": len(s),
+        }
+        table.append([role, round(warm), round(half), round(at(s, 0.75)), round(end), round(end - warm), round(peak)])
+    print_table(
+        f"memory: imgflow run --once, {total} images of {args.size} px in {wall:.0f}s, LLM {args.llm}",
+        ["process", "RSS at 25 % MB", "at 50 %", "at 75 %", "at the end", "growth 25 % -> end", "peak MB"],
+        table,
+    )
+    write_result("memory", {"images": total, "size_px": args.size, "llm": args.llm, "wall_s": wall, "processes": figures})
     return 0
 
 

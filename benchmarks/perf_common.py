@@ -14,11 +14,34 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # scikit-image photos (shipped, no download) and text rendered with Pillow's default font.
-PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "camera", "horse", "cat", "hubble_deep_field",
-          "immunohistochemistry", "motorcycle_left", "retina", "page"]
-TEXTS = [["HARBOR TICKET 2041"], ["OPEN 24 HOURS", "FRESH BREAD"], ["EXIT"], ["NO PARKING", "TOW AWAY ZONE"],
-         ["SALE 50% OFF"], ["PLATFORM 9", "NORTHBOUND"], ["WELCOME TO", "SPRINGFIELD"], ["CAUTION WET FLOOR"],
-         ["INVOICE 7731", "TOTAL 42.50"], ["ROOM 214"], ["STOP"], ["CITY MUSEUM", "OPEN DAILY 9-5"]]
+PHOTOS = [
+    "chelsea",
+    "coffee",
+    "astronaut",
+    "rocket",
+    "camera",
+    "horse",
+    "cat",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "motorcycle_left",
+    "retina",
+    "page",
+]
+TEXTS = [
+    ["HARBOR TICKET 2041"],
+    ["OPEN 24 HOURS", "FRESH BREAD"],
+    ["EXIT"],
+    ["NO PARKING", "TOW AWAY ZONE"],
+    ["SALE 50% OFF"],
+    ["PLATFORM 9", "NORTHBOUND"],
+    ["WELCOME TO", "SPRINGFIELD"],
+    ["CAUTION WET FLOOR"],
+    ["INVOICE 7731", "TOTAL 42.50"],
+    ["ROOM 214"],
+    ["STOP"],
+    ["CITY MUSEUM", "OPEN DAILY 9-5"],
+]
 
 
 def machine() -> dict:
@@ -35,8 +58,13 @@ def machine() -> dict:
         load = os.getloadavg()[0]
     except OSError:
         load = None
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "load_avg_1m": load, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_avg_1m": load,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def mixed_images(folder: Path, n: int, size: int | None = None) -> list[Path]:
@@ -82,7 +110,7 @@ def vision_values(paths: list[Path], settings=None, batch: int = 8) -> list[dict
     out = []
     for start in range(0, len(paths), batch):
         records = []
-        for i, p in enumerate(paths[start:start + batch]):
+        for i, p in enumerate(paths[start : start + batch]):
             event = local_image_event(p, p.stat(), source="benchmark", run_id=settings.run_id)
             records.append(InputRecord("images.new", 0, start + i, event["event_id"], event, b""))
         for rec, res in zip(records, vision.process(records)):

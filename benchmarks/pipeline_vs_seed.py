@@ -39,8 +39,20 @@ from pathlib import Path
 
 from benchmarks.perf_common import mixed_images, print_table, write_result
 
-COLUMNS = ["image_path", "text", "description", "categories", "keywords", "image_text", "text_vector",
-           "word2vec_vector", "image_vector", "timestamp", "error", "llama_extracted"]
+COLUMNS = [
+    "image_path",
+    "text",
+    "description",
+    "categories",
+    "keywords",
+    "image_text",
+    "text_vector",
+    "word2vec_vector",
+    "image_vector",
+    "timestamp",
+    "error",
+    "llama_extracted",
+]
 CSV_EVERY = 10  # the original's BATCH/flush cadence: rows appended every 10 images
 ENGINES = ("tansu", "kafka")  # imgflow run --engine
 
@@ -69,8 +81,7 @@ def seed_loop(images: Path, out_csv: Path) -> dict:
         m.load()
     spec = L.resolve_llm(settings.models.llm, default_models_dir())
     path = L.ensure_qwen_gguf(spec.path.parent) if spec.joined else spec.path
-    llm = Llama(model_path=str(path), n_ctx=2048, seed=L.SEED, verbose=False,
-                **({"n_threads": threads, "n_threads_batch": threads} if threads else {}))
+    llm = Llama(model_path=str(path), n_ctx=2048, seed=L.SEED, verbose=False, **({"n_threads": threads, "n_threads_batch": threads} if threads else {}))
     grammar = LlamaGrammar.from_json_schema(json.dumps(TODAY_SCHEMA), verbose=False)
     parts["load"] = time.perf_counter() - t0
 
@@ -99,8 +110,7 @@ def seed_loop(images: Path, out_csv: Path) -> dict:
         reads = vm.reader.read([img])  # the same vision models and calls as the vision stage
         seen = [r.text for r in reads]
         areas = [r.area for r in reads]
-        desc = (vm.describer.describe([img], seen, areas) if areas[0] is not None
-                else vm.describer.describe([img], seen))[0]
+        desc = (vm.describer.describe([img], seen, areas) if areas[0] is not None else vm.describer.describe([img], seen))[0]
         ivec = vm.image_embedder.embed_images([img])[0]
         tvec = vm.text_embedder.embed_texts([desc.text])[0]
         wvec = vm.word_vectorizer.vectorize([desc.text])[0]
@@ -108,17 +118,34 @@ def seed_loop(images: Path, out_csv: Path) -> dict:
         item = StructureInput(desc.text, seen[0], [label for label, _ in desc.labels])
         resp = llm.create_chat_completion(
             messages=[{"role": "system", "content": TODAY_SYSTEM}, {"role": "user", "content": today_prompt(item)}],
-            grammar=grammar, temperature=0.0, top_k=1, seed=L.SEED, max_tokens=256)
+            grammar=grammar,
+            temperature=0.0,
+            top_k=1,
+            seed=L.SEED,
+            max_tokens=256,
+        )
         raw = resp["choices"][0]["message"]["content"] or ""
         t3 = time.perf_counter()
         try:
             data, error = json.loads(raw), None
         except json.JSONDecodeError as e:
             data, error = {}, str(e)
-        pending.append([str(p), desc.text, data.get("description", ""), data.get("category", ""),
-                        json.dumps(data.get("keywords", [])), data.get("image_text", ""),
-                        json.dumps([float(x) for x in tvec]), json.dumps([float(x) for x in wvec]),
-                        json.dumps([float(x) for x in ivec]), time.strftime("%Y-%m-%dT%H:%M:%S"), error, raw])
+        pending.append(
+            [
+                str(p),
+                desc.text,
+                data.get("description", ""),
+                data.get("category", ""),
+                json.dumps(data.get("keywords", [])),
+                data.get("image_text", ""),
+                json.dumps([float(x) for x in tvec]),
+                json.dumps([float(x) for x in wvec]),
+                json.dumps([float(x) for x in ivec]),
+                time.strftime("%Y-%m-%dT%H:%M:%S"),
+                error,
+                raw,
+            ]
+        )
         n += 1
         if len(pending) >= CSV_EVERY:
             flush()
@@ -141,8 +168,7 @@ def run_seed(images: Path, work: Path, threads: int) -> dict:
     if threads:
         env.update(SEED_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.pipeline_vs_seed", "--seed-child", str(images), str(out)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.pipeline_vs_seed", "--seed-child", str(images), str(out)], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"seed loop failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -168,8 +194,12 @@ def run_pipeline(images: Path, work: Path, env_extra: dict[str, str], engine: st
     env = dict(os.environ, **env_extra)
     env.pop("IMGFLOW_DATA_DIR", None)
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "imgflow.cli", "run", str(images), "--out", str(out), "--once",
-                           "--data-dir", str(data), "--engine", engine], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "imgflow.cli", "run", str(images), "--out", str(out), "--once", "--data-dir", str(data), "--engine", engine],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"imgflow run --engine {engine} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -179,23 +209,23 @@ def run_pipeline(images: Path, work: Path, env_extra: dict[str, str], engine: st
     for role in ("vision", "enrich"):
         n, s = stage_seconds(data / "logs" / f"{role}.log")
         stages[role] = {"records": n, "transform_s": s}
-    return {"engine": engine, "images": len(rows), "errors": sum(1 for r in rows if r.get("error")),
-            "wall_s": wall, "stages": stages}
+    return {"engine": engine, "images": len(rows), "errors": sum(1 for r in rows if r.get("error")), "wall_s": wall, "stages": stages}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=24, help="images (half photos, half rendered text), default 24")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="rounds of the seed loop and one pipeline run per engine, alternated (default 1)")
-    ap.add_argument("--engine", default=",".join(ENGINES),
-                    help="embedded broker engines of the pipeline runs, side by side (default: tansu,kafka)")
-    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                    help="extra IMGFLOW_* setting for the pipeline, e.g. IMGFLOW_MODELS__LLM_BATCH=8")
-    ap.add_argument("--seed-threads", type=int, default=0,
-                    help="threads of the seed loop's models (torch, onnxruntime, llama.cpp); default 0: "
-                         "each library's default, as the original script ran")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of the seed loop and one pipeline run per engine, alternated (default 1)")
+    ap.add_argument("--engine", default=",".join(ENGINES), help="embedded broker engines of the pipeline runs, side by side (default: tansu,kafka)")
+    ap.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="extra IMGFLOW_* setting for the pipeline, e.g. IMGFLOW_MODELS__LLM_BATCH=8"
+    )
+    ap.add_argument(
+        "--seed-threads",
+        type=int,
+        default=0,
+        help="threads of the seed loop's models (torch, onnxruntime, llama.cpp); default 0: each library's default, as the original script ran",
+    )
     ap.add_argument("--seed-child", nargs=2, metavar=("IMAGES", "CSV"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.seed_child:
@@ -225,36 +255,48 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     res = run_pipeline(images, work, env_extra, which)
                     pipes[which].append(res)
-                print(f"  {label}: {res['images']} images in {res['wall_s']:.1f}s "
-                      f"({res['images'] / res['wall_s']:.3f} images/s)", flush=True)
+                print(f"  {label}: {res['images']} images in {res['wall_s']:.1f}s ({res['images'] / res['wall_s']:.3f} images/s)", flush=True)
     seed_wall = sum(s["wall_s"] for s in seeds)
     n_seed = sum(s["images"] for s in seeds)
     seed_rate = n_seed / seed_wall
     seed_parts = {k: sum(s["parts"][k] for s in seeds) / seed_wall for k in seeds[0]["parts"]}
     seed_parts["other"] = 1 - sum(seed_parts.values())
-    rows = [["seed loop", n_seed, seed_wall, seed_rate, "1.00x",
-             ", ".join(f"{k} {v:.0%}" for k, v in seed_parts.items())]]
+    rows = [["seed loop", n_seed, seed_wall, seed_rate, "1.00x", ", ".join(f"{k} {v:.0%}" for k, v in seed_parts.items())]]
     pipeline: dict[str, dict] = {}
     for e in engines:
         pipe_wall = sum(p["wall_s"] for p in pipes[e])
         n_pipe = sum(p["images"] for p in pipes[e])
         pipe_rate = n_pipe / pipe_wall
-        pipe_parts = {role: sum(p["stages"][role]["transform_s"] for p in pipes[e]) / pipe_wall
-                      for role in ("vision", "enrich")}
-        pipeline[e] = {"images_per_s": pipe_rate, "ratio": pipe_rate / seed_rate, "runs": pipes[e],
-                       "stage_busy_shares": pipe_parts}
-        rows.append([f"imgflow run --once --engine {e}", n_pipe, pipe_wall, pipe_rate, f"{pipe_rate / seed_rate:.2f}x",
-                     ", ".join(f"{k} busy {v:.0%}" for k, v in pipe_parts.items())])
-    print_table(f"pipeline vs the original loop: {args.images} images x {args.rounds} round(s), same models, "
-                f"engines {', '.join(engines)}",
-                ["", "images", "wall s", "images/s", "ratio", "share of the wall time"], rows)
-    write_result("pipeline_vs_seed", {
-        "images": args.images, "rounds": args.rounds, "pipeline_env": env_extra, "seed_threads": args.seed_threads,
-        "engines": engines,
-        "seed": {"images_per_s": seed_rate, "runs": seeds, "shares": seed_parts},
-        "pipeline": pipeline,
-        "ratio": {e: pipeline[e]["ratio"] for e in engines},
-    })
+        pipe_parts = {role: sum(p["stages"][role]["transform_s"] for p in pipes[e]) / pipe_wall for role in ("vision", "enrich")}
+        pipeline[e] = {"images_per_s": pipe_rate, "ratio": pipe_rate / seed_rate, "runs": pipes[e], "stage_busy_shares": pipe_parts}
+        rows.append(
+            [
+                f"imgflow run --once --engine {e}",
+                n_pipe,
+                pipe_wall,
+                pipe_rate,
+                f"{pipe_rate / seed_rate:.2f}x",
+                ", ".join(f"{k} busy {v:.0%}" for k, v in pipe_parts.items()),
+            ]
+        )
+    print_table(
+        f"pipeline vs the original loop: {args.images} images x {args.rounds} round(s), same models, engines {', '.join(engines)}",
+        ["", "images", "wall s", "images/s", "ratio", "share of the wall time"],
+        rows,
+    )
+    write_result(
+        "pipeline_vs_seed",
+        {
+            "images": args.images,
+            "rounds": args.rounds,
+            "pipeline_env": env_extra,
+            "seed_threads": args.seed_threads,
+            "engines": engines,
+            "seed": {"images_per_s": seed_rate, "runs": seeds, "shares": seed_parts},
+            "pipeline": pipeline,
+            "ratio": {e: pipeline[e]["ratio"] for e in engines},
+        },
+    )
     return 0
 
 

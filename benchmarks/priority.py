@@ -46,9 +46,12 @@ class OrderToy(ToyTransform):
 
 
 def drain(bootstrap: str, data: Path, name: str, runner_cls, n: int, high: bool) -> tuple[float, int | None]:
-    settings = Settings(kafka={"bootstrap": bootstrap}, data_dir=data, stage={"batch_size": 8, "max_wait_s": 0.5},
-                        topics={"new": f"{name}.new", "new_high": f"{name}.high", "vision": f"{name}.vision",
-                                "enriched": f"{name}.enriched", "dlq": f"{name}.dlq"})
+    settings = Settings(
+        kafka={"bootstrap": bootstrap},
+        data_dir=data,
+        stage={"batch_size": 8, "max_wait_s": 0.5},
+        topics={"new": f"{name}.new", "new_high": f"{name}.high", "vision": f"{name}.vision", "enriched": f"{name}.enriched", "dlq": f"{name}.dlq"},
+    )
     ensure_topics(settings)
     produce_events(settings, events([f"n{i:05d}.jpg" for i in range(n)]))
     if high:
@@ -81,15 +84,13 @@ def main() -> None:
                 runs[kind].append(drain(stack.bootstrap, work / "data", f"{kind}{r}", cls, args.events, high=True))
     finally:
         stack.stop()
-    result = {kind: {"seconds": [round(s, 2) for s, _ in v], "normal_before_high": [p for _, p in v]}
-              for kind, v in runs.items()}
+    result = {kind: {"seconds": [round(s, 2) for s, _ in v], "normal_before_high": [p for _, p in v]} for kind, v in runs.items()}
     result["events"] = args.events
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print("| loop | drain seconds (each round) | normal events processed before the high one |\n|---|---|---|")
     for kind in ("priority", "plain"):
-        print(f"| {kind} | {', '.join(map(str, result[kind]['seconds']))} | "
-              f"{', '.join(map(str, result[kind]['normal_before_high']))} |")
+        print(f"| {kind} | {', '.join(map(str, result[kind]['seconds']))} | {', '.join(map(str, result[kind]['normal_before_high']))} |")
     print(f"written to {RESULTS}")
 
 

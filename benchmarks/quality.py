@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import re
 import sys
 import tempfile
@@ -40,8 +39,7 @@ from benchmarks.perf_common import environ
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-COLOURS = {"black", "white", "grey", "gray", "red", "orange", "yellow", "green", "blue",
-           "purple", "pink", "brown", "beige", "dark", "light"}
+COLOURS = {"black", "white", "grey", "gray", "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "beige", "dark", "light"}
 # Words a keyword or description may always use: they describe the kind of image.
 GENERIC = {"photo", "image", "picture", "text", "sign", "document", "words", "written", "reading"}
 _WORD = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*")
@@ -65,8 +63,7 @@ def _record(cls, topic: str, offset: int, event_id: str, value: dict):
     return cls(topic, 0, offset, event_id, value, None, **extra)
 
 
-def run_config(items, env: dict[str, str], batch: int = 8, progress=print,
-               enriched: list[dict] | None = None) -> list[dict]:
+def run_config(items, env: dict[str, str], batch: int = 8, progress=print, enriched: list[dict] | None = None) -> list[dict]:
     """Every item through VisionTransform then EnrichTransform; one output dict per item with
     the CSV's fields (text, description, category, keywords, image_text). ``enriched``: a list
     that gets each item's whole EnrichedRecord value (vectors and all: the search figures)."""
@@ -90,7 +87,7 @@ def run_config(items, env: dict[str, str], batch: int = 8, progress=print,
             vision.roots = []  # the images are in a temp folder
         started = time.monotonic()
         for start in range(0, len(items), batch):
-            chunk = items[start:start + batch]
+            chunk = items[start : start + batch]
             records = []
             for it in chunk:
                 path = Path(tmp) / f"{it.id}.png"
@@ -110,11 +107,16 @@ def run_config(items, env: dict[str, str], batch: int = 8, progress=print,
                 e = res[0].value
                 if enriched is not None:
                     enriched.append(e)
-                out.append({"text": e["vision"]["text"], "description": e["description"],
-                            "category": e["category"], "keywords": list(e["keywords"]),
-                            "image_text": e["image_text"]})
-            progress(f"  {min(start + batch, len(items))}/{len(items)} images "
-                     f"({time.monotonic() - started:.0f} s)")
+                out.append(
+                    {
+                        "text": e["vision"]["text"],
+                        "description": e["description"],
+                        "category": e["category"],
+                        "keywords": list(e["keywords"]),
+                        "image_text": e["image_text"],
+                    }
+                )
+            progress(f"  {min(start + batch, len(items))}/{len(items)} images ({time.monotonic() - started:.0f} s)")
     return out
 
 
@@ -130,9 +132,15 @@ def outputs_from_csv(csv_path: Path, labels: list[dict]) -> list[dict]:
         if row is None:
             raise SystemExit(f"{csv_path}: no row for image {lab['id']}.png")
         cats = json.loads(row["categories"] or "[]")
-        out.append({"text": row["text"] or "", "description": row["description"] or "",
-                    "category": cats[0] if cats else "", "keywords": json.loads(row["keywords"] or "[]"),
-                    "image_text": row["image_text"] or ""})
+        out.append(
+            {
+                "text": row["text"] or "",
+                "description": row["description"] or "",
+                "category": cats[0] if cats else "",
+                "keywords": json.loads(row["keywords"] or "[]"),
+                "image_text": row["image_text"] or "",
+            }
+        )
     return out
 
 
@@ -152,8 +160,7 @@ def score(labels: list[dict], outputs: list[dict], vocab) -> dict:
         named_in = " ".join([desc, kw_text]).lower()
         subject_named = any(re.search(rf"\b{re.escape(s.lower())}", named_in) for s in lab["subject"])
         truth_words = set(words(lab["text"] or ""))
-        supported = (set(words(" ".join(lab["subject"] + lab["related"]))) | truth_words | COLOURS
-                     | GENERIC | {lab["category"]} | set(lab["also_ok"]))
+        supported = set(words(" ".join(lab["subject"] + lab["related"]))) | truth_words | COLOURS | GENERIC | {lab["category"]} | set(lab["also_ok"])
         unsupported = [k for k in out["keywords"] if not set(words(k)) & supported]
         read = norm_text(out["image_text"])
         photo = lab["kind"] in ("photo", "photo_text")
@@ -162,23 +169,31 @@ def score(labels: list[dict], outputs: list[dict], vocab) -> dict:
         label_read = " ".join(w for w in words(read) if w not in may_read)
         numbers_in_image = set(_NUMBER.findall(lab["text"] or ""))
         desc_numbers = [n for n in _NUMBER.findall(desc) if n not in numbers_in_image]
-        rows.append({
-            "id": lab["id"], "split": lab["split"], "kind": lab["kind"], "unseen": lab.get("unseen", False),
-            "expected_category": lab["category"], "category": out["category"],
-            "category_ok": out["category"] in [lab["category"], *lab["also_ok"]],
-            "subject_named": subject_named,
-            "text_exact": (read == norm_text(lab["text"])) if lab["kind"] == "text" else None,
-            "photo_text_ok": (label_read in ("", " ".join(words(lab["text"] or ""))))
-            if lab["kind"] == "photo_text" else None,
-            "ocr_false_text": bool(false_words) if lab["kind"] == "photo" else None,
-            "ocr_nonwords": [w for w in false_words if not known_word(w, vocab)],
-            "keywords": out["keywords"], "keywords_unsupported": unsupported,
-            "description": desc, "description_words": len(words(desc)),
-            "numbers_not_in_image": desc_numbers,
-            "percentage": "%" in desc,
-            "identical_to_text": norm_text(desc).lower() == norm_text(out["text"]).lower(),
-            "text": out["text"], "image_text": out["image_text"],
-        })
+        rows.append(
+            {
+                "id": lab["id"],
+                "split": lab["split"],
+                "kind": lab["kind"],
+                "unseen": lab.get("unseen", False),
+                "expected_category": lab["category"],
+                "category": out["category"],
+                "category_ok": out["category"] in [lab["category"], *lab["also_ok"]],
+                "subject_named": subject_named,
+                "text_exact": (read == norm_text(lab["text"])) if lab["kind"] == "text" else None,
+                "photo_text_ok": (label_read in ("", " ".join(words(lab["text"] or "")))) if lab["kind"] == "photo_text" else None,
+                "ocr_false_text": bool(false_words) if lab["kind"] == "photo" else None,
+                "ocr_nonwords": [w for w in false_words if not known_word(w, vocab)],
+                "keywords": out["keywords"],
+                "keywords_unsupported": unsupported,
+                "description": desc,
+                "description_words": len(words(desc)),
+                "numbers_not_in_image": desc_numbers,
+                "percentage": "%" in desc,
+                "identical_to_text": norm_text(desc).lower() == norm_text(out["text"]).lower(),
+                "text": out["text"],
+                "image_text": out["image_text"],
+            }
+        )
     figures = {"all": summarise(rows)}
     for split in sorted({r["split"] for r in rows}):
         figures[split] = summarise([r for r in rows if r["split"] == split])
@@ -238,26 +253,32 @@ def print_table(name: str, figures: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     from benchmarks import quality_set
 
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.quality",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--name", default="", help="configuration name (result file name); default from the settings")
     ap.add_argument("--llm", default=None, help="models.llm for this run (e.g. smollm2-135m)")
-    ap.add_argument("--set", action="append", default=[], metavar="ENV=VALUE",
-                    help="an IMGFLOW_* setting for this run, e.g. IMGFLOW_MODELS__PROFILE=gpu (repeatable)")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="ENV=VALUE", help="an IMGFLOW_* setting for this run, e.g. IMGFLOW_MODELS__PROFILE=gpu (repeatable)"
+    )
     ap.add_argument("--split", choices=["tune", "holdout", "all"], default="all")
     ap.add_argument("--limit", type=int, default=None, help="only the first N items (smoke runs)")
     ap.add_argument("--batch", type=int, default=8, help="images per stage batch")
-    ap.add_argument("--write-set", type=Path, default=None, metavar="DIR",
-                    help="write the images and labels.json to DIR and exit")
-    ap.add_argument("--score-csv", type=Path, default=None, metavar="CSV",
-                    help="score an existing results.csv (from `imgflow run DIR` over --write-set DIR)")
+    ap.add_argument("--write-set", type=Path, default=None, metavar="DIR", help="write the images and labels.json to DIR and exit")
+    ap.add_argument("--score-csv", type=Path, default=None, metavar="CSV", help="score an existing results.csv (from `imgflow run DIR` over --write-set DIR)")
     ap.add_argument("--labels", type=Path, default=None, help="labels.json for --score-csv")
-    ap.add_argument("--rescore", type=Path, default=None, metavar="JSON",
-                    help="score the outputs kept in an earlier result file against the current labels "
-                         "(after a label was corrected); writes it back unless --out is given")
+    ap.add_argument(
+        "--rescore",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="score the outputs kept in an earlier result file against the current labels (after a label was corrected); writes it back unless --out is given",
+    )
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/quality-NAME.json)")
-    ap.add_argument("--no-search", action="store_true",
-                    help="skip the search figures (benchmarks/search_quality.py: the rows indexed and queried)")
+    ap.add_argument("--no-search", action="store_true", help="skip the search figures (benchmarks/search_quality.py: the rows indexed and queried)")
     args = ap.parse_args(argv)
 
     splits = ("tune", "holdout") if args.split == "all" else (args.split,)
@@ -265,16 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         earlier = json.loads(args.rescore.read_text())
         by_id = {it.id: it.label() for it in quality_set.build(("tune", "holdout"))}
         labels = [by_id[r["id"]] for r in earlier["items"]]
-        outputs = [{k: r[k] for k in ("text", "description", "category", "keywords", "image_text")}
-                   for r in earlier["items"]]
+        outputs = [{k: r[k] for k in ("text", "description", "category", "keywords", "image_text")} for r in earlier["items"]]
         result = score(labels, outputs, vocabulary())
         result["configuration"] = dict(earlier["configuration"], rescored=True)
         if "search" in earlier:  # the search figures of that run (they need its vectors: kept as they were)
             from benchmarks import search_quality
 
-            search_quality.merge(result, {"figures": {s: {k: f[k] for k in search_quality.FIGURES if k in f}
-                                                      for s, f in earlier["figures"].items()},
-                                          **earlier["search"]})
+            search_quality.merge(
+                result, {"figures": {s: {k: f[k] for k in search_quality.FIGURES if k in f} for s, f in earlier["figures"].items()}, **earlier["search"]}
+            )
         print_table(earlier["configuration"]["name"], result["figures"])
         out = args.out or args.rescore
         out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
@@ -313,8 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         search = search_quality.evaluate(search_quality.sink_rows(enriched, settings.run_id), labels, settings)
         search_quality.merge(result, search)
         search_quality.print_misses(search)
-    result["configuration"] = {"name": name, "settings": args.set, "llm": args.llm,
-                               "seconds": seconds, "fonts": [f for f, _ in quality_set.fonts()]}
+    result["configuration"] = {"name": name, "settings": args.set, "llm": args.llm, "seconds": seconds, "fonts": [f for f, _ in quality_set.fonts()]}
     print_table(name, result["figures"])
     out = args.out or RESULTS / f"quality-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,24 +38,29 @@ class EvalItem:
     unseen: bool = False  # a photo of OTHER_PHOTOS: no variant of it is in the tune split
 
     def label(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "category": self.category, "split": self.split,
-                "subject": self.subject, "related": self.related, "text": self.text,
-                "also_ok": self.also_ok, "may_read": self.may_read, "source": self.source,
-                "unseen": self.unseen}
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "category": self.category,
+            "split": self.split,
+            "subject": self.subject,
+            "related": self.related,
+            "text": self.text,
+            "also_ok": self.also_ok,
+            "may_read": self.may_read,
+            "source": self.source,
+            "unseen": self.unseen,
+        }
 
 
 # scikit-image photo -> (category, subject words, related words, other right categories)
 PHOTOS = {
     "chelsea": ("animal", ["cat"], ["tabby", "kitten", "pet", "feline", "egyptian", "tiger"], []),
     "coffee": ("drink", ["coffee", "espresso", "cup"], ["mug", "saucer", "spoon", "drink", "beverage"], ["food"]),
-    "rocket": ("vehicle", ["rocket", "missile", "space shuttle", "spacecraft", "projectile"],
-               ["launch", "pad", "tower", "space", "nasa"], []),
-    "camera": ("device", ["camera", "tripod"], ["photographer", "man", "person", "lens", "reflex",
-                                                 "equipment", "photography"], ["person"]),
-    "motorcycle": ("vehicle", ["motorcycle", "moped", "motorbike", "scooter", "bike"],
-                   ["motor", "engine", "wheel", "helmet", "crash"], []),
-    "astronaut": ("person", ["astronaut", "person", "woman"], ["space", "suit", "flag", "uniform",
-                                                               "shuttle"], ["clothing"]),
+    "rocket": ("vehicle", ["rocket", "missile", "space shuttle", "spacecraft", "projectile"], ["launch", "pad", "tower", "space", "nasa"], []),
+    "camera": ("device", ["camera", "tripod"], ["photographer", "man", "person", "lens", "reflex", "equipment", "photography"], ["person"]),
+    "motorcycle": ("vehicle", ["motorcycle", "moped", "motorbike", "scooter", "bike"], ["motor", "engine", "wheel", "helmet", "crash"], []),
+    "astronaut": ("person", ["astronaut", "person", "woman"], ["space", "suit", "flag", "uniform", "shuttle"], ["clothing"]),
 }
 _SKIMAGE = {"motorcycle": "stereo_motorcycle"}
 # Real text in the photos themselves (the motorcycle's tank badge): reading it is right, and so
@@ -67,18 +72,25 @@ MAY_READ = {"motorcycle": ["YAMAHA"], "grace_hopper": ["COMO HOPPER"]}  # her na
 # right categories). Labelled as a person would, not from what the models say.
 OTHER_PHOTOS = {
     # scikit-learn: sklearn/datasets/images/china.jpg (the Summer Palace's pagoda, Beijing)
-    "china": ("scikit-learn", "building", ["pagoda", "temple", "tower", "palace", "building"],
-              ["chinese", "roof", "lake", "water", "tree", "trees", "sky", "architecture"], []),
+    "china": (
+        "scikit-learn",
+        "building",
+        ["pagoda", "temple", "tower", "palace", "building"],
+        ["chinese", "roof", "lake", "water", "tree", "trees", "sky", "architecture"],
+        [],
+    ),
     # scikit-learn: sklearn/datasets/images/flower.jpg (a dahlia)
-    "flower": ("scikit-learn", "plant", ["flower", "dahlia", "blossom", "bloom"],
-               ["plant", "petals", "petal", "orange", "leaves", "garden"], []),
+    "flower": ("scikit-learn", "plant", ["flower", "dahlia", "blossom", "bloom"], ["plant", "petals", "petal", "orange", "leaves", "garden"], []),
     # matplotlib: mpl-data/sample_data/grace_hopper.jpg (a portrait in naval uniform)
-    "grace_hopper": ("matplotlib", "person", ["person", "woman", "officer", "portrait"],
-                     ["uniform", "military", "navy", "naval", "cap", "hat", "glasses", "flag",
-                      "tie", "medals", "suit", "hopper", "commodore", "como"], []),
+    "grace_hopper": (
+        "matplotlib",
+        "person",
+        ["person", "woman", "officer", "portrait"],
+        ["uniform", "military", "navy", "naval", "cap", "hat", "glasses", "flag", "tie", "medals", "suit", "hopper", "commodore", "como"],
+        [],
+    ),
     # scikit-image: coins.png (ancient Greek coins), not used in the tune split either
-    "coins": ("scikit-image", "object", ["coin", "coins", "money"],
-              ["silver", "ancient", "metal", "currency", "grey"], []),
+    "coins": ("scikit-image", "object", ["coin", "coins", "money"], ["silver", "ancient", "metal", "currency", "grey"], []),
 }
 
 # (split, transform name): tune and holdout use different transforms.
@@ -108,15 +120,11 @@ DOCUMENTS = {
     ],
 }
 # Small labels pasted on photos: (photo, text). Read exactly or not at all, never garbled.
-PHOTO_LABELS = {"tune": [("motorcycle", "SPEED"), ("coffee", "CAFE")],
-                "holdout": [("rocket", "APOLLO"), ("chelsea", "HOME")]}
+PHOTO_LABELS = {"tune": [("motorcycle", "SPEED"), ("coffee", "CAFE")], "holdout": [("rocket", "APOLLO"), ("chelsea", "HOME")]}
 
-FONT_FILES = ["DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf",
-              "DejaVuSerif-Bold.ttf", "DejaVuSansCondensed.ttf"]
-FONT_DIRS = [Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu"),
-             Path("/usr/share/fonts/TTF")]
-SIGN_COLOURS = [("white", "black"), ("#c8102e", "white"), ("#ffd100", "black"),
-                ("#0b5394", "white"), ("#1e7b34", "white"), ("#f2f2f2", "#202020")]
+FONT_FILES = ["DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansCondensed.ttf"]
+FONT_DIRS = [Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu"), Path("/usr/share/fonts/TTF")]
+SIGN_COLOURS = [("white", "black"), ("#c8102e", "white"), ("#ffd100", "black"), ("#0b5394", "white"), ("#1e7b34", "white"), ("#f2f2f2", "#202020")]
 
 
 def fonts() -> list[tuple[str, object]]:
@@ -172,8 +180,7 @@ def transform(img: Image.Image, how: str) -> Image.Image:
     raise ValueError(how)
 
 
-def render(lines: list[str], font, size: int, colours: tuple[str, str], angle: float,
-           pad: int, rng: random.Random) -> Image.Image:
+def render(lines: list[str], font, size: int, colours: tuple[str, str], angle: float, pad: int, rng: random.Random) -> Image.Image:
     f = font(size)
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     boxes = [draw.textbbox((0, 0), line, font=f) for line in lines]
@@ -214,37 +221,72 @@ def build(splits: tuple[str, ...] = ("tune", "holdout"), limit: int | None = Non
     for split in splits:
         for name, (cat, subject, related, also) in PHOTOS.items():
             for how in PHOTO_VARIANTS[split]:
-                items.append(EvalItem(f"{split}-photo-{name}-{how}", transform(photos[name], how),
-                                      "photo", cat, split, subject, related, None, also,
-                                      MAY_READ.get(name, []), "scikit-image"))
+                items.append(
+                    EvalItem(
+                        f"{split}-photo-{name}-{how}",
+                        transform(photos[name], how),
+                        "photo",
+                        cat,
+                        split,
+                        subject,
+                        related,
+                        None,
+                        also,
+                        MAY_READ.get(name, []),
+                        "scikit-image",
+                    )
+                )
         if split == "holdout":
             for name, (package, cat, subject, related, also) in OTHER_PHOTOS.items():
                 photo = other_photo(name)
                 for how in PHOTO_VARIANTS[split]:
-                    items.append(EvalItem(f"{split}-photo-{name}-{how}", transform(photo, how), "photo",
-                                          cat, split, subject, related, None, also, MAY_READ.get(name, []), package,
-                                          True))
+                    items.append(
+                        EvalItem(
+                            f"{split}-photo-{name}-{how}",
+                            transform(photo, how),
+                            "photo",
+                            cat,
+                            split,
+                            subject,
+                            related,
+                            None,
+                            also,
+                            MAY_READ.get(name, []),
+                            package,
+                            True,
+                        )
+                    )
         for k, (name, text) in enumerate(PHOTO_LABELS[split]):
             cat, subject, related, also = PHOTOS[name]
             img = paste_label(photos[name], text, fl[k % len(fl)][1])
-            items.append(EvalItem(f"{split}-phototext-{name}-{text.lower()}", img, "photo_text",
-                                  cat, split, subject, related, text, also, MAY_READ.get(name, []),
-                                  "scikit-image"))
+            items.append(
+                EvalItem(
+                    f"{split}-phototext-{name}-{text.lower()}",
+                    img,
+                    "photo_text",
+                    cat,
+                    split,
+                    subject,
+                    related,
+                    text,
+                    also,
+                    MAY_READ.get(name, []),
+                    "scikit-image",
+                )
+            )
         offset = 0 if split == "tune" else 3  # holdout starts at other fonts and colours
         for k, text in enumerate(SIGNS[split]):
             fname, font = fl[(k + offset) % len(fl)]
             colours = SIGN_COLOURS[(k + offset) % len(SIGN_COLOURS)]
             angle = [0, 4, -6, 8, -3, 0][k % 6]
             img = render(text.split("\n"), font, [64, 48, 80, 56, 40, 72][k % 6], colours, angle, 40, rng)
-            items.append(EvalItem(f"{split}-sign-{k}-{fname}", img, "text", "sign", split,
-                                  ["sign"] + text.lower().split(), [], text, []))
+            items.append(EvalItem(f"{split}-sign-{k}-{fname}", img, "text", "sign", split, ["sign"] + text.lower().split(), [], text, []))
         for k, lines in enumerate(DOCUMENTS[split]):
             fname, font = fl[(k + 2 + offset) % len(fl)]
             angle = [0, -3, 5, 2, -7][k % 5]
             img = render(lines, font, [32, 28, 36, 26, 30][k % 5], ("white", "black"), angle, 30, rng)
             subject = ["ticket", "receipt", "document", "pass"] + lines[0].lower().split()
-            items.append(EvalItem(f"{split}-document-{k}-{fname}", img, "text", "document", split,
-                                  subject, [], "\n".join(lines), []))
+            items.append(EvalItem(f"{split}-document-{k}-{fname}", img, "text", "document", split, subject, [], "\n".join(lines), []))
     return items[:limit] if limit else items
 
 

@@ -46,9 +46,12 @@ def measure(settings: Settings, bucket: str, data_dir: Path) -> dict:
         seconds = time.monotonic() - t0
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        out[name] = {"published": published, "seconds": round(seconds, 2),
-                     "objects_per_s": round(published / seconds) if published else None,
-                     "peak_python_mb": round(peak / 2**20, 1)}
+        out[name] = {
+            "published": published,
+            "seconds": round(seconds, 2),
+            "objects_per_s": round(published / seconds) if published else None,
+            "peak_python_mb": round(peak / 2**20, 1),
+        }
     watcher.state.close()
     return out
 
@@ -61,13 +64,21 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="imgflow-s3-watch-"))
     with EmbeddedStack(work / "stack", port=0) as stack:
         creds = json.loads((stack.data_dir / "s3-credentials.json").read_text())
-        s3 = {"endpoint_url": stack.s3_endpoint, "access_key_id": creds["access_key_id"],
-              "secret_access_key": creds["secret_access_key"], "region": "us-east-1"}
-        client = boto3.client("s3", endpoint_url=s3["endpoint_url"], aws_access_key_id=s3["access_key_id"],
-                              aws_secret_access_key=s3["secret_access_key"], region_name="us-east-1",
-                              config=Config(max_pool_connections=16))
-        settings = Settings(kafka={"bootstrap": stack.bootstrap}, data_dir=work / "data", s3=s3,
-                            topics={"new": "bench.new", "new_high": "bench.new.high"})
+        s3 = {
+            "endpoint_url": stack.s3_endpoint,
+            "access_key_id": creds["access_key_id"],
+            "secret_access_key": creds["secret_access_key"],
+            "region": "us-east-1",
+        }
+        client = boto3.client(
+            "s3",
+            endpoint_url=s3["endpoint_url"],
+            aws_access_key_id=s3["access_key_id"],
+            aws_secret_access_key=s3["secret_access_key"],
+            region_name="us-east-1",
+            config=Config(max_pool_connections=16),
+        )
+        settings = Settings(kafka={"bootstrap": stack.bootstrap}, data_dir=work / "data", s3=s3, topics={"new": "bench.new", "new_high": "bench.new.high"})
         ensure_topics(settings)
         results = {}
         for label, count in (("small", args.small), ("large", args.objects)):
@@ -76,9 +87,14 @@ def main() -> None:
             results[label] = {"objects": count, "fill_seconds": round(fill_s, 1), **measure(settings, bucket, work)}
             print(json.dumps({label: results[label]}), flush=True)
         small, large = results["small"], results["large"]
-        print(json.dumps({"peak_memory_ratio_large_vs_small": round(
-            large["first_poll"]["peak_python_mb"] / max(0.1, small["first_poll"]["peak_python_mb"]), 2),
-            "objects_ratio": round(args.objects / args.small, 1)}))
+        print(
+            json.dumps(
+                {
+                    "peak_memory_ratio_large_vs_small": round(large["first_poll"]["peak_python_mb"] / max(0.1, small["first_poll"]["peak_python_mb"]), 2),
+                    "objects_ratio": round(args.objects / args.small, 1),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -121,12 +121,14 @@ def lance_batch(vectors: np.ndarray, cats: np.ndarray, start: int, column: str):
 
     dim = vectors.shape[1]
     n = len(vectors)
-    return pa.table({
-        "i": pa.array(np.arange(start, start + n), pa.int64()),
-        "event_id": [f"{j:032x}" for j in range(start, start + n)],
-        "category": pa.array([CATEGORIES[c] for c in cats]),
-        column: pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
-    })
+    return pa.table(
+        {
+            "i": pa.array(np.arange(start, start + n), pa.int64()),
+            "event_id": [f"{j:032x}" for j in range(start, start + n)],
+            "category": pa.array([CATEGORIES[c] for c in cats]),
+            column: pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+        }
+    )
 
 
 def column_of(dim: int) -> str:
@@ -167,8 +169,7 @@ def child_lance(spec: dict) -> dict:
     table = lancedb.connect(spec["db"]).open_table(spec["table"])
     out = {"runs": []}
     for run in spec["runs"]:
-        settings = settings_for(run["index_type"] if run["ann"] else "IVF_PQ", max(1, run["nprobes"]),
-                                max(1, run["refine"]))
+        settings = settings_for(run["index_type"] if run["ann"] else "IVF_PQ", max(1, run["nprobes"]), max(1, run["refine"]))
         ann = run["ann"]
 
         def one(i, filtered):
@@ -232,8 +233,9 @@ def run_child(kind: str, spec: dict, timeout: float = 7200) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     try:
-        result = subprocess.run([sys.executable, "-m", "benchmarks.search_index", "--child", kind, f.name],
-                                cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks.search_index", "--child", kind, f.name], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{kind} child failed:\n{result.stderr[-3000:]}")
         return json.loads(result.stdout.strip().splitlines()[-1])
@@ -267,14 +269,13 @@ def run_case(rows: int, dim: int, args, work: Path, results: list[dict]) -> None
 
         uidx = Index(ndim=dim, metric="cos", dtype="f16", connectivity=16, expansion_add=128)
     write_s = usearch_s = 0.0
-    print(f"\n== {rows:,} x {dim}-d: generating, writing the Lance table, exact ground truth"
-          f"{', usearch build' if compare else ''}", flush=True)
+    print(f"\n== {rows:,} x {dim}-d: generating, writing the Lance table, exact ground truth{', usearch build' if compare else ''}", flush=True)
     t_case = time.monotonic()
     rand_sims = []
     for start in range(0, rows, CHUNK):
         n = min(CHUNK, rows - start)
         x, c = data.chunk(start, n)
-        cats_all[start:start + n] = c
+        cats_all[start : start + n] = c
         sims = queries @ x.T
         truth.add(sims, start)
         sims[c[None, :] != qcats[:, None]] = -np.inf
@@ -297,46 +298,67 @@ def run_case(rows: int, dim: int, args, work: Path, results: list[dict]) -> None
         if done % (CHUNK * 4) == 0 or done == rows:
             print(f"  {done:,}/{rows:,} rows ({time.monotonic() - t_case:.0f} s)", flush=True)
     np.save(case / "cats.npy", cats_all)
-    stats = {"top1": float(truth.sims[:, 0].mean()), "top10": float(truth.sims[:, K - 1].mean()),
-             "random": float(np.mean(rand_sims))}
-    print(f"  exact cosine: top-1 {stats['top1']:.3f}, 10th {stats['top10']:.3f}, random pair "
-          f"{stats['random']:.3f}; Lance write {rows / write_s:,.0f} rows/s", flush=True)
+    stats = {"top1": float(truth.sims[:, 0].mean()), "top10": float(truth.sims[:, K - 1].mean()), "random": float(np.mean(rand_sims))}
+    print(
+        f"  exact cosine: top-1 {stats['top1']:.3f}, 10th {stats['top10']:.3f}, random pair {stats['random']:.3f}; Lance write {rows / write_s:,.0f} rows/s",
+        flush=True,
+    )
     base = {"rows": rows, "dim": dim, "write_rows_s": rows / write_s, **stats}
 
     def record(engine: str, config: str, build_s: float | None, child: dict, run: dict, truth_of) -> None:
         p50, p99 = percentiles(run["ms"])
-        r = {**base, "engine": engine, "config": config, "filtered": run["filtered"],
-             "build_s": build_s, "build_rows_s": rows / build_s if build_s else None,
-             "p50_ms": p50, "p99_ms": p99, "recall": recall(run["ids"], truth_of(run["filtered"])),
-             "queries": len(run["ms"]), "open_s": child["open_s"], "rss_mb": child["rss_mb"],
-             "peak_mb": child["peak_mb"]}
+        r = {
+            **base,
+            "engine": engine,
+            "config": config,
+            "filtered": run["filtered"],
+            "build_s": build_s,
+            "build_rows_s": rows / build_s if build_s else None,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "recall": recall(run["ids"], truth_of(run["filtered"])),
+            "queries": len(run["ms"]),
+            "open_s": child["open_s"],
+            "rss_mb": child["rss_mb"],
+            "peak_mb": child["peak_mb"],
+        }
         results.append(r)
-        print(f"  {engine:8} {config:28} {'filtered' if r['filtered'] else 'all     '} p50 {p50:7.2f} ms"
-              f"  p99 {p99:7.2f} ms  recall@10 {r['recall']:.3f}  open {r['open_s']:.2f} s"
-              f"  RSS {r['rss_mb']:.0f} MB", flush=True)
+        print(
+            f"  {engine:8} {config:28} {'filtered' if r['filtered'] else 'all     '} p50 {p50:7.2f} ms"
+            f"  p99 {p99:7.2f} ms  recall@10 {r['recall']:.3f}  open {r['open_s']:.2f} s"
+            f"  RSS {r['rss_mb']:.0f} MB",
+            flush=True,
+        )
 
     def truth_of(filtered):
         return truth_f.ids if filtered else truth.ids
 
-    spec = {"db": str(case / "lance"), "table": "images", "column": col, "queries": str(case / "q.npy"),
-            "qcats": str(case / "qc.npy"), "warmup": args.warmup}
+    spec = {"db": str(case / "lance"), "table": "images", "column": col, "queries": str(case / "q.npy"), "qcats": str(case / "qc.npy"), "warmup": args.warmup}
     if uidx is not None:
         path = case / "usearch.bin"
         uidx.save(str(path))
         del uidx
         print(f"  usearch HNSW f16 built in {usearch_s:.1f} s ({rows / usearch_s:,.0f} rows/s)", flush=True)
-        child = run_child("usearch", {"path": str(path), "queries": spec["queries"], "qcats": spec["qcats"],
-                                      "cats": str(case / "cats.npy"), "efs": USEARCH_EF,
-                                      "queries_n": nq, "warmup": args.warmup, "t0": time.time()})
+        child = run_child(
+            "usearch",
+            {
+                "path": str(path),
+                "queries": spec["queries"],
+                "qcats": spec["qcats"],
+                "cats": str(case / "cats.npy"),
+                "efs": USEARCH_EF,
+                "queries_n": nq,
+                "warmup": args.warmup,
+                "t0": time.time(),
+            },
+        )
         for run in child["runs"]:
-            record("usearch", f"HNSW f16 M16 ef={run['ef']}" + (" +post" if run["filtered"] else ""),
-                   usearch_s, child, run, truth_of)
+            record("usearch", f"HNSW f16 M16 ef={run['ef']}" + (" +post" if run["filtered"] else ""), usearch_s, child, run, truth_of)
         write_md(args, results)
 
     if rows <= args.flat_max:
         n_flat = nq if rows <= 200_000 else min(nq, 30)
-        child = run_child("lance", {**spec, "t0": time.time(), "runs": [
-            {"index_type": "flat", "nprobes": 0, "refine": 0, "ann": False, "queries": n_flat}]})
+        child = run_child("lance", {**spec, "t0": time.time(), "runs": [{"index_type": "flat", "nprobes": 0, "refine": 0, "ann": False, "queries": n_flat}]})
         for run in child["runs"]:
             record("lancedb", "flat scan (bypass index)", None, child, run, truth_of)
         write_md(args, results)
@@ -349,8 +371,7 @@ def run_case(rows: int, dim: int, args, work: Path, results: list[dict]) -> None
             create_vector_index(table, col, dim, rows, settings)
             build_s = time.monotonic() - t
             print(f"  {index_type} built in {build_s:.1f} s ({rows / build_s:,.0f} rows/s)", flush=True)
-            runs = [{"index_type": index_type, "nprobes": p, "refine": f, "ann": True, "queries": nq}
-                    for p, f in SWEEP[index_type]]
+            runs = [{"index_type": index_type, "nprobes": p, "refine": f, "ann": True, "queries": nq} for p, f in SWEEP[index_type]]
             child = run_child("lance", {**spec, "t0": time.time(), "runs": runs})
             for run in child["runs"]:
                 label = f"{index_type} nprobes={run['nprobes']}"
@@ -377,14 +398,14 @@ def write_md(args, results: list[dict]) -> None:
         return
     m = machine()
     lines = [
-        "# Search index benchmark (issue 17, part 1)", "",
-        f"- when: {m['when']}; machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, "
-        f"load (1 min) {m['load_avg_1m']}",
+        "# Search index benchmark (issue 17, part 1)",
+        "",
+        f"- when: {m['when']}; machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, load (1 min) {m['load_avg_1m']}",
         f"- command: `{' '.join(['python -m benchmarks.search_index', *sys.argv[1:]])}`",
         f"- {args.queries} queries per case after {args.warmup} warm-up queries (flat scan at more "
-        "than 200,000 rows: 30), k = 10; data: see `benchmarks/search_index.py` (docstring)", "",
-        "| rows | dim | engine | config | filter | build s | build rows/s | p50 ms | p99 ms | recall@10 "
-        "| open s | RSS MB (peak) |",
+        "than 200,000 rows: 30), k = 10; data: see `benchmarks/search_index.py` (docstring)",
+        "",
+        "| rows | dim | engine | config | filter | build s | build rows/s | p50 ms | p99 ms | recall@10 | open s | RSS MB (peak) |",
         "|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -392,27 +413,28 @@ def write_md(args, results: list[dict]) -> None:
             f"| {r['rows']:,} | {r['dim']} | {r['engine']} | {r['config']} | "
             f"{'category' if r['filtered'] else '-'} | {_f(r['build_s'])} | {_f(r['build_rows_s'], 0)} | "
             f"{_f(r['p50_ms'], 2)} | {_f(r['p99_ms'], 2)} | {_f(r['recall'], 3)} | {_f(r['open_s'], 2)} | "
-            f"{_f(r['rss_mb'], 0)} ({_f(r['peak_mb'], 0)}) |")
+            f"{_f(r['rss_mb'], 0)} ({_f(r['peak_mb'], 0)}) |"
+        )
     seen = {}
     for r in results:
         seen[(r["rows"], r["dim"])] = r
-    lines += ["", "Data per case (exact cosine of the queries' 1st and 10th neighbour, of a random pair; "
-              "Lance table write rate):", ""]
-    lines += [f"- {k[0]:,} x {k[1]}: top-1 {r['top1']:.3f}, 10th {r['top10']:.3f}, random {r['random']:.3f}; "
-              f"write {r['write_rows_s']:,.0f} rows/s" for k, r in seen.items()]
+    lines += ["", "Data per case (exact cosine of the queries' 1st and 10th neighbour, of a random pair; Lance table write rate):", ""]
+    lines += [
+        f"- {k[0]:,} x {k[1]}: top-1 {r['top1']:.3f}, 10th {r['top10']:.3f}, random {r['random']:.3f}; write {r['write_rows_s']:,.0f} rows/s"
+        for k, r in seen.items()
+    ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     body = "\n".join(lines) + "\n"
     path = Path(args.out)
     old = path.read_text() if path.exists() else ""
     marker = "<!-- figures end -->"
     if marker in old:  # keep the hand-written part (defaults, comparison) below the marker
-        body += "\n" + old[old.index(marker):]
+        body += "\n" + old[old.index(marker) :]
     path.write_text(body)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--rows", default="10000,1000000", help="row counts, comma-separated (default 10000,1000000)")
     ap.add_argument("--dims", default="384,1280", help="vector dimensions, comma-separated (default 384,1280)")
     ap.add_argument("--queries", type=int, default=300, help="timed queries per case and setting (default 300)")
@@ -449,11 +471,26 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.work and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print_table("search index", ["rows", "dim", "engine", "config", "filter", "build s", "p50 ms", "p99 ms",
-                                 "recall@10", "open s", "RSS MB"],
-                [[r["rows"], r["dim"], r["engine"], r["config"], "cat" if r["filtered"] else "-",
-                  r["build_s"] or 0.0, r["p50_ms"], r["p99_ms"], r["recall"], r["open_s"], r["rss_mb"]]
-                 for r in results])
+    print_table(
+        "search index",
+        ["rows", "dim", "engine", "config", "filter", "build s", "p50 ms", "p99 ms", "recall@10", "open s", "RSS MB"],
+        [
+            [
+                r["rows"],
+                r["dim"],
+                r["engine"],
+                r["config"],
+                "cat" if r["filtered"] else "-",
+                r["build_s"] or 0.0,
+                r["p50_ms"],
+                r["p99_ms"],
+                r["recall"],
+                r["open_s"],
+                r["rss_mb"],
+            ]
+            for r in results
+        ],
+    )
     write_md(args, results)
     return 0
 

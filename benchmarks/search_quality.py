@@ -50,9 +50,17 @@ from benchmarks.perf_common import environ
 TOPIC = "images.enriched"
 BATCH = 8  # rows per Avro file, like a small sink batch
 TOP = 3
-FIGURES = ["search_subject_main_top3", "search_subject_main_top3_when_named", "search_subject_main_precision3",
-           "search_subject_any_top3", "search_subject_any_top3_when_named", "search_text_line_top3",
-           "search_text_word_top3", "like_copies_in_nearest", "like_top1"]
+FIGURES = [
+    "search_subject_main_top3",
+    "search_subject_main_top3_when_named",
+    "search_subject_main_precision3",
+    "search_subject_any_top3",
+    "search_subject_any_top3_when_named",
+    "search_text_line_top3",
+    "search_text_word_top3",
+    "like_copies_in_nearest",
+    "like_top1",
+]
 _ALPHA = re.compile(r"[^\W\d_]{3,}")
 
 
@@ -82,7 +90,7 @@ def write_output(folder: Path, rows: list[dict]) -> Path:
     out.check()
     rows = [{**r, "source_topic": TOPIC, "source_partition": 0, "source_offset": i} for i, r in enumerate(rows)]
     for start in range(0, len(rows), BATCH):
-        batch = rows[start:start + BATCH]
+        batch = rows[start : start + BATCH]
         out.put(data_key(AVRO, TOPIC, 0, start), avro_bytes(batch))
         out.put(data_key(INDEX, TOPIC, 0, start), index_bytes(batch))
     return folder
@@ -90,8 +98,7 @@ def write_output(folder: Path, rows: list[dict]) -> Path:
 
 def written(row: dict) -> str:
     """What the enrichment wrote about an image: description, keywords, read text."""
-    return " ".join([row.get("description") or "", " ".join(row.get("keywords") or []),
-                     row.get("image_text") or ""]).lower()
+    return " ".join([row.get("description") or "", " ".join(row.get("keywords") or []), row.get("image_text") or ""]).lower()
 
 
 def _queries(labels: list[dict], written_of: dict[str, str]) -> list[dict]:
@@ -135,8 +142,16 @@ def evaluate_split(split: str, rows: list[dict], labels: list[dict], settings, t
     for q in _queries(labels, {id_of[r["event_id"]]: written(r) for r in rows}):
         hits = searcher.search(q["query"], limit=TOP)
         top = [id_of[h.event_id] for h in hits]
-        records.append({**q, "split": split, "top": top, "matched": [h.matched for h in hits],
-                        "right_in_top": sum(t in q["right"] for t in top), "ok": bool(set(top) & set(q["right"]))})
+        records.append(
+            {
+                **q,
+                "split": split,
+                "top": top,
+                "matched": [h.matched for h in hits],
+                "right_in_top": sum(t in q["right"] for t in top),
+                "ok": bool(set(top) & set(q["right"])),
+            }
+        )
     groups: dict[str, list[dict]] = {}
     for lab in labels:
         if lab["kind"] in ("photo", "photo_text"):
@@ -148,10 +163,18 @@ def evaluate_split(split: str, rows: list[dict], labels: list[dict], settings, t
         for lab in copies:
             hits = searcher.like(eid_of[lab["id"]], limit=len(copies) - 1)
             top = [id_of[h.event_id] for h in hits]
-            records.append({"kind": "like", "query": lab["id"], "right": sorted(ids - {lab["id"]}),
-                            "unseen": lab["unseen"], "split": split, "top": top,
-                            "copies_share": round(sum(t in ids for t in top) / (len(copies) - 1), 3),
-                            "ok": bool(top) and top[0] in ids})
+            records.append(
+                {
+                    "kind": "like",
+                    "query": lab["id"],
+                    "right": sorted(ids - {lab["id"]}),
+                    "unseen": lab["unseen"],
+                    "split": split,
+                    "top": top,
+                    "copies_share": round(sum(t in ids for t in top) / (len(copies) - 1), 3),
+                    "ok": bool(top) and top[0] in ids,
+                }
+            )
     return records
 
 
@@ -160,14 +183,14 @@ def _share(vals: list[bool]) -> float | None:
 
 
 def summarise(records: list[dict]) -> dict:
-    by = {k: [r for r in records if r["kind"] == k] for k in ("subject_main", "subject_any", "text_line",
-                                                              "text_word", "like")}
+    by = {k: [r for r in records if r["kind"] == k] for k in ("subject_main", "subject_any", "text_line", "text_word", "like")}
     likes = by["like"]
     return {
         "search_subject_main_top3": _share([r["ok"] for r in by["subject_main"]]),
         "search_subject_main_top3_when_named": _share([r["ok"] for r in by["subject_main"] if r["named"]]),
-        "search_subject_main_precision3": round(sum(r["right_in_top"] for r in by["subject_main"])
-                                                / (TOP * len(by["subject_main"])), 3) if by["subject_main"] else None,
+        "search_subject_main_precision3": round(sum(r["right_in_top"] for r in by["subject_main"]) / (TOP * len(by["subject_main"])), 3)
+        if by["subject_main"]
+        else None,
         "search_subject_any_top3": _share([r["ok"] for r in by["subject_any"]]),
         "search_subject_any_top3_when_named": _share([r["ok"] for r in by["subject_any"] if r["named"]]),
         "search_text_line_top3": _share([r["ok"] for r in by["text_line"]]),
@@ -191,16 +214,18 @@ def evaluate(rows: list[dict], labels: list[dict], settings, progress=print) -> 
             labs = [by_id[Path(r["image_path"]).stem] for r in keep]
             records += evaluate_split(split, keep, labs, settings, Path(tmp))
             progress(f"  search: {split} ({len(keep)} images) done ({time.monotonic() - started:.0f} s)")
-    figures = {split: summarise([r for r in records if r["split"] == split])
-               for split in sorted({r["split"] for r in records})}
+    figures = {split: summarise([r for r in records if r["split"] == split]) for split in sorted({r["split"] for r in records})}
     if "all" not in figures and len(splits) == 1:
         figures["all"] = figures[splits[0]]
     unseen = [r for r in records if r["split"] == "holdout" and r["unseen"]]
     if unseen:
         figures["holdout_unseen_photos"] = summarise(unseen)
-    return {"figures": figures, "queries": records, "seconds": round(time.monotonic() - started, 1),
-            "models": {k: v for k, v in (rows[0]["models"] if rows else {}).items()
-                       if k in ("embed_text", "embed_image")}}
+    return {
+        "figures": figures,
+        "queries": records,
+        "seconds": round(time.monotonic() - started, 1),
+        "models": {k: v for k, v in (rows[0]["models"] if rows else {}).items() if k in ("embed_text", "embed_image")},
+    }
 
 
 def merge(result: dict, search: dict) -> None:
@@ -236,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.search_quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--output", type=Path, required=True, help="a sink output folder (an imgflow run's)")
     ap.add_argument("--labels", type=Path, required=True, help="labels.json of quality.py --write-set")
-    ap.add_argument("--set", action="append", default=[], metavar="ENV=VALUE",
-                    help="an IMGFLOW_* setting the run was made with (its models), repeatable")
+    ap.add_argument("--set", action="append", default=[], metavar="ENV=VALUE", help="an IMGFLOW_* setting the run was made with (its models), repeatable")
     ap.add_argument("--out", type=Path, default=None, help="write the figures and queries to this JSON")
     args = ap.parse_args(argv)
     from imgflow.settings import Settings

@@ -43,23 +43,56 @@ def event_id(i: int) -> str:
 def enriched_row(i: int, topic: str, partition: int, offset: int) -> dict:
     from imgflow.results import row_from_enriched
 
-    event = {"event_id": event_id(i), "uri": f"file:///images/{i}.jpg",
-             "image_path": f"/images/{i}.jpg", "size": 1000, "version": "1", "source": "local",
-             "priority": "NORMAL", "run_id": "live", "published_at": 0, "force": False}
-    vision = {"event": event, "text": f"A photo number {i}", "image_text": "", "labels": [],
-              "text_vector": [0.125] * 8, "word2vec_vector": [0.25] * 8, "image_vector": [0.5] * 8,
-              "width": 1, "height": 1, "models": {"describe": "composed@1"}, "seconds": 0.1, "processed_at": 0}
-    e = {"vision": vision, "description": "a photo", "category": "photo", "keywords": ["photo"],
-         "image_text": "", "llama_extracted": "{}", "models": {"structure_text": "llm@1"}, "seconds": 0.1,
-         "processed_at": 1_800_000_000_000}
+    event = {
+        "event_id": event_id(i),
+        "uri": f"file:///images/{i}.jpg",
+        "image_path": f"/images/{i}.jpg",
+        "size": 1000,
+        "version": "1",
+        "source": "local",
+        "priority": "NORMAL",
+        "run_id": "live",
+        "published_at": 0,
+        "force": False,
+    }
+    vision = {
+        "event": event,
+        "text": f"A photo number {i}",
+        "image_text": "",
+        "labels": [],
+        "text_vector": [0.125] * 8,
+        "word2vec_vector": [0.25] * 8,
+        "image_vector": [0.5] * 8,
+        "width": 1,
+        "height": 1,
+        "models": {"describe": "composed@1"},
+        "seconds": 0.1,
+        "processed_at": 0,
+    }
+    e = {
+        "vision": vision,
+        "description": "a photo",
+        "category": "photo",
+        "keywords": ["photo"],
+        "image_text": "",
+        "llama_extracted": "{}",
+        "models": {"structure_text": "llm@1"},
+        "seconds": 0.1,
+        "processed_at": 1_800_000_000_000,
+    }
     return row_from_enriched(e, topic, partition, offset)
 
 
 def settings_for(bootstrap: str, s3: dict, out, topic: str, dlq: str):
     from imgflow.settings import Settings
 
-    return Settings(kafka={"bootstrap": bootstrap}, topics={"enriched": topic, "dlq": dlq, "partitions": 3},
-                    sink={"out_dir": out}, s3=s3, data_dir=Path(tempfile.gettempdir()) / "imgflow-bench")
+    return Settings(
+        kafka={"bootstrap": bootstrap},
+        topics={"enriched": topic, "dlq": dlq, "partitions": 3},
+        sink={"out_dir": out},
+        s3=s3,
+        data_dir=Path(tempfile.gettempdir()) / "imgflow-bench",
+    )
 
 
 def write_history(settings, out, rows: int, batch: int, partitions: int = 3) -> dict[tuple[str, int], int]:
@@ -79,8 +112,7 @@ def write_history(settings, out, rows: int, batch: int, partitions: int = 3) -> 
     while done < rows:
         p = n % partitions
         count = min(batch, rows - done)
-        pending = [PendingRow(topic, p, next_offset[p] + k, enriched_row(done + k, topic, p, next_offset[p] + k))
-                   for k in range(count)]
+        pending = [PendingRow(topic, p, next_offset[p] + k, enriched_row(done + k, topic, p, next_offset[p] + k)) for k in range(count)]
         last = done + count >= rows
         if last:
             store._write_avro(topic, p, pending)  # the crash: Avro written, nothing after it
@@ -109,8 +141,7 @@ def commit_offsets(settings, committed: dict[tuple[str, int], int]) -> None:
     consumer = Consumer(consumer_config(settings, GROUP))
     try:
         consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in committed.items()], asynchronous=False)
-        got = {(tp.topic, tp.partition): tp.offset for tp in
-               consumer.committed([TopicPartition(t, p) for t, p in committed], timeout=30)}
+        got = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed([TopicPartition(t, p) for t, p in committed], timeout=30)}
         assert got == committed, f"the broker kept {got}, not {committed}"
     finally:
         consumer.close()
@@ -143,21 +174,36 @@ def child() -> None:
     runner.start(consumer)
     t2 = time.monotonic()
     consumer.close()
-    print(json.dumps({"recover_s": t2 - t1, "imports_s": t1 - t0, "known": len(runner.store.known),
-                      "peak_rss_before_recover_mb": rss_before,
-                      "peak_rss_mb": peak_rss_mb()}))
+    print(
+        json.dumps(
+            {
+                "recover_s": t2 - t1,
+                "imports_s": t1 - t0,
+                "known": len(runner.store.known),
+                "peak_rss_before_recover_mb": rss_before,
+                "peak_rss_mb": peak_rss_mb(),
+            }
+        )
+    )
 
 
 def measure_startup(settings, s3: dict, out) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGFLOW_")}
-    env.update({"IMGFLOW_KAFKA__BOOTSTRAP": settings.kafka.bootstrap, "IMGFLOW_TOPICS__ENRICHED": settings.topics.enriched,
-                "IMGFLOW_TOPICS__DLQ": settings.topics.dlq,
-                "IMGFLOW_SINK__OUT_DIR": str(out), "IMGFLOW_LOG_LEVEL": "WARNING",
-                "IMGFLOW_S3__ENDPOINT_URL": s3["endpoint_url"], "IMGFLOW_S3__ACCESS_KEY_ID": s3["access_key_id"],
-                "IMGFLOW_S3__SECRET_ACCESS_KEY": s3["secret_access_key"], "IMGFLOW_S3__REGION": "us-east-1"})
+    env.update(
+        {
+            "IMGFLOW_KAFKA__BOOTSTRAP": settings.kafka.bootstrap,
+            "IMGFLOW_TOPICS__ENRICHED": settings.topics.enriched,
+            "IMGFLOW_TOPICS__DLQ": settings.topics.dlq,
+            "IMGFLOW_SINK__OUT_DIR": str(out),
+            "IMGFLOW_LOG_LEVEL": "WARNING",
+            "IMGFLOW_S3__ENDPOINT_URL": s3["endpoint_url"],
+            "IMGFLOW_S3__ACCESS_KEY_ID": s3["access_key_id"],
+            "IMGFLOW_S3__SECRET_ACCESS_KEY": s3["secret_access_key"],
+            "IMGFLOW_S3__REGION": "us-east-1",
+        }
+    )
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.sink_startup", "--child"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.sink_startup", "--child"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     wall = time.monotonic() - started
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
@@ -205,9 +251,13 @@ def main() -> None:
                         import boto3
 
                         bucket = f"bench{uuid.uuid4().hex[:10]}"
-                        boto3.client("s3", endpoint_url=s3["endpoint_url"], aws_access_key_id=creds["access_key_id"],
-                                     aws_secret_access_key=creds["secret_access_key"],
-                                     region_name="us-east-1").create_bucket(Bucket=bucket)
+                        boto3.client(
+                            "s3",
+                            endpoint_url=s3["endpoint_url"],
+                            aws_access_key_id=creds["access_key_id"],
+                            aws_secret_access_key=creds["secret_access_key"],
+                            region_name="us-east-1",
+                        ).create_bucket(Bucket=bucket)
                         out = f"s3://{bucket}/results/"
                     else:
                         out = Path(tmp) / f"out-{rows}"
@@ -221,11 +271,18 @@ def main() -> None:
                     commit_offsets(settings, committed)
                     start = measure_startup(settings, s3, out)
                     check_s = skip_check(settings, out, rows)
-                    row = {"kind": kind, "rows": rows, "files": -(-rows // args.batch), "history_written_s": written_s,
-                           "startup_process_s": start["process_s"], "recover_s": start["recover_s"],
-                           "peak_rss_mb": start["peak_rss_mb"], "recent_ids_known": start["known"],
-                           "peak_rss_before_recover_mb": start["peak_rss_before_recover_mb"],
-                           "skip_check_100k_s": check_s}
+                    row = {
+                        "kind": kind,
+                        "rows": rows,
+                        "files": -(-rows // args.batch),
+                        "history_written_s": written_s,
+                        "startup_process_s": start["process_s"],
+                        "recover_s": start["recover_s"],
+                        "peak_rss_mb": start["peak_rss_mb"],
+                        "recent_ids_known": start["known"],
+                        "peak_rss_before_recover_mb": start["peak_rss_before_recover_mb"],
+                        "skip_check_100k_s": check_s,
+                    }
                     print("  " + json.dumps(row), flush=True)
                     results.append(row)
                     if kind == "local":
@@ -234,12 +291,13 @@ def main() -> None:
                         shutil.rmtree(out)
         finally:
             stack.stop()
-    print(f"\n| output | rows written before | sink start-up (whole process) | of which recovery | peak RSS "
-          f"| ids known | skip check, 100k ids |")
+    print("\n| output | rows written before | sink start-up (whole process) | of which recovery | peak RSS | ids known | skip check, 100k ids |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['kind']} | {r['rows']:,} | {r['startup_process_s']:.2f} s | {r['recover_s']:.2f} s "
-              f"| {r['peak_rss_mb']:.0f} MB | {r['recent_ids_known']:,} | {r['skip_check_100k_s']:.1f} s |")
+        print(
+            f"| {r['kind']} | {r['rows']:,} | {r['startup_process_s']:.2f} s | {r['recover_s']:.2f} s "
+            f"| {r['peak_rss_mb']:.0f} MB | {r['recent_ids_known']:,} | {r['skip_check_100k_s']:.1f} s |"
+        )
     dest = ROOT / "benchmarks" / "results" / "sink_startup.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps({"batch": args.batch, "cpus": os.cpu_count(), "results": results}, indent=2) + "\n")

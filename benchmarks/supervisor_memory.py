@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _old_classes(commit: str):
     """TopicCounter and CommittedResults as they were at ``commit``."""
+
     def module(path: str, name: str) -> types.ModuleType:
-        src = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout
+        src = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
         mod = types.ModuleType(name)
         mod.__file__ = str(ROOT / path)
         sys.modules[name] = mod
@@ -95,18 +95,26 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp, EmbeddedStack(Path(tmp) / "broker", port=0) as stack:
         suffix = uuid.uuid4().hex[:8]
         out = Path(tmp) / "out"
-        settings = Settings(kafka={"bootstrap": stack.bootstrap},
-                            topics={"new": f"s{suffix}.new", "new_high": f"s{suffix}.new.high",
-                                    "vision": f"s{suffix}.vision", "enriched": f"s{suffix}.enriched",
-                                    "dlq": f"s{suffix}.dlq", "partitions": 3})
+        settings = Settings(
+            kafka={"bootstrap": stack.bootstrap},
+            topics={
+                "new": f"s{suffix}.new",
+                "new_high": f"s{suffix}.new.high",
+                "vision": f"s{suffix}.vision",
+                "enriched": f"s{suffix}.enriched",
+                "dlq": f"s{suffix}.dlq",
+                "partitions": 3,
+            },
+        )
         ensure_topics(settings)
         store = ResultStore(out, settings=settings)
         store.lock()
         store.recover()
         producer = Producer(producer_config(settings))
         stop_file = Path(tmp) / "stop"
-        child = subprocess.Popen([sys.executable, "-m", "benchmarks.supervisor_memory", "--old", args.old,
-                                  "--child", settings.model_dump_json(), str(out), str(stop_file)], cwd=ROOT)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.supervisor_memory", "--old", args.old, "--child", settings.model_dump_json(), str(out), str(stop_file)], cwd=ROOT
+        )
         samples: list[tuple[int, float]] = []
         t = settings.topics
         offset = 0
@@ -119,18 +127,43 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.batch):
                     i = offset
                     eid = uuid.uuid4().hex
-                    event = {"event_id": eid, "uri": f"file:///imgs/{i}.jpg", "image_path": f"/imgs/{i}.jpg",
-                             "size": 1, "version": "1", "source": "bench", "priority": "NORMAL", "run_id": "b",
-                             "published_at": 0, "force": False}
-                    vision = {"event": event, "text": f"A photo most likely showing a thing, number {i}",
-                              "image_text": "", "labels": [{"label": "thing", "score": 0.5}],
-                              "text_vector": [rng.random() for _ in range(384)],
-                              "word2vec_vector": [rng.random() for _ in range(50)],
-                              "image_vector": [rng.random() for _ in range(1280)], "width": 160, "height": 120,
-                              "models": {"describe": "composed"}, "seconds": 0.1, "processed_at": 0}
-                    enriched = {"vision": vision, "description": f"a thing {i}", "category": "object",
-                                "keywords": ["thing"], "image_text": "", "llama_extracted": "{}",
-                                "models": {"structure_text": "s@1"}, "seconds": 0.2, "processed_at": 0}
+                    event = {
+                        "event_id": eid,
+                        "uri": f"file:///imgs/{i}.jpg",
+                        "image_path": f"/imgs/{i}.jpg",
+                        "size": 1,
+                        "version": "1",
+                        "source": "bench",
+                        "priority": "NORMAL",
+                        "run_id": "b",
+                        "published_at": 0,
+                        "force": False,
+                    }
+                    vision = {
+                        "event": event,
+                        "text": f"A photo most likely showing a thing, number {i}",
+                        "image_text": "",
+                        "labels": [{"label": "thing", "score": 0.5}],
+                        "text_vector": [rng.random() for _ in range(384)],
+                        "word2vec_vector": [rng.random() for _ in range(50)],
+                        "image_vector": [rng.random() for _ in range(1280)],
+                        "width": 160,
+                        "height": 120,
+                        "models": {"describe": "composed"},
+                        "seconds": 0.1,
+                        "processed_at": 0,
+                    }
+                    enriched = {
+                        "vision": vision,
+                        "description": f"a thing {i}",
+                        "category": "object",
+                        "keywords": ["thing"],
+                        "image_text": "",
+                        "llama_extracted": "{}",
+                        "models": {"structure_text": "s@1"},
+                        "seconds": 0.2,
+                        "processed_at": 0,
+                    }
                     producer.produce(t.new, key=eid, value=codec.encode("ImageEvent", event))
                     producer.produce(t.vision, key=eid, value=codec.encode("VisionResult", vision))
                     producer.produce(t.enriched, key=eid, value=codec.encode("EnrichedRecord", enriched))
@@ -150,12 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     csv_mb = None
     label = f"old ({args.old})" if args.old else "now"
     rows = [[f"{n} rows", round(mb, 1)] for n, mb in samples]
-    print_table(f"supervisor loop RSS, {label}: {args.images} real-size rows in {wall:.0f}s",
-                ["written", "RSS MB"], rows)
+    print_table(f"supervisor loop RSS, {label}: {args.images} real-size rows in {wall:.0f}s", ["written", "RSS MB"], rows)
     first = next((mb for n, mb in samples if n >= args.images // 4), samples[-1][1])
-    write_result("supervisor_memory" + ("_old" if args.old else ""),
-                 {"images": args.images, "old": args.old, "samples": samples, "wall_s": wall, "csv_mb": csv_mb,
-                  "growth_25_to_end_mb": samples[-1][1] - first})
+    write_result(
+        "supervisor_memory" + ("_old" if args.old else ""),
+        {"images": args.images, "old": args.old, "samples": samples, "wall_s": wall, "csv_mb": csv_mb, "growth_25_to_end_mb": samples[-1][1] - first},
+    )
     return 0
 
 

@@ -44,9 +44,12 @@ class EnrichTransform(Transform):
         started = time.monotonic()
         structurer = self.models.structurer
         items = [
-            StructureInput(description=r.value["text"], image_text=r.value["image_text"],
-                           labels=[label["label"] for label in r.value["labels"]],
-                           scores=[label["score"] for label in r.value["labels"]])
+            StructureInput(
+                description=r.value["text"],
+                image_text=r.value["image_text"],
+                labels=[label["label"] for label in r.value["labels"]],
+                scores=[label["score"] for label in r.value["labels"]],
+            )
             for r in records
         ]
         with model_timer("structure_text", structurer.model_id):

@@ -175,8 +175,7 @@ class LocalCsv:
     def cut_unfinished(self) -> None:
         committed = self.committed_length()
         if self.path.exists() and self.path.stat().st_size > committed:
-            log.warning("results.csv: cutting an unfinished write (%d -> %d bytes)", self.path.stat().st_size,
-                        committed)
+            log.warning("results.csv: cutting an unfinished write (%d -> %d bytes)", self.path.stat().st_size, committed)
             with self.path.open("r+b") as f:
                 f.truncate(committed)
 
@@ -240,8 +239,7 @@ class CsvParts:
             if crash is not None and i == len(groups) // 2:
                 crash.reach("mid_csv")
             first = rows[0]
-            self.output.put(data_key(CSV_PARTS, first["source_topic"], first["source_partition"],
-                                     first["source_offset"]), csv_bytes(rows, header=True))
+            self.output.put(data_key(CSV_PARTS, first["source_topic"], first["source_partition"], first["source_offset"]), csv_bytes(rows, header=True))
         if crash is not None:
             crash.reach("after_csv")
         metrics.SINK_ROWS.labels("csv").inc(sum(len(g) for g in groups))
@@ -253,13 +251,11 @@ class CsvParts:
 class ResultStore:
     """The sink's output: a local folder or an ``s3://`` prefix (see the module docstring)."""
 
-    def __init__(self, out, write_csv: bool = True, write_avro: bool = True, settings: Settings | None = None,
-                 dedupe_window: int | None = None) -> None:
+    def __init__(self, out, write_csv: bool = True, write_avro: bool = True, settings: Settings | None = None, dedupe_window: int | None = None) -> None:
         self.settings = settings or Settings()
         self.output = open_output(out, self.settings)
         if self.output.is_s3 and not write_avro:
-            raise ValueError("sink.avro = false needs a local output: on S3 the Avro files are what "
-                             "start-up completes interrupted batches from")
+            raise ValueError("sink.avro = false needs a local output: on S3 the Avro files are what start-up completes interrupted batches from")
         self.out = out if self.output.is_s3 else Path(out)
         self.write_csv, self.write_avro = write_csv, write_avro
         window = dedupe_window if dedupe_window is not None else self.settings.sink.dedupe_window
@@ -279,8 +275,7 @@ class ResultStore:
         if self.output.is_s3:
             from imgflow.s3lease import LeaseHeld, S3Lease
 
-            lease = S3Lease(self.output.client, self.output.bucket, self.output.prefix + LEASE_KEY, owner,
-                            self.settings.sink.lease_ttl_s)
+            lease = S3Lease(self.output.client, self.output.bucket, self.output.prefix + LEASE_KEY, owner, self.settings.sink.lease_ttl_s)
             try:
                 lease.acquire(wait_for=lambda holder: holder.owner == owner, stopping=stopping)
             except LeaseHeld as exc:
@@ -294,8 +289,7 @@ class ResultStore:
         except BlockingIOError as exc:
             self._lock_file.seek(0)
             holder = self._lock_file.read().strip()
-            raise SinkLockedError(f"another sink is writing to {self.out}"
-                                  + (f": {holder}" if holder else "")) from exc
+            raise SinkLockedError(f"another sink is writing to {self.out}" + (f": {holder}" if holder else "")) from exc
         self._lock_file.seek(0)
         self._lock_file.truncate()
         self._lock_file.write(f"{owner} (pid {os.getpid()} on {socket.gethostname()})\n")
@@ -331,14 +325,12 @@ class ResultStore:
                 tail = list(read_csv_rows(self.csv.path, self.csv.committed_length(), start=self.csv.checkpointed()))
                 tail_ids = {dedupe_key(r["event_id"], r["run_id"]) for r in tail}
                 for r in tail:
-                    self.known.add((r["source_topic"], int(r["source_partition"])), int(r["source_offset"]),
-                                   dedupe_key(r["event_id"], r["run_id"]))
+                    self.known.add((r["source_topic"], int(r["source_partition"])), int(r["source_offset"]), dedupe_key(r["event_id"], r["run_id"]))
         restored = 0
         for (topic, partition), offset in sorted(committed.items()):
             tp = (topic, partition)
             start = max(0, offset - self.known.window) if offset is not None else 0
-            after = {kind: partition_prefix(kind, topic, partition) + file_stem(topic, partition, start) if start else ""
-                     for kind in (AVRO, INDEX)}
+            after = {kind: partition_prefix(kind, topic, partition) + file_stem(topic, partition, start) if start else "" for kind in (AVRO, INDEX)}
             indexed = set()
             index_keys = list(self.output.list(partition_prefix(INDEX, topic, partition), after[INDEX]))
             for key, data in fetch_all(self.output, index_keys):  # in parallel on S3
@@ -352,8 +344,7 @@ class ResultStore:
                 # No index: the batch was cut short after its Avro file was written.
                 rows = read_avro(self.output.get(key) or b"")
                 if self.write_csv:
-                    missing = rows if tail_ids is None else \
-                        [r for r in rows if dedupe_key(r["event_id"], r["run_id"]) not in tail_ids]
+                    missing = rows if tail_ids is None else [r for r in rows if dedupe_key(r["event_id"], r["run_id"]) not in tail_ids]
                     if missing:
                         self.csv.write([missing])
                         restored += len(missing)
@@ -433,8 +424,7 @@ class ResultStore:
 class SinkRunner:
     name = "sink"
 
-    def __init__(self, settings: Settings, group_id: str | None = None, run_id: str | None = None,
-                 bounds: RangeBounds | None = None) -> None:
+    def __init__(self, settings: Settings, group_id: str | None = None, run_id: str | None = None, bounds: RangeBounds | None = None) -> None:
         self.settings = settings
         self.group_id = group_id or f"{settings.kafka.group_prefix}-sink"
         self.run_id = run_id  # a replay of the sink stage itself: its rows carry the replay's run_id
@@ -465,12 +455,22 @@ class SinkRunner:
         except SchemaError as exc:
             # A malformed final record still accounts for its image: an error row.
             key = msg.key().decode("utf-8", "replace") if msg.key() else f"malformed-{topic}-{partition}-{offset}"
-            log.error("undecodable record on %s[%d]@%d: %s", topic, partition, offset, exc,
-                      extra={"event_id": key, "stage": "sink"})
-            row = {"image_path": "", "categories": [], "keywords": [], "timestamp": iso_time(int(time.time() * 1000)),
-                   "error": f"sink: malformed record: {exc}", "event_id": key, "failed_stage": "sink",
-                   "models": {}, "source_topic": topic, "source_partition": partition, "source_offset": offset,
-                   "run_id": "", "source_uri": ""}
+            log.error("undecodable record on %s[%d]@%d: %s", topic, partition, offset, exc, extra={"event_id": key, "stage": "sink"})
+            row = {
+                "image_path": "",
+                "categories": [],
+                "keywords": [],
+                "timestamp": iso_time(int(time.time() * 1000)),
+                "error": f"sink: malformed record: {exc}",
+                "event_id": key,
+                "failed_stage": "sink",
+                "models": {},
+                "source_topic": topic,
+                "source_partition": partition,
+                "source_offset": offset,
+                "run_id": "",
+                "source_uri": "",
+            }
         if self.run_id is not None:
             row["run_id"] = self.run_id
         return PendingRow(topic, partition, offset, row, published)
@@ -489,8 +489,7 @@ class SinkRunner:
         Sets ``self.rescan`` (a live sink's idle re-read, from the committed offsets)."""
         t0 = time.monotonic()
         lock = lambda: self.store.lock(f"sink of group {self.group_id}", stopping=lambda: self.stopping)  # noqa: E731
-        if retry_s3("sink start-up", lock, stopping=lambda: self.stopping) is None \
-                and self.stopping:
+        if retry_s3("sink start-up", lock, stopping=lambda: self.stopping) is None and self.stopping:
             return False
         while True:  # the broker may be restarting: wait for it (a stop request ends the wait)
             try:
@@ -501,13 +500,17 @@ class SinkRunner:
                     return False
                 log.warning("sink start-up: cannot read the group's committed offsets yet (%s); retrying", exc)
                 time.sleep(1)
-        restored = retry_s3("sink start-up", lambda: self.store.recover(committed),
-                            stopping=lambda: self.stopping)
+        restored = retry_s3("sink start-up", lambda: self.store.recover(committed), stopping=lambda: self.stopping)
         if restored is None:
             return False
         self.rescan = IdleRescan(self.store.known.window // 2, committed) if self.bounds is None else None
-        log.info("sink writing to %s (%d recent results known, %d restored from Avro, start-up %.2fs)",
-                 self.store.output, len(self.store.known), restored, time.monotonic() - t0)
+        log.info(
+            "sink writing to %s (%d recent results known, %d restored from Avro, start-up %.2fs)",
+            self.store.output,
+            len(self.store.known),
+            restored,
+            time.monotonic() - t0,
+        )
         return True
 
     def run(self) -> None:
@@ -542,8 +545,7 @@ class SinkRunner:
                 pending = [self._to_pending(m) for m in msgs]
                 # An unwritable output (S3 down, bucket missing, credentials wrong) holds the
                 # batch and retries with back-off; nothing is committed until it is written.
-                written = retry_s3(f"sink: writing {len(pending)} rows",
-                                   lambda: self.store.write(pending, self.crash), stopping=lambda: self.stopping)
+                written = retry_s3(f"sink: writing {len(pending)} rows", lambda: self.store.write(pending, self.crash), stopping=lambda: self.stopping)
                 if written is None:
                     break  # stopped before the batch was written: it is redelivered next time
                 metrics.sink_wrote([p.published_at for p in written])
@@ -557,8 +559,7 @@ class SinkRunner:
                     offsets[(m.topic(), m.partition())] = max(offsets.get((m.topic(), m.partition()), -1), m.offset())
                 t0 = time.monotonic()
                 try:
-                    consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in offsets.items()],
-                                    asynchronous=False)
+                    consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in offsets.items()], asynchronous=False)
                     metrics.COMMIT_SECONDS.labels("sink").observe(time.monotonic() - t0)
                     self.store.checkpoint()
                     if self.range is not None:

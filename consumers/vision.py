@@ -53,8 +53,7 @@ class VisionTransform(Transform):
 
     def _read(self, event: dict) -> PreparedImage:
         # Local files and s3:// objects alike: allowed roots/prefixes and size limits apply.
-        return prepare_image(self.source.read(event["uri"]), self.settings.models.image_max_size,
-                             self.settings.models.image_max_pixels)
+        return prepare_image(self.source.read(event["uri"]), self.settings.models.image_max_size, self.settings.models.image_max_pixels)
 
     def process(self, records: list[InputRecord]) -> list[list[OutputRecord] | BaseException]:
         started = time.monotonic()
@@ -78,9 +77,7 @@ class VisionTransform(Transform):
             # reader knows; a describer that reads the image itself does not need it.
             areas = [r.area for r in reads]
             with model_timer("describe", m.describer.model_id):
-                descriptions = (m.describer.describe(images, seen_text, areas)
-                                if any(a is not None for a in areas)
-                                else m.describer.describe(images, seen_text))
+                descriptions = m.describer.describe(images, seen_text, areas) if any(a is not None for a in areas) else m.describer.describe(images, seen_text)
             texts = [d.text for d in descriptions]
             with model_timer("embed_image", m.image_embedder.model_id):
                 image_vectors = m.image_embedder.embed_images(images)

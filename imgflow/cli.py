@@ -9,23 +9,20 @@ import signal
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
 
 from imgflow.cli_support import command_settings, exit_with_error
 
-app = typer.Typer(help="Streaming, exactly-once image enrichment on Kafka.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(help="Streaming, exactly-once image enrichment on Kafka.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 watch_app = typer.Typer(help="Publish new-image events.", no_args_is_help=True)
 app.add_typer(watch_app, name="watch")
 export_app = typer.Typer(help="Export results.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
 
-DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Broker and watcher state "
-                                                 "(default: $IMGFLOW_DATA_DIR or ~/.local/state/imgflow).")]
-
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Broker and watcher state (default: $IMGFLOW_DATA_DIR or ~/.local/state/imgflow).")]
 
 
 class BrokerEngine(str, Enum):
@@ -53,31 +50,35 @@ def _stop_on_signals(runner) -> None:
 
     install_signal_handlers(runner)
 
+
 _settings = command_settings
 
 
 @app.command()
 def run(
-    input_dir: Annotated[Optional[str], typer.Argument(
-        help="Folder of images, or s3://BUCKET/PREFIX (default: a generated sample folder).")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", help="Output folder (results.csv, avro/) or s3://BUCKET/PREFIX/ "
-                                                             "(avro/, csv/ parts; default: ./out).")] = None,
+    input_dir: Annotated[str | None, typer.Argument(help="Folder of images, or s3://BUCKET/PREFIX (default: a generated sample folder).")] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", help="Output folder (results.csv, avro/) or s3://BUCKET/PREFIX/ (avro/, csv/ parts; default: ./out).")
+    ] = None,
     once: Annotated[bool, typer.Option("--once", help="Exit 0 when every image present at start has its result row.")] = False,
     data_dir: DataDir = None,
     port: Annotated[int, typer.Option(help="Embedded broker port (taken free if in use; 0: any free port).")] = 19092,
-    engine: Annotated[Optional[BrokerEngine], typer.Option(
-        "--engine", help="Local broker to start: tansu (default, no Java) or kafka (Apache Kafka; Java 17+). "
-                         "Setting broker.engine.")] = None,
-    bootstrap: Annotated[Optional[str], typer.Option(
-        "--bootstrap", help="Use this running Kafka cluster (HOST:PORT,...) instead of starting a local broker; "
-                            "security from the kafka.* settings.")] = None,
+    engine: Annotated[
+        BrokerEngine | None,
+        typer.Option("--engine", help="Local broker to start: tansu (default, no Java) or kafka (Apache Kafka; Java 17+). Setting broker.engine."),
+    ] = None,
+    bootstrap: Annotated[
+        str | None,
+        typer.Option(
+            "--bootstrap", help="Use this running Kafka cluster (HOST:PORT,...) instead of starting a local broker; security from the kafka.* settings."
+        ),
+    ] = None,
 ) -> None:
     """Embedded broker + watcher (folder or S3) + vision + enrich + sink, in one command."""
     from imgflow.s3 import is_s3_uri
 
     s3_input = is_s3_uri(input_dir)
-    settings = _settings(data_dir=data_dir, sink__out_dir=out, broker__engine=engine.value if engine else None,
-                         kafka__bootstrap=bootstrap)
+    settings = _settings(data_dir=data_dir, sink__out_dir=out, broker__engine=engine.value if engine else None, kafka__bootstrap=bootstrap)
     from imgflow.pipeline import Pipeline
     from imgflow.samples import write_samples
 
@@ -96,8 +97,9 @@ def run(
     from imgflow.stack import StackError
 
     try:
-        code = Pipeline(settings, input_dir, settings.sink.out_dir, settings.data_dir, port, once,
-                        metrics_port=settings.metrics_port, bootstrap=bootstrap or "").run()
+        code = Pipeline(
+            settings, input_dir, settings.sink.out_dir, settings.data_dir, port, once, metrics_port=settings.metrics_port, bootstrap=bootstrap or ""
+        ).run()
     except StackError as exc:
         typer.echo(f"error: the embedded broker ({settings.broker.engine}) did not start: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -126,13 +128,14 @@ class StageName(str, Enum):
 
 
 @app.command()
-def stage(name: Annotated[StageName, typer.Argument(help="Which stage.")],
-          group: Annotated[Optional[str], typer.Option(help="Consumer group (default <kafka.group_prefix>-<stage>, i.e. imgflow-<stage>).")] = None,
-          run_id: Annotated[Optional[str], typer.Option(
-              "--run", help="Run this stage as part of replay run RUN_ID (its topics, group and range; "
-                            "what `imgflow replay` starts).")] = None,
-          out: Annotated[Optional[str], typer.Option(
-              "--out", help="sink: output folder or s3://BUCKET/PREFIX/ (default: sink.out_dir).")] = None) -> None:
+def stage(
+    name: Annotated[StageName, typer.Argument(help="Which stage.")],
+    group: Annotated[str | None, typer.Option(help="Consumer group (default <kafka.group_prefix>-<stage>, i.e. imgflow-<stage>).")] = None,
+    run_id: Annotated[
+        str | None, typer.Option("--run", help="Run this stage as part of replay run RUN_ID (its topics, group and range; what `imgflow replay` starts).")
+    ] = None,
+    out: Annotated[str | None, typer.Option("--out", help="sink: output folder or s3://BUCKET/PREFIX/ (default: sink.out_dir).")] = None,
+) -> None:
     """Run one stage as its own process against the configured broker (IMGFLOW_KAFKA__BOOTSTRAP)."""
     early_stop: list[int] = []  # a SIGTERM during start-up (model loading) still means a clean stop
     signal.signal(signal.SIGTERM, lambda signum, _frame: early_stop.append(signum))
@@ -174,9 +177,11 @@ def stage(name: Annotated[StageName, typer.Argument(help="Which stage.")],
 
 
 @watch_app.command("local")
-def watch_local(folder: Annotated[Path, typer.Argument(help="Folder to watch (recursively).")],
-                data_dir: DataDir = None,
-                high: Annotated[bool, typer.Option("--high", help="Publish to the high-priority topic.")] = False) -> None:
+def watch_local(
+    folder: Annotated[Path, typer.Argument(help="Folder to watch (recursively).")],
+    data_dir: DataDir = None,
+    high: Annotated[bool, typer.Option("--high", help="Publish to the high-priority topic.")] = False,
+) -> None:
     """Publish an event for every new or changed image in FOLDER, polling."""
     settings = _settings(data_dir=data_dir)
     _require_kafka(settings)
@@ -206,14 +211,13 @@ def _checked_s3_location(settings, uri: str):
 
 
 @watch_app.command("s3")
-def watch_s3(uri: Annotated[str, typer.Argument(help="s3://BUCKET/PREFIX to watch.")],
-             data_dir: DataDir = None,
-             high: Annotated[bool, typer.Option("--high", help="Publish to the high-priority topic.")] = False,
-             notify: Annotated[Optional[str], typer.Option(
-                 "--notify", help="Also consume bucket notifications: seaweedfs | minio (watch.s3_notify).")] = None,
-             check: Annotated[bool, typer.Option(
-                 "--check/--no-check", help="Exit 2 at once if the bucket cannot be listed (else retry).")] = True,
-             ) -> None:
+def watch_s3(
+    uri: Annotated[str, typer.Argument(help="s3://BUCKET/PREFIX to watch.")],
+    data_dir: DataDir = None,
+    high: Annotated[bool, typer.Option("--high", help="Publish to the high-priority topic.")] = False,
+    notify: Annotated[str | None, typer.Option("--notify", help="Also consume bucket notifications: seaweedfs | minio (watch.s3_notify).")] = None,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="Exit 2 at once if the bucket cannot be listed (else retry).")] = True,
+) -> None:
     """Publish an event for every new or overwritten image object under s3://BUCKET/PREFIX:
     polling with a persisted cursor, plus bucket notifications with --notify."""
     settings = _settings(data_dir=data_dir, watch__s3_notify=notify)
@@ -238,22 +242,40 @@ def watch_s3(uri: Annotated[str, typer.Argument(help="s3://BUCKET/PREFIX to watc
 
 
 @app.command()
-def broker(data_dir: DataDir = None,
-           port: Annotated[int, typer.Option(help="Kafka port (0: any free port).")] = 19092,
-           engine: Annotated[Optional[BrokerEngine], typer.Option(
-               "--engine", help="tansu (default: on a local SeaweedFS, no Java) or kafka (Apache Kafka in "
-                                "KRaft mode; Java 17+, Maven for the first start). Setting broker.engine.")] = None,
-           nodes: Annotated[int, typer.Option("--nodes", min=1, max=9,
-                                              help="kafka engine: broker+controller nodes (3: a real cluster).")] = 1,
-           ) -> None:
+def broker(
+    data_dir: DataDir = None,
+    port: Annotated[int, typer.Option(help="Kafka port (0: any free port).")] = 19092,
+    engine: Annotated[
+        BrokerEngine | None,
+        typer.Option(
+            "--engine",
+            help="tansu (default: on a local SeaweedFS, no Java) or kafka (Apache Kafka in "
+            "KRaft mode; Java 17+, Maven for the first start). Setting broker.engine.",
+        ),
+    ] = None,
+    nodes: Annotated[int, typer.Option("--nodes", min=1, max=9, help="kafka engine: broker+controller nodes (3: a real cluster).")] = 1,
+) -> None:
     """The embedded broker alone, in the foreground, durable in the data dir: tansu on a local
     SeaweedFS, or Apache Kafka (KRaft)."""
     settings = _settings(data_dir=data_dir, broker__engine=engine.value if engine else None)
     if nodes > 1 and settings.broker.engine != "kafka":
         _exit_with_error(ValueError("--nodes needs --engine kafka"))
-    os.execv(sys.executable, [sys.executable, "-m", "infra.embedded", "--data-dir",
-                              str(settings.data_dir / "broker"), "--port", str(port),
-                              "--engine", settings.broker.engine, "--nodes", str(nodes)])
+    os.execv(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "infra.embedded",
+            "--data-dir",
+            str(settings.data_dir / "broker"),
+            "--port",
+            str(port),
+            "--engine",
+            settings.broker.engine,
+            "--nodes",
+            str(nodes),
+        ],
+    )
 
 
 @app.command()
@@ -289,14 +311,13 @@ def models(load: Annotated[bool, typer.Option("--load", help="Also load every mo
 @app.command()
 def backfill(
     source: Annotated[str, typer.Argument(help="Folder (searched recursively) or s3://BUCKET/PREFIX.")],
-    force: Annotated[bool, typer.Option("--force", help="Reprocess images that already have a result "
-                                        "(as a run of its own: new rows with this backfill's run id).")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Reprocess images that already have a result (as a run of its own: new rows with this backfill's run id).")
+    ] = False,
     high: Annotated[bool, typer.Option("--high", help="Publish to the high-priority topic.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be published and skipped; publish nothing.")] = False,
-    run_id: Annotated[Optional[str], typer.Option(
-        "--run-id", help="Name of the backfill (default: new, or the unfinished one of the same command).")] = None,
-    out: Annotated[Optional[str], typer.Option(
-        "--out", help="Output whose results the skip check reads (default: sink.out_dir).")] = None,
+    run_id: Annotated[str | None, typer.Option("--run-id", help="Name of the backfill (default: new, or the unfinished one of the same command).")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Output whose results the skip check reads (default: sink.out_dir).")] = None,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Events per Kafka transaction.")] = 5000,
     data_dir: DataDir = None,
 ) -> None:
@@ -316,9 +337,11 @@ def backfill(
         if job.status == "done":
             typer.echo(f"backfill {job.job_id} is already complete: {job.published} published, {job.skipped} skipped")
             return
-        typer.echo(f"{'resuming' if resumed else 'starting'} backfill {job.job_id} of {job.source}"
-                   f"{' (dry run)' if dry_run else ''}: events with run_id {job.run_id!r}"
-                   f"{', forced' if force else ''} to {settings.topics.new_high if high else settings.topics.new}")
+        typer.echo(
+            f"{'resuming' if resumed else 'starting'} backfill {job.job_id} of {job.source}"
+            f"{' (dry run)' if dry_run else ''}: events with run_id {job.run_id!r}"
+            f"{', forced' if force else ''} to {settings.topics.new_high if high else settings.topics.new}"
+        )
         runner = Backfill(settings, job, out or settings.sink.out_dir, chunk=chunk_size)
         _stop_on_signals(runner)
         bar = ProgressBar(src.count(), job.published + job.skipped, "backfill")
@@ -335,16 +358,13 @@ def backfill(
 
 @app.command()
 def replay(
-    stage_name: Annotated[Optional[StageName], typer.Option(
-        "--stage", help="The stage to re-run; the stages after it run too.")] = None,
-    range_from: Annotated[str, typer.Option(
-        "--from", help="Start: an offset (every partition), a time (2026-11-29T01:00:00Z, @<epoch ms>) or 'start'.")] = "start",
-    range_to: Annotated[str, typer.Option(
-        "--to", help="End, exclusive: an offset, a time, or 'end' (the end when the run is created).")] = "end",
-    run_id: Annotated[Optional[str], typer.Option(
-        "--run-id", help="Name of the run (default: new, or the unfinished run of the same command).")] = None,
-    out: Annotated[Optional[str], typer.Option(
-        "--out", help="Output folder or s3:// prefix of the run (default: <live out>/runs/<run id>/).")] = None,
+    stage_name: Annotated[StageName | None, typer.Option("--stage", help="The stage to re-run; the stages after it run too.")] = None,
+    range_from: Annotated[
+        str, typer.Option("--from", help="Start: an offset (every partition), a time (2026-11-29T01:00:00Z, @<epoch ms>) or 'start'.")
+    ] = "start",
+    range_to: Annotated[str, typer.Option("--to", help="End, exclusive: an offset, a time, or 'end' (the end when the run is created).")] = "end",
+    run_id: Annotated[str | None, typer.Option("--run-id", help="Name of the run (default: new, or the unfinished run of the same command).")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Output folder or s3:// prefix of the run (default: <live out>/runs/<run id>/).")] = None,
     list_runs: Annotated[bool, typer.Option("--list", help="List past and running replays and exit.")] = False,
     data_dir: DataDir = None,
 ) -> None:
@@ -360,8 +380,7 @@ def replay(
             typer.echo(f"{'run id':<32} {'stage':<7} {'range':<48} {'created':<26} {'status':<8} results")
             for r in runs:
                 results = "" if r.results < 0 else f"{r.results} ({r.errors} errors)"
-                typer.echo(f"{r.run_id:<32} {r.stage:<7} {r.range_from + ' .. ' + r.range_to:<48} "
-                           f"{r.created_at:<26} {r.status:<8} {results}")
+                typer.echo(f"{r.run_id:<32} {r.stage:<7} {r.range_from + ' .. ' + r.range_to:<48} {r.created_at:<26} {r.status:<8} {results}")
             if not runs:
                 typer.echo("no replays yet")
             return
@@ -379,15 +398,15 @@ def replay(
     stop_requested: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stop_requested.append(signum))
     signal.signal(signal.SIGINT, lambda signum, _frame: stop_requested.append(signum))
-    code = rp.execute(settings, record, settings.data_dir / "logs" / "replay", lambda: bool(stop_requested),
-                      say=lambda line: typer.echo(line))
+    code = rp.execute(settings, record, settings.data_dir / "logs" / "replay", lambda: bool(stop_requested), say=lambda line: typer.echo(line))
     raise typer.Exit(code)
 
 
 @export_app.command("csv")
-def export_csv(src: Annotated[str, typer.Argument(help="A sink output: folder or s3://BUCKET/PREFIX/.")],
-               out: Annotated[Optional[Path], typer.Option(
-                   "--out", help="CSV file to write (default: standard output).")] = None) -> None:
+def export_csv(
+    src: Annotated[str, typer.Argument(help="A sink output: folder or s3://BUCKET/PREFIX/.")],
+    out: Annotated[Path | None, typer.Option("--out", help="CSV file to write (default: standard output).")] = None,
+) -> None:
     """One CSV with the seed's header from a sink output: on S3 its CSV parts merged in
     (topic, partition, offset) order; locally the complete part of results.csv."""
     settings = _settings()
@@ -403,8 +422,7 @@ def export_csv(src: Annotated[str, typer.Argument(help="A sink output: folder or
 
             with tmp.open("wb") as dest, Progress(transient=True) as bar:
                 task = bar.add_task("merging CSV parts", total=None)
-                summary = export(src, settings, dest, progress=lambda n, total: bar.update(task, completed=n,
-                                                                                         total=total))
+                summary = export(src, settings, dest, progress=lambda n, total: bar.update(task, completed=n, total=total))
             os.replace(tmp, out)  # the file appears whole or not at all
     except (S3Error, ValueError) as exc:
         _exit_with_error(exc)
@@ -412,8 +430,11 @@ def export_csv(src: Annotated[str, typer.Argument(help="A sink output: folder or
         if tmp is not None and tmp.exists():
             tmp.unlink()
     if summary.incomplete:
-        typer.echo(f"note: {summary.incomplete} batch(es) have Avro files but no CSV part yet (being written, or "
-                   "completed when the sink next starts); their rows are not in this export", err=True)
+        typer.echo(
+            f"note: {summary.incomplete} batch(es) have Avro files but no CSV part yet (being written, or "
+            "completed when the sink next starts); their rows are not in this export",
+            err=True,
+        )
     if out is not None:
         typer.echo(f"wrote {out} ({summary.rows_files} part(s))", err=True)
 
@@ -446,19 +467,24 @@ class LogFormat(str, Enum):
 
 
 def _logging_options(
-    log_level: Annotated[Optional[LogLevel], typer.Option(
-        "--log-level", case_sensitive=False, help="Log level (default: $IMGFLOW_LOG_LEVEL or INFO).")] = None,
-    log_format: Annotated[Optional[LogFormat], typer.Option(
-        "--log-format", help="text, or json: one object per line with event_id and stage "
-                             "(default: $IMGFLOW_LOG_FORMAT or text).")] = None,
+    log_level: Annotated[LogLevel | None, typer.Option("--log-level", case_sensitive=False, help="Log level (default: $IMGFLOW_LOG_LEVEL or INFO).")] = None,
+    log_format: Annotated[
+        LogFormat | None,
+        typer.Option("--log-format", help="text, or json: one object per line with event_id and stage (default: $IMGFLOW_LOG_FORMAT or text)."),
+    ] = None,
 ) -> None: ...
 
 
 def _metrics_option(
-    metrics_port: Annotated[Optional[int], typer.Option(
-        "--metrics-port", min=0, max=65535,
-        help="Serve /metrics on this port (default: $IMGFLOW_METRICS_PORT, else 0: none; "
-             f"`run`: {RUN_METRICS_PORT}, every process on one endpoint).")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            help=f"Serve /metrics on this port (default: $IMGFLOW_METRICS_PORT, else 0: none; `run`: {RUN_METRICS_PORT}, every process on one endpoint).",
+        ),
+    ] = None,
 ) -> None: ...
 
 

@@ -34,8 +34,7 @@ def path_from_uri(uri: str) -> Path:
     return Path(unquote(parsed.path))
 
 
-def image_event(uri: str, image_path: str, size: int, version: str, *, source: str, run_id: str,
-                priority: str = "NORMAL", force: bool = False) -> dict:
+def image_event(uri: str, image_path: str, size: int, version: str, *, source: str, run_id: str, priority: str = "NORMAL", force: bool = False) -> dict:
     """An ImageEvent; its id from the URI and the content version (see event_id_for)."""
     return {
         "event_id": event_id_for(uri, version),
@@ -51,8 +50,7 @@ def image_event(uri: str, image_path: str, size: int, version: str, *, source: s
     }
 
 
-def s3_image_event(bucket: str, key: str, etag: str, size: int, *, source: str, run_id: str,
-                   priority: str = "NORMAL", force: bool = False) -> dict:
+def s3_image_event(bucket: str, key: str, etag: str, size: int, *, source: str, run_id: str, priority: str = "NORMAL", force: bool = False) -> dict:
     """The ImageEvent of one S3 object version. The content version is the ETag (quotes
     stripped), which every listing, HEAD and notification reports alike (a version id is not
     in a plain listing, so using it would make polling and notifications disagree): an
@@ -61,15 +59,15 @@ def s3_image_event(bucket: str, key: str, etag: str, size: int, *, source: str, 
 
     uri = s3_uri(bucket, key)
     # image_path: as the user would write it (the uri is percent-quoted)
-    return image_event(uri, f"s3://{bucket}/{key}", int(size), etag.strip('"'), source=source, run_id=run_id,
-                       priority=priority, force=force)
+    return image_event(uri, f"s3://{bucket}/{key}", int(size), etag.strip('"'), source=source, run_id=run_id, priority=priority, force=force)
 
 
 UNSTATABLE = "unstatable"  # the version of a file that cannot be stat'ed (it still gets an error row)
 
 
-def local_image_event(path: Path, st: os.stat_result | None, *, source: str, run_id: str, priority: str = "NORMAL",
-                      force: bool = False, canonical: bool = False) -> dict:
+def local_image_event(
+    path: Path, st: os.stat_result | None, *, source: str, run_id: str, priority: str = "NORMAL", force: bool = False, canonical: bool = False
+) -> dict:
     """``canonical``: the caller knows ``path`` is already absolute with no symlink in it
     (resolving costs several system calls per file: it shows in a bulk backfill)."""
     if st is None:  # dangling symlink, symlink loop, no permission: not resolvable, named as found
@@ -79,5 +77,4 @@ def local_image_event(path: Path, st: os.stat_result | None, *, source: str, run
         # must say which of the user's files it was), only the folders above it are resolved.
         where = path if canonical else path.parent.resolve() / path.name
         version, size = str(st.st_mtime_ns), st.st_size
-    return image_event("file://" + quote(str(where)), str(where), size, version, source=source, run_id=run_id,
-                       priority=priority, force=force)
+    return image_event("file://" + quote(str(where)), str(where), size, version, source=source, run_id=run_id, priority=priority, force=force)

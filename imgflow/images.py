@@ -76,7 +76,7 @@ def prepare_image(data: bytes, max_size: int, max_pixels: int = DEFAULT_MAX_PIXE
     that says what is wrong."""
     if not data:
         raise BadImage("empty file (0 bytes)")
-    Image.MAX_IMAGE_PIXELS = max_pixels * _JPEG_DRAFT_SCALE ** 2  # Pillow's own guard, above ours
+    Image.MAX_IMAGE_PIXELS = max_pixels * _JPEG_DRAFT_SCALE**2  # Pillow's own guard, above ours
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -90,10 +90,8 @@ def prepare_image(data: bytes, max_size: int, max_pixels: int = DEFAULT_MAX_PIXE
                 img.draft("RGB", (max_size * 2, max_size * 2))
             decoded = img.size[0] * img.size[1]
             if decoded > max_pixels:
-                scaled = f", {img.size[0]}x{img.size[1]} at the smallest scale it decodes at" \
-                    if img.size != (width, height) else ""
-                raise BadImage(f"image too large: {width}x{height} pixels{scaled} (limit {max_pixels} pixels, "
-                               f"models.image_max_pixels): refused undecoded")
+                scaled = f", {img.size[0]}x{img.size[1]} at the smallest scale it decodes at" if img.size != (width, height) else ""
+                raise BadImage(f"image too large: {width}x{height} pixels{scaled} (limit {max_pixels} pixels, models.image_max_pixels): refused undecoded")
             img.load()
             img = _shrink(img, max_size)
             img = ImageOps.exif_transpose(img)
@@ -171,16 +169,17 @@ class ImageSource:
             roots = [str(r) for r in self.roots]
             if resolved != path.absolute():
                 what = "is a symbolic link to" if path.is_symlink() else "leads through a symbolic link to"
-                raise BadImage(f"refused: {path} {what} {resolved}, which is outside the allowed roots {roots} "
-                               f"(a link in a watched folder must not make a file outside it readable)")
+                raise BadImage(
+                    f"refused: {path} {what} {resolved}, which is outside the allowed roots {roots} "
+                    f"(a link in a watched folder must not make a file outside it readable)"
+                )
             raise BadImage(f"refused: {path} is outside the allowed roots {roots}")
         try:
             st = resolved.stat()
             if not stat.S_ISREG(st.st_mode):
                 raise BadImage(f"not a regular file: {path}")
             if st.st_size > self.max_bytes:
-                raise BadImage(f"file too large: {st.st_size} bytes (limit models.image_max_bytes = "
-                               f"{self.max_bytes})")
+                raise BadImage(f"file too large: {st.st_size} bytes (limit models.image_max_bytes = {self.max_bytes})")
             with open(resolved, "rb") as f:
                 return f.read(self.max_bytes + 1)
         except FileNotFoundError as exc:
@@ -195,17 +194,14 @@ class ImageSource:
         # read as a path it would leave the prefix, so no store that normalises paths can be
         # made to serve another object.
         normalised = posixpath.normpath("/" + key).lstrip("/")
-        return not self.prefixes or any(
-            bucket == p.bucket and key.startswith(p.key) and normalised.startswith(p.key)
-            for p in self.prefixes)
+        return not self.prefixes or any(bucket == p.bucket and key.startswith(p.key) and normalised.startswith(p.key) for p in self.prefixes)
 
     def read_s3(self, uri: str) -> bytes:
         from imgflow.s3 import parse_s3_uri, read_object
 
         loc = parse_s3_uri(uri)
         if not self.allowed(loc.bucket, loc.key):
-            raise BadImage(f"refused: {uri} is outside the allowed S3 prefixes "
-                           f"{[p.uri for p in self.prefixes]} (s3.allowed_prefixes)")
+            raise BadImage(f"refused: {uri} is outside the allowed S3 prefixes {[p.uri for p in self.prefixes]} (s3.allowed_prefixes)")
         if self._client is None:
             from imgflow.s3 import s3_client
 

@@ -29,8 +29,10 @@ _DIGITS = re.compile(r"\d+")
 # [thrd:...]: " (the same event also reaches error_cb without it), the broker it was about
 # ("127.0.0.1:19092/1: ", ".../bootstrap: ", "GroupCoordinator: 127.0.0.1:19092: "), and
 # librdkafka's own repeat count.
-_SAME_EVENT = re.compile(r"^(?:[A-Z]+ \[[^\]]*\] \[thrd:[^\]]*\]: )?(?:(?:Group|Txn)Coordinator: )?(?:\S+:\d+(?:/\S+)?: )?"
-                         r"|, \d+ identical error\(s\) suppressed")
+_SAME_EVENT = re.compile(
+    r"^(?:[A-Z]+ \[[^\]]*\] \[thrd:[^\]]*\]: )?(?:(?:Group|Txn)Coordinator: )?(?:\S+:\d+(?:/\S+)?: )?"
+    r"|, \d+ identical error\(s\) suppressed"
+)
 
 
 def _log_once_a_minute(level: int, text: str) -> None:
@@ -155,8 +157,7 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, time
         if s.name in topics:
             _warn_if_different(topics[s.name], s, replication, admin)
         else:
-            new.append(NewTopic(s.name, num_partitions=s.partitions, replication_factor=replication,
-                                config=topic_config(settings, s)))
+            new.append(NewTopic(s.name, num_partitions=s.partitions, replication_factor=replication, config=topic_config(settings, s)))
     if not new:
         return
     by_name = {s.name: s for s in specs}
@@ -167,12 +168,16 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, time
             code = exc.args[0].code()
             if code == KafkaError.TOPIC_ALREADY_EXISTS:  # made meanwhile, or not yet in our metadata
                 with contextlib.suppress(KafkaException, KeyError):
-                    _warn_if_different(admin.list_topics(name, timeout=timeout).topics[name], by_name[name],
-                                       replication, admin)
+                    _warn_if_different(admin.list_topics(name, timeout=timeout).topics[name], by_name[name], replication, admin)
                 continue
-            raise KafkaException(KafkaError(code, f"could not create topic {name} (replication "
-                                                  f"{replication if replication > 0 else 'the broker default'}, "
-                                                  f"topics.replication_factor): {exc.args[0].str()}")) from None
+            raise KafkaException(
+                KafkaError(
+                    code,
+                    f"could not create topic {name} (replication "
+                    f"{replication if replication > 0 else 'the broker default'}, "
+                    f"topics.replication_factor): {exc.args[0].str()}",
+                )
+            ) from None
         log.info("created topic %s", name)
 
 
@@ -190,11 +195,9 @@ def _warn_if_different(meta, spec: TopicSpec, replication: int, admin: AdminClie
     partitions = len(meta.partitions)
     replicas = len(meta.partitions[0].replicas) if 0 in meta.partitions else 0
     if partitions != spec.partitions:
-        log.warning("topic %s exists with %d partitions, the settings say %d (topics.partitions): left as it is",
-                    spec.name, partitions, spec.partitions)
+        log.warning("topic %s exists with %d partitions, the settings say %d (topics.partitions): left as it is", spec.name, partitions, spec.partitions)
     if replication > 0 and replicas and replicas != replication:
-        log.warning("topic %s exists with replication %d, the settings say %d (topics.replication_factor): "
-                    "left as it is", spec.name, replicas, replication)
+        log.warning("topic %s exists with replication %d, the settings say %d (topics.replication_factor): left as it is", spec.name, replicas, replication)
 
 
 def publish_schemas(settings: Settings, codec: Codec, names: list[str]) -> None:
@@ -209,8 +212,7 @@ def publish_schemas(settings: Settings, codec: Codec, names: list[str]) -> None:
 
 def fetch_schemas(settings: Settings, codec: Codec, timeout: float = 20) -> int:
     """Read the whole schema topic and register every writer schema in it."""
-    consumer = Consumer(consumer_config(settings, "imgflow-schema-reader", **{"enable.partition.eof": True,
-                                                                             "isolation.level": "read_uncommitted"}))
+    consumer = Consumer(consumer_config(settings, "imgflow-schema-reader", **{"enable.partition.eof": True, "isolation.level": "read_uncommitted"}))
     try:
         consumer.assign([TopicPartition(SCHEMA_TOPIC.name, 0, 0)])
         count, deadline = 0, time.monotonic() + timeout
@@ -238,8 +240,7 @@ def ensure_compacted_topic(settings: Settings, topic: str, timeout: float = 15) 
 def read_latest_by_key(settings: Settings, topic: str, timeout: float = 30) -> dict[str, bytes]:
     """The latest value of every key of a one-partition topic, read to its end
     (PARTITION_EOF: the end a broker reports may be wrong), committed records only."""
-    consumer = Consumer(consumer_config(settings, "imgflow-registry-reader", **{"enable.partition.eof": True,
-                                                                              "fetch.wait.max.ms": 10}))
+    consumer = Consumer(consumer_config(settings, "imgflow-registry-reader", **{"enable.partition.eof": True, "fetch.wait.max.ms": 10}))
     latest: dict[str, bytes] = {}
     try:
         consumer.assign([TopicPartition(topic, 0, 0)])
@@ -264,9 +265,11 @@ _BROKER_PREFIX = re.compile(r"^\S*:\d+/\S+: ")  # librdkafka's "sasl_ssl://host:
 
 
 def _tls_files(k) -> str:
-    return (f"kafka.ssl_ca_location={k.ssl_ca_location or '(empty: the system CAs)'}, "
-            f"kafka.ssl_certificate_location={k.ssl_certificate_location or '(empty)'}, "
-            f"kafka.ssl_key_location={k.ssl_key_location or '(empty)'}, kafka.ssl_key_password")
+    return (
+        f"kafka.ssl_ca_location={k.ssl_ca_location or '(empty: the system CAs)'}, "
+        f"kafka.ssl_certificate_location={k.ssl_certificate_location or '(empty)'}, "
+        f"kafka.ssl_key_location={k.ssl_key_location or '(empty)'}, kafka.ssl_key_password"
+    )
 
 
 def _explain(err: KafkaError, settings: Settings) -> str | None:
@@ -276,24 +279,33 @@ def _explain(err: KafkaError, settings: Settings) -> str | None:
     k, text = settings.kafka, err.str()
     lowered = _BROKER_PREFIX.sub("", text).lower()
     code = err.code()
-    if "mechanism" in lowered and ("unsupported" in lowered or "supported mechanisms" in lowered
-                                   or "not supported" in lowered):
-        return (f"Kafka at {k.bootstrap} does not offer the SASL mechanism {k.sasl_mechanism!r} "
-                f"(kafka.sasl_mechanism): {text}")
+    if "mechanism" in lowered and ("unsupported" in lowered or "supported mechanisms" in lowered or "not supported" in lowered):
+        return f"Kafka at {k.bootstrap} does not offer the SASL mechanism {k.sasl_mechanism!r} (kafka.sasl_mechanism): {text}"
     ssl = code == KafkaError._SSL or "ssl handshake" in lowered or "certificate" in lowered
     if not ssl and (code == KafkaError._AUTHENTICATION or "authentication" in lowered or "sasl" in lowered):
-        return (f"Kafka at {k.bootstrap} refused the credentials of user {k.sasl_username!r} "
-                f"(kafka.sasl_username / kafka.sasl_password, mechanism {k.sasl_mechanism or 'none'}): {text}")
-    if ssl and ("verify failed" in lowered or "could not be verified" in lowered or "unable to get" in lowered
-                or "self-signed" in lowered or "self signed" in lowered or "hostname mismatch" in lowered):
-        where = f"kafka.ssl_ca_location={k.ssl_ca_location}" if k.ssl_ca_location else \
-            "kafka.ssl_ca_location (empty: the system's CAs)"
-        return (f"the TLS certificate of Kafka at {k.bootstrap} is not trusted or does not match "
-                f"({where}; kafka.ssl_endpoint_identification={k.ssl_endpoint_identification}): {text}")
+        return (
+            f"Kafka at {k.bootstrap} refused the credentials of user {k.sasl_username!r} "
+            f"(kafka.sasl_username / kafka.sasl_password, mechanism {k.sasl_mechanism or 'none'}): {text}"
+        )
+    if ssl and (
+        "verify failed" in lowered
+        or "could not be verified" in lowered
+        or "unable to get" in lowered
+        or "self-signed" in lowered
+        or "self signed" in lowered
+        or "hostname mismatch" in lowered
+    ):
+        where = f"kafka.ssl_ca_location={k.ssl_ca_location}" if k.ssl_ca_location else "kafka.ssl_ca_location (empty: the system's CAs)"
+        return (
+            f"the TLS certificate of Kafka at {k.bootstrap} is not trusted or does not match "
+            f"({where}; kafka.ssl_endpoint_identification={k.ssl_endpoint_identification}): {text}"
+        )
     if ssl:  # the broker refused our certificate (or asked for one we do not send)
-        return (f"the TLS handshake with Kafka at {k.bootstrap} failed: a broker that asks for a client "
-                f"certificate needs kafka.ssl_certificate_location and kafka.ssl_key_location signed by a CA it "
-                f"trusts ({_tls_files(k)}): {text}")
+        return (
+            f"the TLS handshake with Kafka at {k.bootstrap} failed: a broker that asks for a client "
+            f"certificate needs kafka.ssl_certificate_location and kafka.ssl_key_location signed by a CA it "
+            f"trusts ({_tls_files(k)}): {text}"
+        )
     return None
 
 
@@ -338,8 +350,7 @@ def check_kafka(settings: Settings, timeout: float = 30) -> None:
     errors: list[KafkaError] = []
     conf = client_config(settings)
     quiet = _QuietLogger()
-    conf.update({"error_cb": errors.append, "logger": quiet, "socket.timeout.ms": 5000,
-                 "reconnect.backoff.max.ms": 1000})
+    conf.update({"error_cb": errors.append, "logger": quiet, "socket.timeout.ms": 5000, "reconnect.backoff.max.ms": 1000})
     deadline = time.monotonic() + timeout
     k = settings.kafka
     # A port nobody listens on is said as such (before librdkafka logs its refusals).
@@ -356,8 +367,9 @@ def check_kafka(settings: Settings, timeout: float = 30) -> None:
         if not reachable:
             time.sleep(0.5)
     if not reachable:
-        raise KafkaUnreachable(f"Kafka is not reachable at {k.bootstrap} (kafka.bootstrap / IMGFLOW_KAFKA__BOOTSTRAP): "
-                               f"nothing accepted a connection within {timeout:.0f} s")
+        raise KafkaUnreachable(
+            f"Kafka is not reachable at {k.bootstrap} (kafka.bootstrap / IMGFLOW_KAFKA__BOOTSTRAP): nothing accepted a connection within {timeout:.0f} s"
+        )
     try:
         admin = AdminClient(conf)
     except KafkaException as exc:  # e.g. a TLS file missing, or a key its password does not open
@@ -378,5 +390,6 @@ def check_kafka(settings: Settings, timeout: float = 30) -> None:
         causes = [e.str() for e in errors if e.code() != KafkaError._ALL_BROKERS_DOWN]
         last = causes[-1] if causes else quiet.last or last
         errors.clear()
-    raise KafkaUnreachable(f"Kafka at {k.bootstrap} did not answer within {timeout:.0f} s (kafka.bootstrap, "
-                           f"kafka.security_protocol={k.security_protocol}): {last or 'no answer'}")
+    raise KafkaUnreachable(
+        f"Kafka at {k.bootstrap} did not answer within {timeout:.0f} s (kafka.bootstrap, kafka.security_protocol={k.security_protocol}): {last or 'no answer'}"
+    )

@@ -31,8 +31,7 @@ TP = tuple[str, int]
 
 
 class LagReader:
-    def __init__(self, settings: Settings, stage: str, group_id: str, topics: list[str],
-                 interval_s: float = 5.0, round_timeout_s: float = 10.0) -> None:
+    def __init__(self, settings: Settings, stage: str, group_id: str, topics: list[str], interval_s: float = 5.0, round_timeout_s: float = 10.0) -> None:
         self.settings = settings
         self.stage = stage
         self.group_id = group_id
@@ -41,8 +40,12 @@ class LagReader:
         self.round_timeout_s = round_timeout_s
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        small = {"enable.partition.eof": True, "queued.max.messages.kbytes": 8192, "fetch.max.bytes": 8 << 20,
-                 "fetch.wait.max.ms": 100}  # a round waits for the end of each partition: short polls
+        small = {
+            "enable.partition.eof": True,
+            "queued.max.messages.kbytes": 8192,
+            "fetch.max.bytes": 8 << 20,
+            "fetch.wait.max.ms": 100,
+        }  # a round waits for the end of each partition: short polls
         # Reads the records (its own group id: it only assigns, never joins or commits).
         self.reader = Consumer(consumer_config(settings, f"{group_id}.lag-reader", **small))
         # Asks the stage's group for its committed offsets (never subscribes or commits).

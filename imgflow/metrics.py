@@ -33,51 +33,53 @@ DUPLICATES_DROPPED = Counter("imgflow_duplicates_dropped_total", "Records droppe
 RETRIES = Counter("imgflow_retries_total", "Transform retries after a transient error", ["stage"])
 TRANSACTIONS = Counter("imgflow_transactions_total", "Kafka transactions by outcome", ["stage", "outcome"])
 COMMIT_SECONDS = Histogram(
-    "imgflow_commit_seconds", "Time from begin to commit of one Kafka transaction (sink: one output write + "
-    "offset commit)", ["stage"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    "imgflow_commit_seconds",
+    "Time from begin to commit of one Kafka transaction (sink: one output write + offset commit)",
+    ["stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 STAGE_SECONDS = Histogram(
-    "imgflow_stage_batch_seconds", "Time to transform one batch", ["stage"],
+    "imgflow_stage_batch_seconds",
+    "Time to transform one batch",
+    ["stage"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
 )
 MODEL_SECONDS = Histogram(
-    "imgflow_model_seconds", "Time of one model call (one batch)", ["job", "model"],
+    "imgflow_model_seconds",
+    "Time of one model call (one batch)",
+    ["job", "model"],
     buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
 )
-BATCH_SIZE = Histogram("imgflow_batch_size", "Records per transformed batch", ["stage"],
-                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+BATCH_SIZE = Histogram("imgflow_batch_size", "Records per transformed batch", ["stage"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 CONSUMER_LAG = Gauge(
-    "imgflow_consumer_lag", "Records after the stage group's committed offset (found by reading each "
-    "partition to its end, not from the broker's end offset)", ["stage", "topic", "partition"],
+    "imgflow_consumer_lag",
+    "Records after the stage group's committed offset (found by reading each partition to its end, not from the broker's end offset)",
+    ["stage", "topic", "partition"],
 )
 LAG_READ_ERRORS = Counter("imgflow_lag_read_errors_total", "Failed rounds of the lag reader", ["stage"])
 
 # ---- models ---------------------------------------------------------------------------------------
 MODEL_LOAD_SECONDS = Gauge("imgflow_model_load_seconds", "Seconds the last load of a model took", ["model"])
-MODEL_CACHE = Counter("imgflow_model_cache_total", "Model cache lookups (hit, miss) and unloads (evicted)",
-                      ["result"])
+MODEL_CACHE = Counter("imgflow_model_cache_total", "Model cache lookups (hit, miss) and unloads (evicted)", ["result"])
 MODEL_LOADS = Counter("imgflow_model_loads_total", "Models loaded into the model cache", ["model"])
 GPU_CACHE_CLEARS = Counter("imgflow_gpu_cache_clears_total", "torch.cuda.empty_cache() calls by reason", ["reason"])
 
 # ---- resources ----------------------------------------------------------------------------------
-MEMORY_LIMIT = Gauge("imgflow_process_memory_limit_bytes",
-                     "Memory the process may use: its cgroup's limit, else the machine's memory")
+MEMORY_LIMIT = Gauge("imgflow_process_memory_limit_bytes", "Memory the process may use: its cgroup's limit, else the machine's memory")
 GPU_MEMORY = Gauge("imgflow_gpu_memory_bytes", "CUDA memory of the process (only where a GPU is used)", ["kind"])
 # Unlabelled gauges that only some processes have are registered when first used, so that
 # other processes do not export a misleading 0.
-GPU_MEMORY_TOTAL = Gauge("imgflow_gpu_memory_total_bytes", "Memory of the CUDA device the process uses",
-                         registry=None)
+GPU_MEMORY_TOTAL = Gauge("imgflow_gpu_memory_total_bytes", "Memory of the CUDA device the process uses", registry=None)
 
 # ---- watchers and sink -------------------------------------------------------------------------
 WATCHER_SEEN = Counter("imgflow_watcher_seen_total", "New or changed images found", ["source"])
 WATCHER_PUBLISHED = Counter("imgflow_watcher_published_total", "Image events published", ["source"])
 WATCHER_ERRORS = Counter("imgflow_watcher_errors_total", "Failed scans or publishes of a watcher", ["source"])
 SINK_ROWS = Counter("imgflow_sink_rows_total", "Rows written by the sink", ["kind"])
-SINK_NEWEST_EVENT = Gauge("imgflow_sink_newest_event_timestamp_seconds",
-                          "Publish time of the newest image event the sink has written", registry=None)
-SINK_OUTPUT_LAG = Gauge("imgflow_sink_output_lag_seconds",
-                        "Now minus the publish time of the newest image event the sink has written "
-                        "(0 until the sink wrote one)", registry=None)
+SINK_NEWEST_EVENT = Gauge("imgflow_sink_newest_event_timestamp_seconds", "Publish time of the newest image event the sink has written", registry=None)
+SINK_OUTPUT_LAG = Gauge(
+    "imgflow_sink_output_lag_seconds", "Now minus the publish time of the newest image event the sink has written (0 until the sink wrote one)", registry=None
+)
 
 # ---- `imgflow run` ----------------------------------------------------------------------------------
 CHILD_UP = Gauge("imgflow_process_up", "1 while a child process of `imgflow run` answers its metrics", ["process"])
@@ -215,8 +217,9 @@ def serve_metrics(port: int, role: str = "", addr: str = "127.0.0.1") -> int:
     try:
         start_http_server(port, addr=addr)
     except OSError as exc:  # metrics are not worth stopping the pipeline for: say so, go on
-        log.error("cannot serve metrics on %s:%d (%s): this %s serves none (metrics_port / "
-                  "IMGFLOW_METRICS_PORT)", addr, port, exc.strerror or exc, role or "process")
+        log.error(
+            "cannot serve metrics on %s:%d (%s): this %s serves none (metrics_port / IMGFLOW_METRICS_PORT)", addr, port, exc.strerror or exc, role or "process"
+        )
         return 0
     _serving = True
     log.info("%s metrics on http://%s:%d/metrics", role or "process", addr, port)
@@ -267,7 +270,6 @@ class ChildMetrics:
                 up.add_sample("imgflow_process_up", {"process": process}, 0.0)
         yield up
         yield from merged.values()
-
 
     def _fetch(self, process: str, port: int) -> str | None:
         try:

@@ -47,8 +47,7 @@ class Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(self.log_path, "ab")
         # Own session: a Ctrl-C in the terminal reaches only us; we stop children in order.
-        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                     preexec_fn=own_session_dying_with_parent)
+        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, preexec_fn=own_session_dying_with_parent)
         out.close()
 
     def alive(self) -> bool:
@@ -86,9 +85,9 @@ class TopicCounter:
     BATCH = 500
 
     def __init__(self, settings: Settings, topics: list[str]) -> None:
-        self.consumer = Consumer(consumer_config(settings, f"imgflow-progress-{os.getpid()}",
-                                                 **{"queued.max.messages.kbytes": 2048,
-                                                    "fetch.max.bytes": 4 * 1024 * 1024}))
+        self.consumer = Consumer(
+            consumer_config(settings, f"imgflow-progress-{os.getpid()}", **{"queued.max.messages.kbytes": 2048, "fetch.max.bytes": 4 * 1024 * 1024})
+        )
         parts = []
         md = self.consumer.list_topics(timeout=10)
         for t in topics:
@@ -119,8 +118,9 @@ class Pipeline:
     """``bootstrap``: a running cluster to use (its security from ``kafka.*``) instead of
     starting the local broker of ``broker.engine``."""
 
-    def __init__(self, settings: Settings, input_dir: Path, out_dir: Path, data_dir: Path, port: int,
-                 once: bool, metrics_port: int = 0, bootstrap: str = "") -> None:
+    def __init__(
+        self, settings: Settings, input_dir: Path, out_dir: Path, data_dir: Path, port: int, once: bool, metrics_port: int = 0, bootstrap: str = ""
+    ) -> None:
         self.settings = settings
         self.external_bootstrap = bootstrap
         self.metrics_port = metrics_port  # one endpoint for every process (0: none)
@@ -145,14 +145,16 @@ class Pipeline:
 
     def _env(self, bootstrap: str, role: str, metrics_port: int) -> dict:
         env = dict(os.environ)
-        env.update({
-            "IMGFLOW_KAFKA__BOOTSTRAP": bootstrap,
-            **({} if self.external_bootstrap else LOCAL_BROKER_SECURITY),
-            "IMGFLOW_DATA_DIR": str(self.data_dir),
-            "IMGFLOW_SINK__OUT_DIR": str(self.out_dir),
-            "IMGFLOW_METRICS_PORT": str(metrics_port),
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "IMGFLOW_KAFKA__BOOTSTRAP": bootstrap,
+                **({} if self.external_bootstrap else LOCAL_BROKER_SECURITY),
+                "IMGFLOW_DATA_DIR": str(self.data_dir),
+                "IMGFLOW_SINK__OUT_DIR": str(self.out_dir),
+                "IMGFLOW_METRICS_PORT": str(metrics_port),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         if isinstance(self.input_dir, S3Location):
             if not self.settings.s3.allowed_prefixes:  # the vision stage reads only what is watched
                 env["IMGFLOW_S3__ALLOWED_PREFIXES"] = json.dumps([self.input_dir.uri])
@@ -185,8 +187,7 @@ class Pipeline:
             for role in ROLES:
                 # Each child serves its own metrics on loopback; ours proxies them all.
                 metrics_port = free_port() if self.metrics_port else 0
-                child = Child(role, self._argv(role), logs / f"{role}.log",
-                              self._env(bootstrap, role, metrics_port))
+                child = Child(role, self._argv(role), logs / f"{role}.log", self._env(bootstrap, role, metrics_port))
                 child.start()
                 self.children[role] = child
                 if metrics_port:
@@ -200,19 +201,19 @@ class Pipeline:
             else:
                 # Nothing can be committed with the broker gone, so nothing is lost by not
                 # waiting for it: what was not committed is done again on the next run.
-                print("the broker is down: stopping every stage now (work not committed is redone on "
-                      "the next run)", flush=True)
+                print("the broker is down: stopping every stage now (work not committed is redone on the next run)", flush=True)
                 self._stop_children(timeout=5, together=True)
             if self.stack is not None:
                 self.stack.stop()
             if is_s3_output(self.out_dir):
-                print(f"results: {self.out_dir}avro/ and {self.out_dir}csv/ (one CSV: imgflow export csv "
-                      f"{self.out_dir} --out results.csv)", flush=True)
+                print(f"results: {self.out_dir}avro/ and {self.out_dir}csv/ (one CSV: imgflow export csv {self.out_dir} --out results.csv)", flush=True)
             else:
                 print(f"results: {self.out_dir / 'results.csv'} and {self.out_dir / 'avro'}/", flush=True)
             allow = self.input_dir.uri if isinstance(self.input_dir, S3Location) else self.input_dir
-            print(f'find images in them: imgflow search "a cat" --out {self.out_dir} · as a web page: '
-                  f"imgflow serve --out {self.out_dir} --allow {allow}", flush=True)
+            print(
+                f'find images in them: imgflow search "a cat" --out {self.out_dir} · as a web page: imgflow serve --out {self.out_dir} --allow {allow}',
+                flush=True,
+            )
 
     def _start_broker(self, logs: Path) -> str:
         """The local broker of ``broker.engine`` (or the given cluster, checked and its topics
@@ -234,13 +235,15 @@ class Pipeline:
         what = "Apache Kafka (KRaft)" if engine == "kafka" else "tansu on SeaweedFS"
         print(f"starting the embedded broker, {what} (data in {self.data_dir / 'broker'}) ...", flush=True)
         wait_for_earlier_stack(self.data_dir / "broker")
-        self.stack = EmbeddedStack(self.data_dir / "broker", port=port, log_file=logs / "broker.log",
-                                   engine=engine)
+        self.stack = EmbeddedStack(self.data_dir / "broker", port=port, log_file=logs / "broker.log", engine=engine)
         self.stack.start()
         print(f"broker ready at {self.stack.bootstrap}", flush=True)
         if self.settings.kafka.security_protocol != "PLAINTEXT":
-            print(f"note: the embedded broker speaks PLAINTEXT on loopback; kafka.security_protocol="
-                  f"{self.settings.kafka.security_protocol} applies to a cluster given with --bootstrap", flush=True)
+            print(
+                f"note: the embedded broker speaks PLAINTEXT on loopback; kafka.security_protocol="
+                f"{self.settings.kafka.security_protocol} applies to a cluster given with --bootstrap",
+                flush=True,
+            )
         if engine == "tansu" or port:  # a restart keeps the address every stage was given
             self.stack.port = int(self.stack.bootstrap.rpartition(":")[2])
         return self.stack.bootstrap
@@ -259,8 +262,7 @@ class Pipeline:
             print(f"\nthe embedded broker keeps failing (exit {code}); see {stack.log_file}", flush=True)
             return False
         log.warning("the embedded broker's runner exited with %s: restarting it", code)
-        print(f"\nthe embedded broker exited ({code}): restarting it at {stack.bootstrap} "
-              f"(log: {stack.log_file})", flush=True)
+        print(f"\nthe embedded broker exited ({code}): restarting it at {stack.bootstrap} (log: {stack.log_file})", flush=True)
         processes = _stack_processes(stack)  # the engine's, stopping now that their runner is gone
         stack.stop()
         _wait_gone(processes, 60)
@@ -275,8 +277,7 @@ class Pipeline:
 
     def _with_bootstrap(self, bootstrap: str) -> Settings:
         local = {} if self.external_bootstrap else {"security_protocol": "PLAINTEXT", "sasl_mechanism": ""}
-        return self.settings.model_copy(update={"kafka": self.settings.kafka.model_copy(
-            update={"bootstrap": bootstrap, **local})})
+        return self.settings.model_copy(update={"kafka": self.settings.kafka.model_copy(update={"bootstrap": bootstrap, **local})})
 
     def _serve_metrics(self) -> None:
         port = self.metrics_port
@@ -284,8 +285,7 @@ class Pipeline:
             return
         if not _port_free(port, self.settings.metrics_addr):
             port = free_port()
-            print(f"metrics port {self.metrics_port} is in use: metrics are served on port {port} instead",
-                  flush=True)
+            print(f"metrics port {self.metrics_port} is in use: metrics are served on port {port} instead", flush=True)
         serve_children(port, self.child_metrics, self.settings.metrics_addr)
         self.metrics_port = port
         print(f"metrics of every process: http://{self.settings.metrics_addr}:{port}/metrics", flush=True)
@@ -311,14 +311,20 @@ class Pipeline:
                 found = counter.count(t.new) + counter.count(t.new_high)
                 # --once: rows of this folder's images (of earlier runs too); else every row.
                 written = len(target) - len(tail.missing) if self.once else tail.rows
-                progress.show(found=found, vision=counter.count(t.vision), enriched=counter.count(t.enriched),
-                              failed=counter.count(t.dlq), written=written, errors=tail.errors,
-                              new_rows=tail.rows - done_before, elapsed=time.monotonic() - started)
+                progress.show(
+                    found=found,
+                    vision=counter.count(t.vision),
+                    enriched=counter.count(t.enriched),
+                    failed=counter.count(t.dlq),
+                    written=written,
+                    errors=tail.errors,
+                    new_rows=tail.rows - done_before,
+                    elapsed=time.monotonic() - started,
+                )
                 if self.once and not tail.missing:
                     self.finished = True
                     progress.finish()
-                    print(f"done: {len(target)} images, {tail.errors} with errors, "
-                          f"in {time.monotonic() - started:.1f}s", flush=True)
+                    print(f"done: {len(target)} images, {tail.errors} with errors, in {time.monotonic() - started:.1f}s", flush=True)
                     return 0
                 if not self._restart_broker() or not self._restart_dead():
                     return 1
@@ -447,12 +453,10 @@ def wait_for_earlier_stack(broker_dir: Path, timeout: float = 120) -> None:
         runners = _runners_of(broker_dir)
         owners = [parent for _, parent in runners if parent is not None and parent != os.getpid() and _alive(parent)]
         if owners:
-            raise StackError(f"data dir {broker_dir} is in use by another running stack (the command with "
-                             f"pid {owners[0]}): stop it, or use another --data-dir")
+            raise StackError(f"data dir {broker_dir} is in use by another running stack (the command with pid {owners[0]}): stop it, or use another --data-dir")
         if not announced:
             pids = ", ".join(str(pid) for pid, _ in runners) or "?"
-            print(f"an earlier stack on {broker_dir} (pid {pids}) is still stopping: its command is gone; "
-                  f"waiting for it to finish ...", flush=True)
+            print(f"an earlier stack on {broker_dir} (pid {pids}) is still stopping: its command is gone; waiting for it to finish ...", flush=True)
             announced = True
         if time.monotonic() > deadline:
             raise StackError(f"the earlier stack on {broker_dir} did not stop within {timeout:.0f} s")
@@ -488,7 +492,8 @@ class Progress:
         self._samples: deque[tuple[float, int]] = deque()  # (time, rows written this run)
         self._bar = None
         if self.tty:
-            from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as Bar
 
             columns = [TextColumn("{task.description}")]
             if total is not None:
@@ -520,8 +525,9 @@ class Progress:
         t0, n0 = self._samples[0]
         return (new_rows - n0) / (now - t0) if now > t0 and new_rows > n0 else 0.0
 
-    def show(self, *, found: int, vision: int, enriched: int, failed: int, written: int, errors: int,
-             new_rows: int, elapsed: float, now: float | None = None) -> None:
+    def show(
+        self, *, found: int, vision: int, enriched: int, failed: int, written: int, errors: int, new_rows: int, elapsed: float, now: float | None = None
+    ) -> None:
         rate = self.rate(time.monotonic() if now is None else now, new_rows, working=vision > 0)
         remaining = self.total - written if self.total is not None else None
         if remaining is not None and rate > 0:

@@ -35,7 +35,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -60,6 +60,7 @@ class ReplayError(ImgflowError, RuntimeError):
 
 # ---- range points ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Point:
     """One end of a range: an offset (applied to every partition), a time (ms since the
@@ -72,7 +73,7 @@ class Point:
         if self.kind == "offset":
             return str(self.value)
         if self.kind == "time":
-            return datetime.fromtimestamp(self.value / 1000, timezone.utc).isoformat(timespec="milliseconds")
+            return datetime.fromtimestamp(self.value / 1000, UTC).isoformat(timespec="milliseconds")
         return self.kind
 
 
@@ -89,10 +90,9 @@ def parse_point(text: str, what: str) -> Point:
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise ReplayError(f"{what} {text!r}: expected an offset (123), a time (2026-11-29T01:00:00Z or "
-                          f"@<epoch ms>), 'start' or 'end'") from None
+        raise ReplayError(f"{what} {text!r}: expected an offset (123), a time (2026-11-29T01:00:00Z or @<epoch ms>), 'start' or 'end'") from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return Point("time", int(when.timestamp() * 1000))
 
 
@@ -103,13 +103,13 @@ EOF_READER = {"enable.partition.eof": True, "fetch.wait.max.ms": 10}
 
 # ---- finding offsets by reading records ---------------------------------------------------------
 
+
 class PartitionReader:
     """Reads single records and partition ends with one assign()ed consumer (no group
     offsets are read or written)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.consumer = Consumer(consumer_config(settings, f"imgflow-replay-reader-{uuid.uuid4().hex[:8]}",
-                                                 **EOF_READER))
+        self.consumer = Consumer(consumer_config(settings, f"imgflow-replay-reader-{uuid.uuid4().hex[:8]}", **EOF_READER))
         self.time_lookups: Counter[str] = Counter()  # how offsets for times were found: broker | scanned
 
     def close(self) -> None:
@@ -234,6 +234,7 @@ class PartitionReader:
 
 # ---- the run registry -------------------------------------------------------------------------
 
+
 @dataclass
 class RunRecord:
     run_id: str
@@ -287,12 +288,13 @@ class RunRegistry:
 
 # ---- what each stage of a run reads and writes ------------------------------------------------
 
+
 def run_topic(topic: str, run_id: str) -> str:
     return f"{topic}.run.{run_id}"
 
 
 def stages_from(stage: str) -> list[str]:
-    return STAGES[STAGES.index(stage):]
+    return STAGES[STAGES.index(stage) :]
 
 
 def input_topics(settings: Settings, stage: str) -> list[str]:
@@ -311,18 +313,21 @@ def run_settings(settings: Settings, record: RunRecord) -> Settings:
         topics["enriched"] = run_topic(t.enriched, record.run_id)
         topics["dlq"] = run_topic(t.dlq, record.run_id)
     out = record.out
-    return settings.model_copy(update={
-        "run_id": record.run_id,
-        "topics": t.model_copy(update=topics),
-        "sink": settings.sink.model_copy(update={"out_dir": out if out.startswith("s3://") else Path(out)}),
-    })
+    return settings.model_copy(
+        update={
+            "run_id": record.run_id,
+            "topics": t.model_copy(update=topics),
+            "sink": settings.sink.model_copy(update={"out_dir": out if out.startswith("s3://") else Path(out)}),
+        }
+    )
 
 
 def run_topic_specs(settings: Settings, record: RunRecord) -> list[TopicSpec]:
     scoped, live = run_settings(settings, record).topics, settings.topics
     pairs = [("vision", "VisionResult"), ("enriched", "EnrichedRecord"), ("dlq", "DeadLetter")]
-    return [TopicSpec(getattr(scoped, name), live.partitions, schema, image_topic=True) for name, schema in pairs
-            if getattr(scoped, name) != getattr(live, name)]
+    return [
+        TopicSpec(getattr(scoped, name), live.partitions, schema, image_topic=True) for name, schema in pairs if getattr(scoped, name) != getattr(live, name)
+    ]
 
 
 @dataclass
@@ -387,8 +392,9 @@ def stage_plan(settings: Settings, stage: str, run_id: str) -> StagePlan:
 
 # ---- the command ---------------------------------------------------------------------------------
 
+
 def new_run_id(stage: str) -> str:
-    return f"{stage}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:4]}"
+    return f"{stage}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:4]}"
 
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -401,8 +407,7 @@ def default_out(settings: Settings, run_id: str) -> str:
     return str(Path(live).resolve() / "runs" / run_id)
 
 
-def prepare_run(settings: Settings, stage: str, start: Point, stop: Point, run_id: str | None,
-                out: str | None) -> tuple[RunRecord, bool]:
+def prepare_run(settings: Settings, stage: str, start: Point, stop: Point, run_id: str | None, out: str | None) -> tuple[RunRecord, bool]:
     """The run to work on: the one named, or an unfinished one of the same command (so a
     plain re-run after a crash resumes it), or a new one with its range resolved now.
     Returns (record, resumed)."""
@@ -413,24 +418,33 @@ def prepare_run(settings: Settings, stage: str, start: Point, stop: Point, run_i
         raise ReplayError(f"--run-id {run_id!r}: use letters, digits, '.', '_' or '-' (it names topics and groups)")
     if out is not None and not out.startswith("s3://"):
         out = str(Path(out).resolve())
-    same = [r for r in runs.values() if r.stage == stage and r.range_from == str(start) and r.range_to == str(stop)
-            and r.status != "done" and (out is None or r.out == out)]
+    same = [
+        r
+        for r in runs.values()
+        if r.stage == stage and r.range_from == str(start) and r.range_to == str(stop) and r.status != "done" and (out is None or r.out == out)
+    ]
     existing = runs.get(run_id) if run_id else (same[-1] if same else None)
     if existing is not None:
         if (existing.stage, existing.range_from, existing.range_to) != (stage, str(start), str(stop)):
-            raise ReplayError(f"run {existing.run_id} exists with another range ({existing.stage} "
-                              f"{existing.range_from}..{existing.range_to}); pick another --run-id")
+            raise ReplayError(
+                f"run {existing.run_id} exists with another range ({existing.stage} {existing.range_from}..{existing.range_to}); pick another --run-id"
+            )
         return existing, True
     run_id = run_id or new_run_id(stage)
     reader = PartitionReader(settings)
     try:
-        ranges = {f"{t}:{p}": list(reader.resolve((t, p), start, stop))
-                  for t in input_topics(settings, stage) for p in reader.partitions(t)}
+        ranges = {f"{t}:{p}": list(reader.resolve((t, p), start, stop)) for t in input_topics(settings, stage) for p in reader.partitions(t)}
     finally:
         reader.close()
-    record = RunRecord(run_id=run_id, stage=stage, range_from=str(start), range_to=str(stop),
-                       out=out or default_out(settings, run_id),
-                       created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), ranges=ranges)
+    record = RunRecord(
+        run_id=run_id,
+        stage=stage,
+        range_from=str(start),
+        range_to=str(stop),
+        out=out or default_out(settings, run_id),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        ranges=ranges,
+    )
     ensure_topics(settings, run_topic_specs(settings, record))
     registry.save(record)
     return record, False
@@ -454,8 +468,7 @@ def run_stage_process(stage: str, run_id: str, log_path: Path, stopping, max_fai
     while not stopping():
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    preexec_fn=own_session_dying_with_parent)
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=own_session_dying_with_parent)
         while proc.poll() is None:
             if stopping():
                 proc.terminate()
@@ -468,7 +481,7 @@ def run_stage_process(stage: str, run_id: str, log_path: Path, stopping, max_fai
         if failures >= max_failures:
             return proc.returncode
         log.warning("%s of run %s exited with %s: restarting it (log: %s)", stage, run_id, proc.returncode, log_path)
-        time.sleep(min(10, 0.5 * 2 ** failures))
+        time.sleep(min(10, 0.5 * 2**failures))
     return 1
 
 
@@ -484,8 +497,7 @@ def execute(settings: Settings, record: RunRecord, logs_dir: Path, stopping, say
     if record.status == "done":
         say(f"run {record.run_id} is already complete: {record.results} results in {record.out}")
         return 0
-    say(f"run {record.run_id}: {record.stage} over {record.range_from}..{record.range_to} "
-        f"({record.records_in_range()} records) -> {record.out}")
+    say(f"run {record.run_id}: {record.stage} over {record.range_from}..{record.range_to} ({record.records_in_range()} records) -> {record.out}")
     started = time.monotonic()
     crash = CrashPoints("replay")
     for stage in stages_from(record.stage):
@@ -499,8 +511,7 @@ def execute(settings: Settings, record: RunRecord, logs_dir: Path, stopping, say
         crash.reach("after_stage")
     record.results, record.errors = count_results(settings, record.out)
     record.status = "done"
-    record.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
     RunRegistry(settings).save(record)
-    say(f"run {record.run_id} complete: {record.results} results ({record.errors} with errors) "
-        f"in {time.monotonic() - started:.1f}s -> {record.out}")
+    say(f"run {record.run_id} complete: {record.results} results ({record.errors} with errors) in {time.monotonic() - started:.1f}s -> {record.out}")
     return 0

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import fastavro
@@ -39,11 +39,20 @@ from schemas.codec import get_codec
 log = logging.getLogger(__name__)
 
 SEED_COLUMNS = [
-    "image_path", "text", "description", "categories", "keywords", "image_text",
-    "text_vector", "word2vec_vector", "image_vector", "timestamp", "error", "llama_extracted",
+    "image_path",
+    "text",
+    "description",
+    "categories",
+    "keywords",
+    "image_text",
+    "text_vector",
+    "word2vec_vector",
+    "image_vector",
+    "timestamp",
+    "error",
+    "llama_extracted",
 ]
-EXTRA_COLUMNS = ["event_id", "run_id", "source_uri", "failed_stage", "models", "source_topic",
-                 "source_partition", "source_offset"]
+EXTRA_COLUMNS = ["event_id", "run_id", "source_uri", "failed_stage", "models", "source_topic", "source_partition", "source_offset"]
 CSV_COLUMNS = SEED_COLUMNS + EXTRA_COLUMNS
 LIST_COLUMNS = {"categories", "keywords", "text_vector", "word2vec_vector", "image_vector"}
 VECTOR_COLUMNS = {"text_vector", "word2vec_vector", "image_vector"}
@@ -59,8 +68,8 @@ csv.field_size_limit(sys.maxsize)
 # ---- rows -------------------------------------------------------------------------------------
 def iso_time(ts) -> str:
     if isinstance(ts, datetime):
-        return ts.astimezone(timezone.utc).isoformat(timespec="milliseconds")
-    return datetime.fromtimestamp(ts / 1000, timezone.utc).isoformat(timespec="milliseconds")
+        return ts.astimezone(UTC).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(ts / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 def row_from_enriched(e: dict, topic: str, partition: int, offset: int) -> dict:
@@ -198,8 +207,9 @@ def avro_bytes(rows: list[dict], schema: str = "ResultRow", codec: str = "deflat
 
 def index_bytes(rows: list[dict]) -> bytes:
     """The ``_index`` object of a batch: what dedupe and the backfill check need, small."""
-    return json.dumps({"rows": [[r["source_offset"], r["event_id"], r.get("run_id") or "", bool(r.get("error"))]
-                                for r in rows]}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return json.dumps(
+        {"rows": [[r["source_offset"], r["event_id"], r.get("run_id") or "", bool(r.get("error"))] for r in rows]}, ensure_ascii=False, separators=(",", ":")
+    ).encode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -326,8 +336,10 @@ class S3Output:
     def _fail(self, exc: BaseException, key: str = "") -> S3Error:
         err = explain(exc, s3_uri(self.bucket, self.prefix + key))
         if err.code == "NoSuchBucket" or (err.code == "NoSuchKey" and not key):
-            return S3Error(f"{self.uri}: the bucket {self.bucket!r} does not exist: create it, or fix the output "
-                           "(--out / sink.out_dir, IMGFLOW_SINK__OUT_DIR)", code="NoSuchBucket")
+            return S3Error(
+                f"{self.uri}: the bucket {self.bucket!r} does not exist: create it, or fix the output (--out / sink.out_dir, IMGFLOW_SINK__OUT_DIR)",
+                code="NoSuchBucket",
+            )
         return err
 
     def check(self) -> None:
@@ -359,16 +371,15 @@ class S3Output:
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
                 for obj in page.get("Contents", []):
-                    yield obj["Key"][len(self.prefix):]
+                    yield obj["Key"][len(self.prefix) :]
         except Exception as exc:  # noqa: BLE001
             raise self._fail(exc, prefix) from None
 
     def subfolders(self, prefix: str) -> list[str]:
         names = []
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(
-                    Bucket=self.bucket, Prefix=self.prefix + prefix, Delimiter="/"):
-                names += [p["Prefix"][len(self.prefix + prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + prefix, Delimiter="/"):
+                names += [p["Prefix"][len(self.prefix + prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
         except Exception as exc:  # noqa: BLE001
             raise self._fail(exc, prefix) from None
         return sorted(names)
@@ -412,7 +423,7 @@ def fetch_all(output: Output, keys: list[str], threads: int = 10) -> Iterator[tu
         return
     with ThreadPoolExecutor(threads) as pool:
         for i in range(0, len(keys), 100):  # a bounded number of objects in memory at once
-            chunk = keys[i:i + 100]
+            chunk = keys[i : i + 100]
             yield from zip(chunk, pool.map(output.get, chunk))
 
 
@@ -584,8 +595,7 @@ def export_csv(out, settings: Settings, dest, progress=None) -> ExportSummary:
     return summary
 
 
-def retry_s3(what: str, action, stopping=lambda: False, max_backoff_s: float = 30.0,
-             sleep=time.sleep):
+def retry_s3(what: str, action, stopping=lambda: False, max_backoff_s: float = 30.0, sleep=time.sleep):
     """Run ``action()`` until it succeeds, retrying S3Errors with exponential back-off
     (also the configuration ones: a bucket can be created, credentials fixed, while we wait).
     Returns None if ``stopping()`` becomes true first."""

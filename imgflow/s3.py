@@ -82,8 +82,7 @@ def s3_client(settings: Settings, *, timeout_s: float | None = None, max_attempt
     key, secret = s.access_key_id.get_secret_value(), s.secret_access_key.get_secret_value()
     if key or secret:
         if not (key and secret):
-            raise S3Error("s3.access_key_id and s3.secret_access_key (IMGFLOW_S3__ACCESS_KEY_ID / "
-                          "IMGFLOW_S3__SECRET_ACCESS_KEY) must be set together")
+            raise S3Error("s3.access_key_id and s3.secret_access_key (IMGFLOW_S3__ACCESS_KEY_ID / IMGFLOW_S3__SECRET_ACCESS_KEY) must be set together")
         client_kwargs["aws_access_key_id"] = key
         client_kwargs["aws_secret_access_key"] = secret
     timeout = timeout_s if timeout_s is not None else s.timeout_s
@@ -99,10 +98,8 @@ def s3_client(settings: Settings, *, timeout_s: float | None = None, max_attempt
 
 # boto3 error codes that mean "fix the configuration", with the setting to look at.
 _CONFIG_CODES = {
-    "InvalidAccessKeyId": "the access key is not known to the store: check s3.access_key_id "
-                          "(IMGFLOW_S3__ACCESS_KEY_ID) or AWS_ACCESS_KEY_ID",
-    "SignatureDoesNotMatch": "the secret key is wrong: check s3.secret_access_key "
-                             "(IMGFLOW_S3__SECRET_ACCESS_KEY) or AWS_SECRET_ACCESS_KEY",
+    "InvalidAccessKeyId": "the access key is not known to the store: check s3.access_key_id (IMGFLOW_S3__ACCESS_KEY_ID) or AWS_ACCESS_KEY_ID",
+    "SignatureDoesNotMatch": "the secret key is wrong: check s3.secret_access_key (IMGFLOW_S3__SECRET_ACCESS_KEY) or AWS_SECRET_ACCESS_KEY",
     "AccessDenied": "access denied: check the credentials' permissions",
     "NoSuchBucket": "the bucket does not exist: create it, or fix the s3:// URI",
 }
@@ -124,11 +121,16 @@ def explain(exc: BaseException, what: str) -> S3Error:
     if isinstance(exc, S3Error):
         return exc
     if isinstance(exc, NoCredentialsError):
-        return S3Error(f"{what}: no S3 credentials: set s3.access_key_id/s3.secret_access_key "
-                       "(IMGFLOW_S3__*) or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY", code="NoCredentials")
+        return S3Error(
+            f"{what}: no S3 credentials: set s3.access_key_id/s3.secret_access_key (IMGFLOW_S3__*) or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY",
+            code="NoCredentials",
+        )
     if isinstance(exc, (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, ConnectionError)):
-        return S3Error(f"{what}: S3 endpoint unreachable ({type(exc).__name__}): check s3.endpoint_url "
-                       "(IMGFLOW_S3__ENDPOINT_URL) or AWS_ENDPOINT_URL", retriable=True, code="Unreachable")
+        return S3Error(
+            f"{what}: S3 endpoint unreachable ({type(exc).__name__}): check s3.endpoint_url (IMGFLOW_S3__ENDPOINT_URL) or AWS_ENDPOINT_URL",
+            retriable=True,
+            code="Unreachable",
+        )
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
@@ -137,8 +139,9 @@ def explain(exc: BaseException, what: str) -> S3Error:
             return S3Error(f"{what}: {code}: {_CONFIG_CODES[code]}", code=code)
         if code in _MISSING_CODES or status == 404:
             return S3Error(f"{what}: object not found", code="NoSuchKey")
-        return S3Error(f"{what}: {code or status}: {err.get('Message', '')}".rstrip(": "),
-                       retriable=status >= 500 or code in {"SlowDown", "RequestTimeout"}, code=code)
+        return S3Error(
+            f"{what}: {code or status}: {err.get('Message', '')}".rstrip(": "), retriable=status >= 500 or code in {"SlowDown", "RequestTimeout"}, code=code
+        )
     return S3Error(f"{what}: {type(exc).__name__}: {exc}", retriable=True, code=type(exc).__name__)
 
 
@@ -155,14 +158,12 @@ def read_object(client, bucket: str, key: str, max_bytes: int, chunk_size: int =
         body = resp["Body"]
         try:
             if length > max_bytes:
-                raise BadInput(f"object too large: {what} has {length} bytes "
-                               f"(limit models.image_max_bytes = {max_bytes})")
+                raise BadInput(f"object too large: {what} has {length} bytes (limit models.image_max_bytes = {max_bytes})")
             parts, total = [], 0
             for chunk in body.iter_chunks(chunk_size):
                 total += len(chunk)
                 if total > max_bytes:
-                    raise BadInput(f"object too large: {what} has over {max_bytes} bytes "
-                                   f"(limit models.image_max_bytes)")
+                    raise BadInput(f"object too large: {what} has over {max_bytes} bytes (limit models.image_max_bytes)")
                 parts.append(chunk)
         finally:
             body.close()
@@ -177,8 +178,7 @@ def read_object(client, bucket: str, key: str, max_bytes: int, chunk_size: int =
         raise err from None
     data = b"".join(parts)
     if len(data) != length:
-        raise S3Error(f"{what}: read {len(data)} of {length} bytes (connection cut)", retriable=True,
-                      code="Truncated")
+        raise S3Error(f"{what}: read {len(data)} of {length} bytes (connection cut)", retriable=True, code="Truncated")
     return data
 
 

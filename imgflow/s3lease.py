@@ -79,12 +79,10 @@ class S3Lease:
 
     # ---- the object
     def _body(self) -> bytes:
-        return json.dumps({"host": self.me.host, "pid": self.me.pid, "owner": self.me.owner, "token": self.me.token,
-                           "ttl_s": self.ttl_s}).encode()
+        return json.dumps({"host": self.me.host, "pid": self.me.pid, "owner": self.me.owner, "token": self.me.token, "ttl_s": self.ttl_s}).encode()
 
     def _put(self, **condition) -> str:
-        resp = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(),
-                                      ContentType="application/json", **condition)
+        resp = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), ContentType="application/json", **condition)
         return resp["ETag"]
 
     def _read(self) -> tuple[Holder, str, float, float] | None:
@@ -104,8 +102,7 @@ class S3Lease:
         now = resp["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
         server_now = email.utils.parsedate_to_datetime(now).timestamp() if now else time.time()
         age = max(0.0, server_now - resp["LastModified"].timestamp())
-        holder = Holder(str(data.get("host", "?")), int(data.get("pid", 0)), str(data.get("owner", "?")),
-                        str(data.get("token", "")))
+        holder = Holder(str(data.get("host", "?")), int(data.get("pid", 0)), str(data.get("owner", "?")), str(data.get("token", "")))
         return holder, resp["ETag"], age, float(data.get("ttl_s", self.ttl_s))
 
     @staticmethod
@@ -142,8 +139,9 @@ class S3Lease:
                     raise explain(exc, self.uri) from None
                 log.warning("took over the lease %s from %s: %s", self.uri, holder.describe(), why)
                 break
-            message = (f"{holder.describe()} holds the lease {self.uri}, renewed {age:.0f} s ago; if it is gone, "
-                       f"the lease expires in {max(0.0, ttl - age):.0f} s")
+            message = (
+                f"{holder.describe()} holds the lease {self.uri}, renewed {age:.0f} s ago; if it is gone, the lease expires in {max(0.0, ttl - age):.0f} s"
+            )
             if not wait_for(holder):
                 raise LeaseHeld(message)
             if announced != holder.token:
@@ -154,8 +152,7 @@ class S3Lease:
             time.sleep(min(2.0, max(0.2, (ttl - age) / 4)))
         self._renewed = time.monotonic()
         self._lost = None
-        log.info("holding the lease %s (renewed every %.0f s, expires %.0f s after a holder stops)",
-                 self.uri, self.ttl_s / 3, self.ttl_s)
+        log.info("holding the lease %s (renewed every %.0f s, expires %.0f s after a holder stops)", self.uri, self.ttl_s / 3, self.ttl_s)
 
     def renew(self) -> None:
         """Rewrite the lease if it is still ours (LeaseLost if it was taken over)."""
@@ -171,8 +168,9 @@ class S3Lease:
                     raise explain(exc, self.uri) from None
                 current = self._read()
                 who = current[0].describe() if current else "nobody (it was deleted)"
-                self._lost = LeaseLost(f"the lease {self.uri} was taken over by {who}: it was not renewed "
-                                       f"within {self.ttl_s:.0f} s; stopping so that one sink writes the prefix")
+                self._lost = LeaseLost(
+                    f"the lease {self.uri} was taken over by {who}: it was not renewed within {self.ttl_s:.0f} s; stopping so that one sink writes the prefix"
+                )
                 raise self._lost from None
             self._renewed = time.monotonic()
 

@@ -77,11 +77,9 @@ class KafkaSettings(_Section):
     def _mechanism_needs_sasl(cls, value: str, info) -> str:
         protocol = info.data.get("security_protocol", "PLAINTEXT")
         if value and not protocol.startswith("SASL_"):
-            raise ValueError(f"kafka.sasl_mechanism={value} needs kafka.security_protocol SASL_PLAINTEXT or "
-                             f"SASL_SSL (it is {protocol})")
+            raise ValueError(f"kafka.sasl_mechanism={value} needs kafka.security_protocol SASL_PLAINTEXT or SASL_SSL (it is {protocol})")
         if protocol.startswith("SASL_") and not value:
-            raise ValueError(f"kafka.security_protocol={protocol} needs kafka.sasl_mechanism "
-                             "(PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")
+            raise ValueError(f"kafka.security_protocol={protocol} needs kafka.sasl_mechanism (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")
         return value
 
 
@@ -182,9 +180,28 @@ class WatchSettings(_Section):
     settle_s: float = Field(1.0, ge=0.0)  # a file must be unchanged this long before it is published
     # Names that say "image": each becomes a row, an error row where the models cannot take the
     # format (HEIC, RAW, SVG ... are listed so they are reported, not silently skipped).
-    extensions: list[str] = [".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp",
-                             ".heic", ".heif", ".avif", ".jxl", ".jp2", ".ico", ".psd", ".svg",
-                             ".dng", ".cr2", ".nef", ".arw"]
+    extensions: list[str] = [
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".gif",
+        ".bmp",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".heic",
+        ".heif",
+        ".avif",
+        ".jxl",
+        ".jp2",
+        ".ico",
+        ".psd",
+        ".svg",
+        ".dng",
+        ".cr2",
+        ".nef",
+        ".arw",
+    ]
     # S3 watcher (watchers/s3.py): a full listing compares every ETag this often (catches keys
     # sorting before the cursor and overwrites); between them only keys after the cursor.
     s3_full_scan_s: float = Field(60.0, ge=0.0)
@@ -261,9 +278,7 @@ class SearchSettings(_Section):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="IMGFLOW_", env_nested_delimiter="__", extra="forbid", validate_default=True
-    )
+    model_config = SettingsConfigDict(env_prefix="IMGFLOW_", env_nested_delimiter="__", extra="forbid", validate_default=True)
 
     data_dir: Path = Field(default_factory=default_data_dir)
     # Images may only be read from below these folders (no path traversal through events).

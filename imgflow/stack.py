@@ -126,16 +126,25 @@ class EmbeddedStack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         cmd = [
-            sys.executable, "-m", "infra.embedded",
-            "--data-dir", str(self.data_dir),
-            "--port", str(self.port),
-            "--host", self.host,
-            "--engine", self.engine,
-            "--nodes", str(self.nodes),
+            sys.executable,
+            "-m",
+            "infra.embedded",
+            "--data-dir",
+            str(self.data_dir),
+            "--port",
+            str(self.port),
+            "--host",
+            self.host,
+            "--engine",
+            self.engine,
+            "--nodes",
+            str(self.nodes),
             *[arg for k, v in self.kafka_config.items() for arg in ("--kafka-config", f"{k}={v}")],
             *self._sasl_ssl_args(),
-            "--parent-pid", str(os.getpid()),
-            "--start-timeout", str(max(5.0, timeout - 2)),
+            "--parent-pid",
+            str(os.getpid()),
+            "--start-timeout",
+            str(max(5.0, timeout - 2)),
         ]
         env = os.environ.copy()
         root = str(_repo_root())
@@ -153,8 +162,7 @@ class EmbeddedStack:
                 start_new_session=True,
             )
         self._lines = queue.Queue()
-        self._reader = threading.Thread(target=self._read_stdout, args=(self.proc,),
-                                         name="embedded-stack-stdout", daemon=True)
+        self._reader = threading.Thread(target=self._read_stdout, args=(self.proc,), name="embedded-stack-stdout", daemon=True)
         self._reader.start()
         deadline = t0 + timeout
         try:
@@ -181,8 +189,7 @@ class EmbeddedStack:
         fd = os.open(self._users_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(self.scram_users, f)
-        return ["--sasl-ssl", str(self.sasl_ssl), "--scram-users", str(self._users_file),
-                "--ssl-client-auth", self.ssl_client_auth]
+        return ["--sasl-ssl", str(self.sasl_ssl), "--scram-users", str(self._users_file), "--ssl-client-auth", self.ssl_client_auth]
 
     def _read_stdout(self, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
@@ -196,10 +203,7 @@ class EmbeddedStack:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise StackError(
-                    f"embedded stack did not become ready in time; log tail ({self.log_file}):\n"
-                    f"{self.log_tail()}"
-                )
+                raise StackError(f"embedded stack did not become ready in time; log tail ({self.log_file}):\n{self.log_tail()}")
             try:
                 line = self._lines.get(timeout=min(remaining, 0.5))
             except queue.Empty:
@@ -207,11 +211,9 @@ class EmbeddedStack:
             if line is None:  # stdout closed: the runner exited
                 code = self.proc.wait()
                 what = "refused to start" if code == EXIT_USAGE else f"exited with code {code}"
-                raise StackError(
-                    f"embedded stack {what}; log tail ({self.log_file}):\n{self.log_tail()}"
-                )
+                raise StackError(f"embedded stack {what}; log tail ({self.log_file}):\n{self.log_tail()}")
             if line.startswith(READY_PREFIX):
-                self.bootstrap = line[len(READY_PREFIX):].strip()
+                self.bootstrap = line[len(READY_PREFIX) :].strip()
                 info = self.info()
                 self.s3_endpoint = info.get("s3_endpoint", "")
                 self.listeners = dict(info.get("listeners") or {})

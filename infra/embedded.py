@@ -62,27 +62,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Run the embedded durable broker: tansu on a local SeaweedFS, or Apache Kafka (KRaft).",
     )
     p.add_argument("--data-dir", type=Path, required=True, help="where broker data, logs and stack.json live")
-    p.add_argument("--engine", choices=ENGINES, default=os.environ.get("IMGFLOW_BROKER__ENGINE", "tansu"),
-                   help="tansu (default, no Java needed) or kafka (Apache Kafka; Java 17+, Maven once)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help=f"Kafka port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=os.environ.get("IMGFLOW_BROKER__ENGINE", "tansu"),
+        help="tansu (default, no Java needed) or kafka (Apache Kafka; Java 17+, Maven once)",
+    )
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"Kafka port (default {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--host", default="127.0.0.1", help="Kafka listen and advertised host")
     p.add_argument("--nodes", type=int, default=1, help="kafka engine: how many broker+controller nodes (1 or 3 ...)")
-    p.add_argument("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
-                   help="kafka engine: an extra server.properties line for every node (repeatable)")
-    p.add_argument("--sasl-ssl", type=Path, default=None, metavar="TLSDIR",
-                   help="kafka engine: add a SASL_SSL client listener (SCRAM-SHA-256/512) whose TLS key and "
-                        "certificate chain are TLSDIR/broker.pem (PEM: PKCS#8 key, then the chain); its "
-                        "address is stack.json's listeners.SASL_SSL")
-    p.add_argument("--scram-users", type=Path, default=None, metavar="FILE",
-                   help="with --sasl-ssl: a JSON file {\"NAME\": \"PASSWORD\", ...} of the SCRAM users created "
-                        "when the storage is formatted (a file, so no password is on a command line)")
-    p.add_argument("--ssl-client-auth", choices=("none", "requested", "required"), default="none",
-                   help="with --sasl-ssl: ask clients for a certificate signed by TLSDIR/ca.pem")
-    p.add_argument("--parent-pid", type=int, default=None,
-                   help="shut down when this process is gone")
-    p.add_argument("--start-timeout", type=float, default=90.0,
-                   help="seconds to wait for the broker to become healthy")
+    p.add_argument(
+        "--kafka-config", action="append", default=[], metavar="KEY=VALUE", help="kafka engine: an extra server.properties line for every node (repeatable)"
+    )
+    p.add_argument(
+        "--sasl-ssl",
+        type=Path,
+        default=None,
+        metavar="TLSDIR",
+        help="kafka engine: add a SASL_SSL client listener (SCRAM-SHA-256/512) whose TLS key and "
+        "certificate chain are TLSDIR/broker.pem (PEM: PKCS#8 key, then the chain); its "
+        "address is stack.json's listeners.SASL_SSL",
+    )
+    p.add_argument(
+        "--scram-users",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help='with --sasl-ssl: a JSON file {"NAME": "PASSWORD", ...} of the SCRAM users created '
+        "when the storage is formatted (a file, so no password is on a command line)",
+    )
+    p.add_argument(
+        "--ssl-client-auth",
+        choices=("none", "requested", "required"),
+        default="none",
+        help="with --sasl-ssl: ask clients for a certificate signed by TLSDIR/ca.pem",
+    )
+    p.add_argument("--parent-pid", type=int, default=None, help="shut down when this process is gone")
+    p.add_argument("--start-timeout", type=float, default=90.0, help="seconds to wait for the broker to become healthy")
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         p.error("--port must be between 0 and 65535")
@@ -114,13 +130,11 @@ def sasl_ssl_engine_args(tls_dir: Path, users_file: Path, client_auth: str, prop
     try:
         users = json.loads(Path(users_file).read_text())
     except (OSError, ValueError) as exc:
-        raise StartupError(f"--scram-users {users_file}: cannot read it as JSON {{name: password}} "
-                           f"({type(exc).__name__})") from None
+        raise StartupError(f"--scram-users {users_file}: cannot read it as JSON {{name: password}} ({type(exc).__name__})") from None
     if not isinstance(users, dict) or not all(isinstance(v, str) for v in users.values()):
         raise StartupError(f"--scram-users {users_file}: expected a JSON object {{name: password}}")
     secure = sasl_ssl_listener(tls_dir, users, client_auth)
-    return {"listeners": [secure.listener], "props": {**secure.props, **props},
-            "format_args": secure.format_args, "secrets": secure.secrets}
+    return {"listeners": [secure.listener], "props": {**secure.props, **props}, "format_args": secure.format_args, "secrets": secure.secrets}
 
 
 def make_engine(args: argparse.Namespace, data_dir: Path, port: int):
@@ -129,8 +143,9 @@ def make_engine(args: argparse.Namespace, data_dir: Path, port: int):
 
         props = dict(item.split("=", 1) for item in args.kafka_config)
         if args.sasl_ssl is not None:
-            return KafkaEngine(data_dir, args.host, port, nodes=args.nodes,
-                               **sasl_ssl_engine_args(args.sasl_ssl, args.scram_users, args.ssl_client_auth, props))
+            return KafkaEngine(
+                data_dir, args.host, port, nodes=args.nodes, **sasl_ssl_engine_args(args.sasl_ssl, args.scram_users, args.ssl_client_auth, props)
+            )
         return KafkaEngine(data_dir, args.host, port, nodes=args.nodes, props=props)
     from infra.tansu import TansuEngine
 
@@ -147,10 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if port == 0:
         port = 0 if args.engine == "kafka" else free_ports(1, args.host)[0]  # kafka keeps its saved ports
     elif not port_is_free(args.host, port):
-        return usage_error(
-            f"port {args.host}:{port} is already in use (another broker or stack running?); "
-            f"stop it or use --port 0 to pick a free port"
-        )
+        return usage_error(f"port {args.host}:{port} is already in use (another broker or stack running?); stop it or use --port 0 to pick a free port")
 
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "logs").mkdir(exist_ok=True)

@@ -18,13 +18,15 @@ HEALTH_TOPIC = "__imgflow_health"
 def admin_client(bootstrap: str):
     from confluent_kafka.admin import AdminClient
 
-    return AdminClient({
-        "bootstrap.servers": bootstrap,
-        "socket.timeout.ms": 5000,
-        "reconnect.backoff.ms": 100,
-        "reconnect.backoff.max.ms": 500,
-        "logger": logging.getLogger("infra.embedded.kafka"),
-    })
+    return AdminClient(
+        {
+            "bootstrap.servers": bootstrap,
+            "socket.timeout.ms": 5000,
+            "reconnect.backoff.ms": 100,
+            "reconnect.backoff.max.ms": 500,
+            "logger": logging.getLogger("infra.embedded.kafka"),
+        }
+    )
 
 
 def create_topics(admin, specs: list[tuple[str, int]], timeout: float = 10.0) -> list[str]:
@@ -83,6 +85,5 @@ def check_broker_health(bootstrap: str, deadline: float, check, name: str, procs
             last = e
         time.sleep(0.2)
     raise StartupError(
-        f"{name} at {bootstrap} did not pass the health check (create + describe "
-        f"{HEALTH_TOPIC}): {last!r}; log tail ({log_path}):\n{tail(log_path)}"
+        f"{name} at {bootstrap} did not pass the health check (create + describe {HEALTH_TOPIC}): {last!r}; log tail ({log_path}):\n{tail(log_path)}"
     )

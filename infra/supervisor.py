@@ -66,12 +66,16 @@ class Supervisor:
         from imgflow.kafka import ensure_topics
         from imgflow.settings import Settings
 
-        ensure_topics(Settings(kafka={"bootstrap": self.engine.bootstrap, "security_protocol": "PLAINTEXT",
-                                      "sasl_mechanism": "", "ssl_ca_location": ""}))
+        ensure_topics(Settings(kafka={"bootstrap": self.engine.bootstrap, "security_protocol": "PLAINTEXT", "sasl_mechanism": "", "ssl_ca_location": ""}))
         self.write_stack_file()
-        log.info("%s stack ready in %.2f s (processes %.2f s, broker healthy %.2f s, topics %.2f s)",
-                 self.engine.name, time.monotonic() - t0, t_spawned - t0, t_broker - t_spawned,
-                 time.monotonic() - t_broker)
+        log.info(
+            "%s stack ready in %.2f s (processes %.2f s, broker healthy %.2f s, topics %.2f s)",
+            self.engine.name,
+            time.monotonic() - t0,
+            t_spawned - t0,
+            t_broker - t_spawned,
+            time.monotonic() - t_broker,
+        )
         print(f"ready bootstrap={self.engine.bootstrap}", flush=True)
 
     def supervise(self) -> None:

@@ -12,10 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from infra.procs import (StartupError, back_off_if_crash_looping, child_env, port_is_free, reopen_log,
-                         spawn_child, stop_process, tail, write_json_atomic)
-from infra.seaweedfs import (GRPC_SOCKET_SERVICES, REGION, WEED_PORT_NAMES, Credentials, Weed, choose_weed_ports,
-                             load_credentials)
+from infra.procs import StartupError, back_off_if_crash_looping, child_env, port_is_free, reopen_log, spawn_child, stop_process, tail, write_json_atomic
+from infra.seaweedfs import GRPC_SOCKET_SERVICES, REGION, WEED_PORT_NAMES, Credentials, Weed, choose_weed_ports, load_credentials
 
 log = logging.getLogger("infra.embedded")
 
@@ -71,12 +69,10 @@ class Tansu:
         self._out = reopen_log(self._out, self.log_path, "tansu")
         self.proc = spawn_child(cmd, self._out, env)
         self.started_at = time.monotonic()
-        log.info("started tansu (pid %d) on %s, storage s3://%s/ at %s",
-                 self.proc.pid, url, BUCKET, s3_endpoint)
+        log.info("started tansu (pid %d) on %s, storage s3://%s/ at %s", self.proc.pid, url, BUCKET, s3_endpoint)
 
     def stop(self) -> None:
         stop_process(self.proc, "tansu", TANSU_STOP_TIMEOUT)
-
 
 
 class TansuEngine:
@@ -107,8 +103,7 @@ class TansuEngine:
     def saved_ports(self) -> dict[str, int]:
         try:
             data = json.loads((self.data_dir / "s3-ports.json").read_text())
-            return {k: int(v) for k, v in data.items() if k in GRPC_SOCKET_SERVICES or
-                    k in WEED_PORT_NAMES or k == "admin"}
+            return {k: int(v) for k, v in data.items() if k in GRPC_SOCKET_SERVICES or k in WEED_PORT_NAMES or k == "admin"}
         except (OSError, ValueError, AttributeError):
             return {}
 
@@ -123,10 +118,10 @@ class TansuEngine:
                 return
             except StartupError:
                 # most likely a port taken between choosing and binding: try fresh ports
-                if self.weed.proc and self.weed.proc.poll() is not None and attempt < 2 \
-                        and time.monotonic() < deadline:
-                    log.warning("SeaweedFS exited during start (attempt %d); retrying with other "
-                                "ports. Log tail:\n%s", attempt + 1, tail(self.weed.out_path, 10))
+                if self.weed.proc and self.weed.proc.poll() is not None and attempt < 2 and time.monotonic() < deadline:
+                    log.warning(
+                        "SeaweedFS exited during start (attempt %d); retrying with other ports. Log tail:\n%s", attempt + 1, tail(self.weed.out_path, 10)
+                    )
                     keep = {}
                     continue
                 raise
@@ -155,19 +150,16 @@ class TansuEngine:
         assert self.tansu and self.weed and self.tansu.proc
         code = self.tansu.proc.returncode
         self.tansu_restarts = back_off_if_crash_looping(self.tansu_restarts, "tansu", self.tansu.log_path, check)
-        log.warning("tansu (pid %d) died with code %s; restarting it on %s",
-                    self.tansu.proc.pid, code, self.tansu.bootstrap)
+        log.warning("tansu (pid %d) died with code %s; restarting it on %s", self.tansu.proc.pid, code, self.tansu.bootstrap)
         self.tansu.spawn(self.weed.endpoint)
 
     def restart_weed(self, check) -> None:
         assert self.tansu and self.weed and self.weed.proc
         old_endpoint = self.weed.endpoint
-        log.warning("SeaweedFS (pid %d) died with code %s; restarting it",
-                    self.weed.proc.pid, self.weed.proc.returncode)
+        log.warning("SeaweedFS (pid %d) died with code %s; restarting it", self.weed.proc.pid, self.weed.proc.returncode)
         self.start_weed(time.monotonic() + 60, dict(self.weed.ports), check)
         if self.weed.endpoint != old_endpoint:
-            log.warning("S3 port changed (%s -> %s); restarting tansu with the new endpoint",
-                        old_endpoint, self.weed.endpoint)
+            log.warning("S3 port changed (%s -> %s); restarting tansu with the new endpoint", old_endpoint, self.weed.endpoint)
             self.tansu.stop()
             self.tansu.spawn(self.weed.endpoint)
 

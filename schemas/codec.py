@@ -119,8 +119,7 @@ class Codec:
         fastavro.schemaless_writer(buf, self._parsed[name], record)
         return buf.getvalue()
 
-    def container(self, name: str, records: list[dict], codec: str = "deflate", level: int = 6,
-                  block_bytes: int = 1 << 20) -> bytes:
+    def container(self, name: str, records: list[dict], codec: str = "deflate", level: int = 6, block_bytes: int = 1 << 20) -> bytes:
         """An Avro object container file (spec: header with the schema, blocks of about
         ``block_bytes``, each ended by the sync marker; ``codec`` deflate or null) of
         ``records``: what ``fastavro.writer(..., codec=codec)`` writes, readable by any Avro
@@ -180,8 +179,6 @@ class Codec:
             raise SchemaError(f"cannot decode {name}: {type(exc).__name__}: {exc}") from exc
 
 
-
-
 def _inline(node: Any, raw: dict[str, dict], seen: set[str], namespace: str) -> Any:
     """Make a schema self-contained: the first reference to one of our named types is
     replaced by its definition, later ones stay names (as Avro requires)."""
@@ -196,8 +193,7 @@ def _inline(node: Any, raw: dict[str, dict], seen: set[str], namespace: str) -> 
         if node.get("type") in ("record", "enum", "fixed") and "name" in node:
             full = node["name"] if "." in node["name"] else f"{node.get('namespace', namespace)}.{node['name']}"
             seen.add(full)
-        return {k: (v if k in ("name", "namespace", "doc", "symbols", "default") else _inline(v, raw, seen, namespace))
-                for k, v in node.items()}
+        return {k: (v if k in ("name", "namespace", "doc", "symbols", "default") else _inline(v, raw, seen, namespace)) for k, v in node.items()}
     return node
 
 

@@ -19,10 +19,11 @@ writer schema *is* the reader schema (same fingerprint); schema resolution stays
 from __future__ import annotations
 
 import struct
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _F = struct.Struct("<f")
 _D = struct.Struct("<d")
 

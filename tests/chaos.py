@@ -94,8 +94,7 @@ class Processes:
 
     def start(self, role: str, extra_env: dict | None = None) -> None:
         with (self.workdir / "logs" / f"{role}.log").open("ab") as log:
-            self.procs[role] = subprocess.Popen(self.argv(role), cwd=ROOT, env={**self.env, **(extra_env or {})},
-                                                stdout=log, stderr=subprocess.STDOUT)
+            self.procs[role] = subprocess.Popen(self.argv(role), cwd=ROOT, env={**self.env, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT)
 
     def kill(self, role: str) -> None:
         proc = self.procs[role]
@@ -136,9 +135,17 @@ def committed_rows(out: Path) -> list[dict]:
     return list(read_csv_rows(out / "results.csv", ResultStore(out).committed_length()))
 
 
-def run_chaos(workdir: Path, images: int, kills: int, broker_restarts: int, seed: int = 1,
-              kill_interval: tuple[float, float] = (2.0, 5.0), timeout: float = 1500,
-              log=print, engine: str = "tansu") -> ChaosReport:
+def run_chaos(
+    workdir: Path,
+    images: int,
+    kills: int,
+    broker_restarts: int,
+    seed: int = 1,
+    kill_interval: tuple[float, float] = (2.0, 5.0),
+    timeout: float = 1500,
+    log=print,
+    engine: str = "tansu",
+) -> ChaosReport:
     rng = random.Random(seed)
     started = time.monotonic()
     folder = workdir / "images"
@@ -146,14 +153,21 @@ def run_chaos(workdir: Path, images: int, kills: int, broker_restarts: int, seed
     out = workdir / "out"
     stack = EmbeddedStack(workdir / "broker", port=0, log_file=workdir / "logs" / "broker.log", engine=engine).start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGFLOW_")}
-    env.update({
-        "IMGFLOW_KAFKA__BOOTSTRAP": stack.bootstrap, "IMGFLOW_DATA_DIR": str(workdir / "data"),
-        "IMGFLOW_SINK__OUT_DIR": str(out), "IMGFLOW_ALLOWED_ROOTS": f'["{folder}"]',
-        "IMGFLOW_MODELS__LLM": "smollm2-135m", "IMGFLOW_STAGE__BATCH_SIZE": "4",
-        "IMGFLOW_WATCH__POLL_INTERVAL_S": "0.5", "IMGFLOW_WATCH__SETTLE_S": "0.5",
-        "IMGFLOW_KAFKA__TRANSACTION_STALL_S": "90",
-        "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "IMGFLOW_KAFKA__BOOTSTRAP": stack.bootstrap,
+            "IMGFLOW_DATA_DIR": str(workdir / "data"),
+            "IMGFLOW_SINK__OUT_DIR": str(out),
+            "IMGFLOW_ALLOWED_ROOTS": f'["{folder}"]',
+            "IMGFLOW_MODELS__LLM": "smollm2-135m",
+            "IMGFLOW_STAGE__BATCH_SIZE": "4",
+            "IMGFLOW_WATCH__POLL_INTERVAL_S": "0.5",
+            "IMGFLOW_WATCH__SETTLE_S": "0.5",
+            "IMGFLOW_KAFKA__TRANSACTION_STALL_S": "90",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     procs = Processes(workdir, env, folder)
     report = ChaosReport(images=images, kills={r: 0 for r in ROLES})
     try:
@@ -186,7 +200,7 @@ def run_chaos(workdir: Path, images: int, kills: int, broker_restarts: int, seed
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             procs.restart_dead()
-            if len({r['event_id'] for r in committed_rows(out)}) >= images:
+            if len({r["event_id"] for r in committed_rows(out)}) >= images:
                 break
             time.sleep(2)
         time.sleep(5)  # anything still in flight that would make a second row lands now

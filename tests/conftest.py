@@ -26,13 +26,16 @@ class S3Server:
     secret_access_key: str
 
     def settings_section(self) -> dict:
-        return {"endpoint_url": self.endpoint, "access_key_id": self.access_key_id,
-                "secret_access_key": self.secret_access_key, "region": "us-east-1"}
+        return {"endpoint_url": self.endpoint, "access_key_id": self.access_key_id, "secret_access_key": self.secret_access_key, "region": "us-east-1"}
 
     def env(self) -> dict:
         """The same as IMGFLOW_S3__* variables, for child processes."""
-        return {"IMGFLOW_S3__ENDPOINT_URL": self.endpoint, "IMGFLOW_S3__ACCESS_KEY_ID": self.access_key_id,
-                "IMGFLOW_S3__SECRET_ACCESS_KEY": self.secret_access_key, "IMGFLOW_S3__REGION": "us-east-1"}
+        return {
+            "IMGFLOW_S3__ENDPOINT_URL": self.endpoint,
+            "IMGFLOW_S3__ACCESS_KEY_ID": self.access_key_id,
+            "IMGFLOW_S3__SECRET_ACCESS_KEY": self.secret_access_key,
+            "IMGFLOW_S3__REGION": "us-east-1",
+        }
 
 
 # The brokers every broker test runs on: the embedded default (tansu) and the production one
@@ -107,8 +110,9 @@ def new_bucket(s3: S3Server) -> str:
     import boto3
 
     name = f"t{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key_id,
-                          aws_secret_access_key=s3.secret_access_key, region_name="us-east-1")
+    client = boto3.client(
+        "s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key_id, aws_secret_access_key=s3.secret_access_key, region_name="us-east-1"
+    )
     client.create_bucket(Bucket=name)
     return name
 
@@ -130,8 +134,14 @@ def make_settings(broker: str, tmp_path: Path, **overrides) -> Settings:
     base = {
         # Groups of their own too: a test's sink never shares a group with another test's.
         "kafka": {"bootstrap": broker, "group_prefix": f"t{suffix}"},
-        "topics": {"new": f"t{suffix}.new", "new_high": f"t{suffix}.new.high", "vision": f"t{suffix}.vision",
-                   "enriched": f"t{suffix}.enriched", "dlq": f"t{suffix}.dlq", "partitions": 3},
+        "topics": {
+            "new": f"t{suffix}.new",
+            "new_high": f"t{suffix}.new.high",
+            "vision": f"t{suffix}.vision",
+            "enriched": f"t{suffix}.enriched",
+            "dlq": f"t{suffix}.dlq",
+            "partitions": 3,
+        },
         "data_dir": tmp_path / "data",
         "sink": {"out_dir": tmp_path / "out"},
         "stage": {"max_wait_s": 0.2, "retry_backoff_s": 0.05, "batch_size": 8},
@@ -156,21 +166,27 @@ def settings_env(settings: Settings) -> dict:
     """The same settings as IMGFLOW_* variables, for child processes."""
     t = settings.topics
     env = dict(os.environ)
-    env.update({
-        "IMGFLOW_KAFKA__BOOTSTRAP": settings.kafka.bootstrap,
-        "IMGFLOW_KAFKA__GROUP_PREFIX": settings.kafka.group_prefix,
-        "IMGFLOW_TOPICS__NEW": t.new, "IMGFLOW_TOPICS__NEW_HIGH": t.new_high, "IMGFLOW_TOPICS__VISION": t.vision,
-        "IMGFLOW_TOPICS__ENRICHED": t.enriched, "IMGFLOW_TOPICS__DLQ": t.dlq,
-        "IMGFLOW_TOPICS__PARTITIONS": str(t.partitions),
-        "IMGFLOW_DATA_DIR": str(settings.data_dir), "IMGFLOW_SINK__OUT_DIR": str(settings.sink.out_dir),
-        "IMGFLOW_STAGE__MAX_WAIT_S": str(settings.stage.max_wait_s),
-        "IMGFLOW_STAGE__RETRY_BACKOFF_S": str(settings.stage.retry_backoff_s),
-        "IMGFLOW_STAGE__BATCH_SIZE": str(settings.stage.batch_size),
-        "IMGFLOW_WATCH__POLL_INTERVAL_S": str(settings.watch.poll_interval_s),
-        "IMGFLOW_WATCH__SETTLE_S": str(settings.watch.settle_s),
-        "IMGFLOW_ALLOWED_ROOTS": "[" + ",".join(f'"{r}"' for r in settings.allowed_roots) + "]",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "IMGFLOW_KAFKA__BOOTSTRAP": settings.kafka.bootstrap,
+            "IMGFLOW_KAFKA__GROUP_PREFIX": settings.kafka.group_prefix,
+            "IMGFLOW_TOPICS__NEW": t.new,
+            "IMGFLOW_TOPICS__NEW_HIGH": t.new_high,
+            "IMGFLOW_TOPICS__VISION": t.vision,
+            "IMGFLOW_TOPICS__ENRICHED": t.enriched,
+            "IMGFLOW_TOPICS__DLQ": t.dlq,
+            "IMGFLOW_TOPICS__PARTITIONS": str(t.partitions),
+            "IMGFLOW_DATA_DIR": str(settings.data_dir),
+            "IMGFLOW_SINK__OUT_DIR": str(settings.sink.out_dir),
+            "IMGFLOW_STAGE__MAX_WAIT_S": str(settings.stage.max_wait_s),
+            "IMGFLOW_STAGE__RETRY_BACKOFF_S": str(settings.stage.retry_backoff_s),
+            "IMGFLOW_STAGE__BATCH_SIZE": str(settings.stage.batch_size),
+            "IMGFLOW_WATCH__POLL_INTERVAL_S": str(settings.watch.poll_interval_s),
+            "IMGFLOW_WATCH__SETTLE_S": str(settings.watch.settle_s),
+            "IMGFLOW_ALLOWED_ROOTS": "[" + ",".join(f'"{r}"' for r in settings.allowed_roots) + "]",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.pop("IMGFLOW_CRASH_AT", None)
     return env

@@ -19,19 +19,24 @@ def png(path: Path, width: int, height: int, bit_depth: int, keep: float = 1.0, 
     """A real PNG, written a row at a time (never the whole image in memory); ``blank``: every
     pixel 0 (a 20,000 x 20,000 one-bit one is 48 KB), else a byte ramp; ``keep``: the share of
     its compressed data kept (below 1: truncated)."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     comp = zlib.compressobj(6)
     row = b"\x00" + bytes(range(256)) * ((width * bit_depth + 7) // 8 // 256 + 1)
-    row = row[:1 + (width * bit_depth + 7) // 8]
+    row = row[: 1 + (width * bit_depth + 7) // 8]
     if blank:
         row = bytes(len(row))
     idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
-    idat = idat[:int(len(idat) * keep)]
+    idat = idat[: int(len(idat) * keep)]
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0))
-                + chunk(b"IDAT", idat) + (chunk(b"IEND", b"") if keep == 1.0 else b""))
+        f.write(
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat)
+            + (chunk(b"IEND", b"") if keep == 1.0 else b"")
+        )
 
 
 def main(kind: str, count: int) -> None:
@@ -55,8 +60,7 @@ def main(kind: str, count: int) -> None:
         before = _reset_peak_rss()
         results = transform.process(records)
         peak = _peak_rss()
-    print(json.dumps({"errors": [str(r) for r in results],
-                      "peak_above_start_mb": (peak - before) / 1024}))
+    print(json.dumps({"errors": [str(r) for r in results], "peak_above_start_mb": (peak - before) / 1024}))
 
 
 def _peak_rss() -> int:

@@ -26,8 +26,7 @@ def produce_events(settings: Settings, events: list[dict], topic: str | None = N
 def read_topic(settings: Settings, topic: str, timeout: float = 30) -> list:
     """Every record on every partition of ``topic`` up to its end (found by PARTITION_EOF:
     tansu's reported watermarks are wrong)."""
-    consumer = Consumer(consumer_config(settings, f"reader-{time.monotonic_ns()}",
-                                        **{"enable.partition.eof": True}))
+    consumer = Consumer(consumer_config(settings, f"reader-{time.monotonic_ns()}", **{"enable.partition.eof": True}))
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, 0) for p in parts])

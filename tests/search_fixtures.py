@@ -31,12 +31,10 @@ class SearchRun:
 
     def env(self, **extra: str) -> dict:
         """The environment a user's later command has: the same data dir, the run's folder allowed."""
-        return imgflow_env(IMGFLOW_DATA_DIR=str(self.data_dir), IMGFLOW_SINK__OUT_DIR=str(self.out),
-                           IMGFLOW_ALLOWED_ROOTS=f'["{self.images}"]', **extra)
+        return imgflow_env(IMGFLOW_DATA_DIR=str(self.data_dir), IMGFLOW_SINK__OUT_DIR=str(self.out), IMGFLOW_ALLOWED_ROOTS=f'["{self.images}"]', **extra)
 
     def imgflow(self, *args: str, timeout: float = 300, **extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*IMGFLOW, *args], cwd=ROOT, env=self.env(**extra), capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run([*IMGFLOW, *args], cwd=ROOT, env=self.env(**extra), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -48,13 +46,11 @@ def search_run(tmp_path_factory) -> SearchRun:
     images = write_samples(tmp_path_factory.mktemp("search-images"))
     render_text_image(["<b>BOLD</b> & <i>"]).save(images / "markup_sign.png")
     # a transformed copy of one photo: "more like this" on the cat must find it first
-    load_image(images / "chelsea_cat.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((300, 225)).save(
-        images / "chelsea_mirrored.jpg", quality=80)
+    load_image(images / "chelsea_cat.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((300, 225)).save(images / "chelsea_mirrored.jpg", quality=80)
     (images / "broken.jpg").write_text("this is a text file, not a JPEG")
     work = tmp_path_factory.mktemp("search-run")
     run = SearchRun(images, work / "out", work / "data")
-    proc = run.imgflow("run", str(images), "--once", "--out", str(run.out), "--data-dir", str(run.data_dir),
-                       "--metrics-port", "0", timeout=900)
+    proc = run.imgflow("run", str(images), "--once", "--out", str(run.out), "--data-dir", str(run.data_dir), "--metrics-port", "0", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run
 

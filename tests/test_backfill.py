@@ -34,8 +34,7 @@ def backfill(settings, *args: str, env_extra: dict | None = None, s3=None) -> Re
         env.update(s3.env())
     env.update(env_extra or {})
     if "IMGFLOW_CRASH_AT" in env:
-        done = subprocess.run([sys.executable, "-m", "imgflow.cli", "backfill", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run([sys.executable, "-m", "imgflow.cli", "backfill", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         return Result(done.returncode, done.stdout, done.stderr)
     from typer.testing import CliRunner
 
@@ -62,11 +61,31 @@ def make_folder(root: Path, n: int) -> list[Path]:
 
 def result_row(event: dict, offset: int) -> PendingRow:
     """A final record of ``event`` as the sink takes it."""
-    vision = {"event": event, "text": "t", "image_text": "", "labels": [], "text_vector": [0.0],
-              "word2vec_vector": [0.0], "image_vector": [0.0], "width": 1, "height": 1, "models": {},
-              "seconds": 0.0, "processed_at": 0}
-    enriched = {"vision": vision, "description": "d", "category": "c", "keywords": [], "image_text": "",
-                "llama_extracted": "{}", "models": {}, "seconds": 0.0, "processed_at": 0}
+    vision = {
+        "event": event,
+        "text": "t",
+        "image_text": "",
+        "labels": [],
+        "text_vector": [0.0],
+        "word2vec_vector": [0.0],
+        "image_vector": [0.0],
+        "width": 1,
+        "height": 1,
+        "models": {},
+        "seconds": 0.0,
+        "processed_at": 0,
+    }
+    enriched = {
+        "vision": vision,
+        "description": "d",
+        "category": "c",
+        "keywords": [],
+        "image_text": "",
+        "llama_extracted": "{}",
+        "models": {},
+        "seconds": 0.0,
+        "processed_at": 0,
+    }
     return PendingRow("images.enriched", 0, offset, row_from_enriched(enriched, "images.enriched", 0, offset))
 
 
@@ -113,8 +132,7 @@ def test_folder_skip_interrupt_resume_force_high(settings, tmp_path):
     assert second.returncode == 0, second.stderr
     assert "published 7, skipped 6 that have a result" in second.stdout
     high = decoded(settings, settings.topics.new_high, "ImageEvent")
-    assert {e["event_id"] for e in high} == {e["event_id"] for e in events[6:]} | {
-        e["event_id"] for e in high if e["image_path"].endswith("new.png")}
+    assert {e["event_id"] for e in high} == {e["event_id"] for e in events[6:]} | {e["event_id"] for e in high if e["image_path"].endswith("new.png")}
     assert len(high) == 7 and {e["priority"] for e in high} == {"HIGH"}
     assert "already complete" in backfill(settings, src, "--high", "--run-id", second_id).stdout
 
@@ -128,16 +146,20 @@ def test_folder_skip_interrupt_resume_force_high(settings, tmp_path):
 
 
 def test_bucket_prefix(settings, s3_server, s3_bucket, tmp_path):
-    client = boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key_id,
-                          aws_secret_access_key=s3_server.secret_access_key, region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key_id,
+        aws_secret_access_key=s3_server.secret_access_key,
+        region_name="us-east-1",
+    )
     keys = ["p/a.jpg", "p/sub/b é.png", "p/sub/deeper/c.JPG", "p/readme.md", "p/sub/", "other/d.jpg"]
     for key in keys:
         client.put_object(Bucket=s3_bucket, Key=key, Body=b"" if key.endswith("/") else b"\xff\xd8data")
     res = backfill(settings, f"s3://{s3_bucket}/p/", s3=s3_server)
     assert res.returncode == 0, res.stderr
     events = decoded(settings, settings.topics.new, "ImageEvent")
-    assert sorted(e["image_path"] for e in events) == [f"s3://{s3_bucket}/{k}" for k in
-                                                        ["p/a.jpg", "p/sub/b é.png", "p/sub/deeper/c.JPG"]]
+    assert sorted(e["image_path"] for e in events) == [f"s3://{s3_bucket}/{k}" for k in ["p/a.jpg", "p/sub/b é.png", "p/sub/deeper/c.JPG"]]
     bad = backfill(settings, "s3://no-such-bucket-xyz/p/", s3=s3_server)
     assert bad.returncode == 2 and "no-such-bucket-xyz" in bad.stderr
     assert s3_server.secret_access_key not in bad.stderr + bad.stdout
@@ -161,13 +183,15 @@ def test_forced_events_are_not_swallowed_by_dedupe(settings):
     thread = threading.Thread(target=runner.run, daemon=True)
     thread.start()
     try:
-        out = wait_until(lambda: len(decoded(settings, settings.topics.vision, "ImageEvent")) >= 2
-                         and decoded(settings, settings.topics.vision, "ImageEvent"), 60, what="2 outputs")
+        out = wait_until(
+            lambda: len(decoded(settings, settings.topics.vision, "ImageEvent")) >= 2 and decoded(settings, settings.topics.vision, "ImageEvent"),
+            60,
+            what="2 outputs",
+        )
     finally:
         runner.request_stop()
         thread.join(30)
     assert sorted(e["run_id"] for e in out) == ["live", "redo"]
 
-    written = live_store(settings).write([result_row(live, 0), result_row(live, 1), result_row(forced, 2),
-                                          result_row(forced, 3)])
+    written = live_store(settings).write([result_row(live, 0), result_row(live, 1), result_row(forced, 2), result_row(forced, 3)])
     assert sorted(p.row["run_id"] for p in written) == ["live", "redo"]

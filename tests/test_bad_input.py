@@ -16,7 +16,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 from skimage import data
 
@@ -33,8 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 10))
+        + chunk(b"IEND", b"")
+    )
 
 
 def build_corpus(folder: Path) -> dict[str, str | None]:
@@ -71,7 +75,7 @@ def build_corpus(folder: Path) -> dict[str, str | None]:
     save("huge_20000.jpg", Image.new("L", (20000, 20000), 128), "JPEG")
     save("tiny_1x1.png", Image.new("RGB", (1, 1), "red"), "PNG")
     save("cmyk.jpg", cat.convert("CMYK"), "JPEG")
-    save("sixteen_bit.png", Image.fromarray((np.asarray(cat.convert("L"), dtype=np.uint16) * 256)), "PNG")
+    save("sixteen_bit.png", Image.fromarray(np.asarray(cat.convert("L"), dtype=np.uint16) * 256), "PNG")
     rgba = cat.convert("RGBA")
     rgba.putalpha(128)
     save("alpha.png", rgba, "PNG")
@@ -108,10 +112,14 @@ def test_corpus_of_broken_files_end_as_error_rows_or_results(tmp_path):
     # is not (a real EACCES, no mock).
     setpriv = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if shutil.which("setpriv") else []
     assert setpriv, "setpriv (util-linux) is needed to produce a real permission error as root"
-    proc = subprocess.run([*setpriv, sys.executable, "-m", "imgflow.cli", "run", str(folder), "--once",
-                           "--out", str(out), "--data-dir", str(tmp_path / "data"), "--port", "0"],
-                          cwd=ROOT, env={**env, "IMGFLOW_MODELS__LLM": "smollm2-135m", "HF_HUB_OFFLINE": "1"},
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [*setpriv, sys.executable, "-m", "imgflow.cli", "run", str(folder), "--once", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--port", "0"],
+        cwd=ROOT,
+        env={**env, "IMGFLOW_MODELS__LLM": "smollm2-135m", "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {Path(r["image_path"]).name: r for r in committed_rows(out)}
     assert sorted(rows) == sorted(expect)
@@ -140,8 +148,7 @@ def test_bad_events_never_stop_the_pipeline(broker, tmp_path):
     secret = tmp_path / "outside.jpg"
     Image.fromarray(data.coffee()).save(secret)
     outside_uri = file_uri(root) + "/../outside.jpg"  # path traversal
-    outside = {**good, "uri": outside_uri, "image_path": str(root / ".." / "outside.jpg"),
-               "event_id": event_id_for(outside_uri, "1")}
+    outside = {**good, "uri": outside_uri, "image_path": str(root / ".." / "outside.jpg"), "event_id": event_id_for(outside_uri, "1")}
     (root / "photo.jpg").symlink_to(secret)  # a link out of the folder: refused, named as found
     link = local_image_event(root / "photo.jpg", (root / "photo.jpg").stat(), source="test", run_id="t")
     produce_events(settings, [good, deleted, outside, link, good])  # `good` twice: a duplicate event
@@ -157,14 +164,12 @@ def test_bad_events_never_stop_the_pipeline(broker, tmp_path):
         codes = procs.stop_all()
     assert codes == {"vision": 0, "enrich": 0, "sink": 0}, (tmp_path / "logs" / "vision.log").read_text()[-3000:]
     rows = {r["event_id"]: r for r in committed_rows(out)}
-    assert len(committed_rows(out)) == 5 and set(rows) == {good["event_id"], deleted["event_id"],
-                                                            outside["event_id"], link["event_id"], "junk-key"}
+    assert len(committed_rows(out)) == 5 and set(rows) == {good["event_id"], deleted["event_id"], outside["event_id"], link["event_id"], "junk-key"}
     assert rows[good["event_id"]]["error"] == ""
     assert "file not found" in rows[deleted["event_id"]]["error"]
     assert "outside the allowed roots" in rows[outside["event_id"]]["error"]
     assert rows[link["event_id"]]["image_path"] == str(root / "photo.jpg")
-    assert f"photo.jpg is a symbolic link to {secret}, which is outside the allowed roots" \
-        in rows[link["event_id"]]["error"]
+    assert f"photo.jpg is a symbolic link to {secret}, which is outside the allowed roots" in rows[link["event_id"]]["error"]
     assert "malformed input value" in rows["junk-key"]["error"]
     dead = {d["event_id"]: d for d in decoded(settings, settings.topics.dlq, "DeadLetter")}
     assert set(dead) == {deleted["event_id"], outside["event_id"], link["event_id"], "junk-key"}
@@ -175,16 +180,24 @@ def test_bad_events_never_stop_the_pipeline(broker, tmp_path):
 def test_llm_failure_keeps_the_vision_fields(broker, tmp_path):
     """A real failing LLM: 16 tokens cannot hold the JSON answer, so every answer is cut off
     and unusable. The image still gets a row: error set, vision fields kept."""
-    settings = make_settings(broker, tmp_path, models={"llm": "smollm2-135m", "llm_max_tokens": 16},
-                             stage={"max_attempts": 2})
+    settings = make_settings(broker, tmp_path, models={"llm": "smollm2-135m", "llm_max_tokens": 16}, stage={"max_attempts": 2})
     event = local_image_event(Path(__file__), Path(__file__).stat(), source="test", run_id="t")
-    vision = {"event": event, "text": "A photo most likely showing an espresso (79%); it may also show a cup.",
-              "image_text": "", "labels": [{"label": "espresso", "score": 0.79}], "text_vector": [0.5] * 384,
-              "word2vec_vector": [0.25] * 50, "image_vector": [0.125] * 1280, "width": 10, "height": 10,
-              "models": {"describe": "composed"}, "seconds": 0.1, "processed_at": 0}
+    vision = {
+        "event": event,
+        "text": "A photo most likely showing an espresso (79%); it may also show a cup.",
+        "image_text": "",
+        "labels": [{"label": "espresso", "score": 0.79}],
+        "text_vector": [0.5] * 384,
+        "word2vec_vector": [0.25] * 50,
+        "image_vector": [0.125] * 1280,
+        "width": 10,
+        "height": 10,
+        "models": {"describe": "composed"},
+        "seconds": 0.1,
+        "processed_at": 0,
+    }
     produce(settings, settings.topics.vision, [(event["event_id"], get_codec().encode("VisionResult", vision))])
-    env = {**settings_env(settings), "IMGFLOW_MODELS__LLM": "smollm2-135m", "IMGFLOW_MODELS__LLM_MAX_TOKENS": "16",
-           "IMGFLOW_STAGE__MAX_ATTEMPTS": "2"}
+    env = {**settings_env(settings), "IMGFLOW_MODELS__LLM": "smollm2-135m", "IMGFLOW_MODELS__LLM_MAX_TOKENS": "16", "IMGFLOW_STAGE__MAX_ATTEMPTS": "2"}
     procs = Processes(tmp_path, env, tmp_path)
     procs.start("enrich")
     procs.start("sink")

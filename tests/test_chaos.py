@@ -22,8 +22,7 @@ def check(report) -> None:
 
 
 def test_quick_chaos(tmp_path, engine):
-    report = run_chaos(tmp_path, images=24, kills=8, broker_restarts=1, seed=7, kill_interval=(2.0, 4.0),
-                       engine=engine)
+    report = run_chaos(tmp_path, images=24, kills=8, broker_restarts=1, seed=7, kill_interval=(2.0, 4.0), engine=engine)
     print(report.as_dict())
     check(report)
     assert report.broker_restarts == 1
@@ -32,8 +31,7 @@ def test_quick_chaos(tmp_path, engine):
 
 @pytest.mark.slow
 def test_long_chaos(tmp_path, engine):
-    report = run_chaos(tmp_path, images=200, kills=24, broker_restarts=2, seed=11, kill_interval=(3.0, 6.0),
-                       engine=engine)
+    report = run_chaos(tmp_path, images=200, kills=24, broker_restarts=2, seed=11, kill_interval=(3.0, 6.0), engine=engine)
     print(report.as_dict())
     check(report)
     assert report.total_kills >= 20

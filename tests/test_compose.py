@@ -63,8 +63,7 @@ def imgflow_services(doc: dict) -> dict[str, dict]:
 def test_compose_file_is_valid_against_the_compose_specification():
     # The Compose specification's JSON schema, as vendored by check-jsonschema (its source:
     # the compose-spec/compose-spec repository, schema/compose-spec.json).
-    schema = json.loads((importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
-                         / "compose-spec.json").read_text())
+    schema = json.loads((importlib.resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text())
     validator = jsonschema.validators.validator_for(schema)(schema)
     doc = compose()
     errors = sorted(validator.iter_errors(doc), key=str)
@@ -77,8 +76,7 @@ def test_compose_file_is_valid_against_the_compose_specification():
 def test_the_stack_has_every_part():
     doc = compose()
     services = doc["services"]
-    assert {"kafka", "kafka-init", "minio", "minio-init", "s3-watcher", "vision", "enrich", "sink", "prometheus",
-            "grafana"} <= set(services)
+    assert {"kafka", "kafka-init", "minio", "minio-init", "s3-watcher", "vision", "enrich", "sink", "prometheus", "grafana"} <= set(services)
     assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
     devices = services["vision"]["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in d["capabilities"] for d in devices)
@@ -118,8 +116,7 @@ def test_every_service_command_is_a_real_imgflow_command_with_real_options():
         # ... and the command's own --help, through the real console script, works.
         key = tuple(command.path)
         if key not in helps:
-            helps[key] = subprocess.run([sys.executable, "-m", "imgflow.cli", *key, "--help"], cwd=ROOT,
-                                        capture_output=True, text=True, timeout=60)
+            helps[key] = subprocess.run([sys.executable, "-m", "imgflow.cli", *key, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
         result = helps[key]
         assert result.returncode == 0 and "Usage:" in result.stdout, (name, result.stderr)
         for option in (a.split("=")[0] for a in args if a.startswith("--")):
@@ -146,7 +143,7 @@ def _settings_of(service: dict, monkeypatch) -> Settings:
     for key, value in env.items():
         for target, source in _mounts(service).items():
             if value.startswith(target + "/"):
-                value = str(source / value[len(target) + 1:])
+                value = str(source / value[len(target) + 1 :])
         monkeypatch.setenv(key, value)
     return Settings()
 
@@ -196,8 +193,7 @@ def test_every_mounted_file_exists_in_the_repo():
     source = yaml.safe_load((grafana["/etc/grafana/provisioning"] / "datasources" / "prometheus.yml").read_text())
     url = source["datasources"][0]["url"]
     assert url == "http://prometheus:9090" and "9090:9090" in doc["services"]["prometheus"]["ports"]
-    uids = {t["datasource"]["uid"] for p in json.loads((dashboards / "imgflow.json").read_text())["panels"]
-            for t in p["targets"]}
+    uids = {t["datasource"]["uid"] for p in json.loads((dashboards / "imgflow.json").read_text())["panels"] for t in p["targets"]}
     assert uids == {source["datasources"][0]["uid"]}
 
 
@@ -205,8 +201,7 @@ def test_every_port_prometheus_scrapes_is_served(monkeypatch):
     doc = compose()
     services = imgflow_services(doc)
     config = yaml.safe_load((ROOT / "infra" / "prometheus" / "prometheus.yml").read_text())
-    targets = [(t, static.get("labels", {})) for job in config["scrape_configs"]
-               for static in job["static_configs"] for t in static["targets"]]
+    targets = [(t, static.get("labels", {})) for job in config["scrape_configs"] for static in job["static_configs"] for t in static["targets"]]
     assert targets
     scraped = set()
     for target, labels in targets:
@@ -241,9 +236,9 @@ def test_dockerfile_installs_exactly_what_make_install_installs():
     recipe = makefile.split("$(STAMP):", 1)[1].split("\n\n", 1)[0]
     assert "$(MAKE) deps" in recipe
     assert [line for line in recipe.splitlines() if "pip install" in line] == ["\t$(BIN)/pip install -q --upgrade pip"]
-    assert "ENTRYPOINT [\"imgflow\"]" in dockerfile
+    assert 'ENTRYPOINT ["imgflow"]' in dockerfile
     copied = set(re.findall(r"^COPY (\S+)", dockerfile, re.M))
-    packages = re.search(r'include = \[([^\]]+)\]', (ROOT / "pyproject.toml").read_text()).group(1)
+    packages = re.search(r"include = \[([^\]]+)\]", (ROOT / "pyproject.toml").read_text()).group(1)
     for package in re.findall(r'"(\w+)\*"', packages):
         assert package in copied, f"the image lacks the package {package}"
 
@@ -270,15 +265,19 @@ SECURED_ENV = {
 def test_kafka_replication_and_security_defaults_are_the_bundled_single_node_broker(monkeypatch):
     doc = compose()
     kafka = doc["services"]["kafka"]["environment"]
-    for key in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
-                "KAFKA_DEFAULT_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "KAFKA_MIN_INSYNC_REPLICAS"):
+    for key in (
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+        "KAFKA_DEFAULT_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR",
+        "KAFKA_MIN_INSYNC_REPLICAS",
+    ):
         assert str(kafka[key]) == "1", key
     services = imgflow_services(doc)
     assert "kafka-init" in services and {"s3-watcher", "vision", "enrich", "sink", "backfill", "replay"} <= set(services)
     for name, service in services.items():
         k = _settings_of(service, monkeypatch)
-        assert (k.kafka.bootstrap, k.kafka.security_protocol, k.kafka.sasl_mechanism) == \
-            ("kafka:9092", "PLAINTEXT", ""), name
+        assert (k.kafka.bootstrap, k.kafka.security_protocol, k.kafka.sasl_mechanism) == ("kafka:9092", "PLAINTEXT", ""), name
         assert k.kafka.sasl_password.get_secret_value() == "" and k.kafka.ssl_ca_location == "", name
         assert (k.topics.replication_factor, k.topics.min_insync_replicas) == (1, 1), name
     assert doc["services"]["minio"]["environment"]["MINIO_NOTIFY_KAFKA_BROKERS_IMGFLOW"] == "kafka:9092"
@@ -312,8 +311,7 @@ def test_kafka_replication_and_security_variables_reach_every_imgflow_service(mo
     assert (minio["MINIO_NOTIFY_KAFKA_SASL_IMGFLOW"], minio["MINIO_NOTIFY_KAFKA_TLS_IMGFLOW"]) == ("on", "on")
     assert minio["MINIO_NOTIFY_KAFKA_SASL_USERNAME_IMGFLOW"] == "imgflow"
     # Still valid Compose with every variable set.
-    schema = json.loads((importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
-                         / "compose-spec.json").read_text())
+    schema = json.loads((importlib.resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text())
     errors = list(jsonschema.validators.validator_for(schema)(schema).iter_errors(doc))
     assert not errors, errors[:3]
 

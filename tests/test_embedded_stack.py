@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from imgflow.settings import Settings
 from imgflow.kafka import KafkaUnreachable, check_kafka
+from imgflow.settings import Settings
 from imgflow.stack import EmbeddedStack, StackError, free_port
 from imgflow.topics import topic_specs
 
@@ -49,16 +49,18 @@ def create_topic(bootstrap: str, name: str, partitions: int = 1) -> None:
 
 
 def consumer(bootstrap: str, group: str) -> Consumer:
-    return Consumer({
-        "bootstrap.servers": bootstrap,
-        "group.id": group,
-        "enable.auto.commit": False,
-        "enable.partition.eof": True,
-        "auto.offset.reset": "earliest",
-        "isolation.level": "read_committed",
-        "session.timeout.ms": 6000,
-        "heartbeat.interval.ms": 1000,
-    })
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
+        }
+    )
 
 
 def read_to_eof(c: Consumer, tp: TopicPartition, timeout: float = 20) -> list[bytes]:
@@ -86,9 +88,12 @@ def test_port_in_use_fails_fast_with_exit_code_2(tmp_path: Path) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         t0 = time.monotonic()
         res = subprocess.run(
-            [sys.executable, "-m", "infra.embedded", "--data-dir", str(tmp_path / "a"),
-             "--port", str(port)],
-            capture_output=True, text=True, timeout=10, cwd=REPO, env=env,
+            [sys.executable, "-m", "infra.embedded", "--data-dir", str(tmp_path / "a"), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=REPO,
+            env=env,
         )
         assert time.monotonic() - t0 < 10
         assert res.returncode == 2, res.stderr
@@ -161,8 +166,7 @@ def test_broker_kill_is_recovered_and_stacks_do_not_interfere(tmp_path: Path) ->
         for s in (a, b):
             create_topic(s.bootstrap, topic)
 
-        p = Producer({"bootstrap.servers": a.bootstrap, "enable.idempotence": True,
-                      "message.timeout.ms": 30000})
+        p = Producer({"bootstrap.servers": a.bootstrap, "enable.idempotence": True, "message.timeout.ms": 30000})
         p.produce(topic, value=b"before-kill")
         assert p.flush(15) == 0
         c = consumer(a.bootstrap, "test-kill-group")

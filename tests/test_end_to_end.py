@@ -23,8 +23,7 @@ from tests.kafka_helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 IMGFLOW = [sys.executable, "-m", "imgflow.cli"]
-SEED_HEADER = ("image_path,text,description,categories,keywords,image_text,text_vector,word2vec_vector,"
-               "image_vector,timestamp,error,llama_extracted").split(",")
+SEED_HEADER = ("image_path,text,description,categories,keywords,image_text,text_vector,word2vec_vector,image_vector,timestamp,error,llama_extracted").split(",")
 
 
 def env() -> dict:
@@ -60,9 +59,14 @@ def finished_run(tmp_path_factory):
     with socket.socket() as busy:  # the broker port is taken: run must pick a free one, not hang
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        proc = subprocess.run([*IMGFLOW, "run", str(folder), "--once", "--out", str(work / "out"),
-                               "--data-dir", str(work / "data"), "--port", str(busy.getsockname()[1])],
-                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [*IMGFLOW, "run", str(folder), "--once", "--out", str(work / "out"), "--data-dir", str(work / "data"), "--port", str(busy.getsockname()[1])],
+            cwd=ROOT,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     return proc, work / "out", time.monotonic() - started, work / "data"
 
 
@@ -145,14 +149,12 @@ def descendants(pid: int) -> list[int]:
 def test_stopped_mid_way_then_restarted_every_image_exactly_once(tmp_path, how, engine):
     folder = tmp_path / "images"
     folder.mkdir()
-    sources = {"chelsea": data.chelsea(), "coffee": data.coffee(), "astronaut": data.astronaut(),
-               "rocket": data.rocket()}
+    sources = {"chelsea": data.chelsea(), "coffee": data.coffee(), "astronaut": data.astronaut(), "rocket": data.rocket()}
     for i in range(8):
         name, pixels = list(sources.items())[i % 4]
         Image.fromarray(pixels).resize((200 + 10 * i, 150 + 10 * i)).save(folder / f"{name}_{i}.jpg")
     out, data_dir = tmp_path / "out", tmp_path / "data"
-    argv = [*IMGFLOW, "run", str(folder), "--out", str(out), "--data-dir", str(data_dir), "--port", "0",
-            "--engine", engine]
+    argv = [*IMGFLOW, "run", str(folder), "--out", str(out), "--data-dir", str(data_dir), "--port", "0", "--engine", engine]
     first = subprocess.Popen(argv, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: (out / "results.csv").exists() and len(rows(out)) >= 1, 600, what="a first result row")

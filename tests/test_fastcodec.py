@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import random
 import struct
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import fastavro
 import pytest
@@ -22,19 +22,32 @@ def f32(values):  # what a float32 model output is as Python floats
     return list(struct.unpack(f"<{len(values)}f", struct.pack(f"<{len(values)}f", *values)))
 
 
-BIG_VISION = {**VISION, "text_vector": f32([rng.gauss(0, 1) for _ in range(384)]),
-              "word2vec_vector": f32([rng.uniform(-3, 3) for _ in range(50)]),
-              "image_vector": f32([rng.random() for _ in range(1280)]),
-              "labels": [{"label": "Egyptian cat ü", "score": 0.8}, {"label": "", "score": 0}],
-              "models": {}, "text": "x" * 300, "width": -(1 << 31), "height": (1 << 31) - 1}
+BIG_VISION = {
+    **VISION,
+    "text_vector": f32([rng.gauss(0, 1) for _ in range(384)]),
+    "word2vec_vector": f32([rng.uniform(-3, 3) for _ in range(50)]),
+    "image_vector": f32([rng.random() for _ in range(1280)]),
+    "labels": [{"label": "Egyptian cat ü", "score": 0.8}, {"label": "", "score": 0}],
+    "models": {},
+    "text": "x" * 300,
+    "width": -(1 << 31),
+    "height": (1 << 31) - 1,
+}
 BIG_ENRICHED = {**ENRICHED, "vision": BIG_VISION, "keywords": []}
 DEAD_RAW = {**DEAD, "vision": BIG_VISION, "raw_value": bytes(range(256)), "input_offset": 1 << 40}
-ROW_NULLS = {**ROW, "text": None, "text_vector": None, "image_vector": [], "models": {"a": "b", "c": ""},
-             "source_offset": -(1 << 63)}
-CASES = [("ImageEvent", EVENT), ("ImageEvent", {**EVENT, "priority": "NORMAL", "force": True, "size": 0}),
-         ("VisionResult", VISION), ("VisionResult", BIG_VISION), ("EnrichedRecord", ENRICHED),
-         ("EnrichedRecord", BIG_ENRICHED), ("DeadLetter", DEAD), ("DeadLetter", DEAD_RAW), ("ResultRow", ROW),
-         ("ResultRow", ROW_NULLS)]
+ROW_NULLS = {**ROW, "text": None, "text_vector": None, "image_vector": [], "models": {"a": "b", "c": ""}, "source_offset": -(1 << 63)}
+CASES = [
+    ("ImageEvent", EVENT),
+    ("ImageEvent", {**EVENT, "priority": "NORMAL", "force": True, "size": 0}),
+    ("VisionResult", VISION),
+    ("VisionResult", BIG_VISION),
+    ("EnrichedRecord", ENRICHED),
+    ("EnrichedRecord", BIG_ENRICHED),
+    ("DeadLetter", DEAD),
+    ("DeadLetter", DEAD_RAW),
+    ("ResultRow", ROW),
+    ("ResultRow", ROW_NULLS),
+]
 
 
 def fastavro_bytes(codec, name, record) -> bytes:
@@ -59,15 +72,18 @@ def test_same_bytes_and_values_as_fastavro(name, record):
 
 def test_timestamps_as_ints_and_datetimes_encode_alike():
     codec = get_codec()
-    ms = int(datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=timezone.utc).timestamp() * 1000)
+    ms = int(datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC).timestamp() * 1000)
     assert codec.encode("ImageEvent", {**EVENT, "published_at": ms}) == codec.encode("ImageEvent", EVENT)
     assert codec.decode("ImageEvent", codec.encode("ImageEvent", EVENT))["published_at"] == EVENT["published_at"]
 
 
-@pytest.mark.parametrize("change", [
-    {"published_at": datetime(2026, 1, 2, 3, 4, 5)},  # naive: fastavro's local-time rule
-    {"size": True},  # a bool where a long is due
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"published_at": datetime(2026, 1, 2, 3, 4, 5)},  # naive: fastavro's local-time rule
+        {"size": True},  # a bool where a long is due
+    ],
+)
 def test_what_the_fast_path_declines_fastavro_still_encodes(change):
     codec = get_codec()
     record = {**EVENT, **change}
@@ -108,8 +124,7 @@ def test_sink_avro_files_read_back_with_fastavro():
     reads them back to the rows, several blocks included; deflate as before."""
     from imgflow.results import avro_bytes, read_avro, row_from_enriched
 
-    rows = [row_from_enriched({**BIG_ENRICHED, "processed_at": 1_700_000_000_000 + i}, "images.enriched", 1, i)
-            for i in range(200)] + [ROW, ROW_NULLS]
+    rows = [row_from_enriched({**BIG_ENRICHED, "processed_at": 1_700_000_000_000 + i}, "images.enriched", 1, i) for i in range(200)] + [ROW, ROW_NULLS]
     data = avro_bytes(rows)
     reader = fastavro.reader(io.BytesIO(data))
     assert reader.codec == "deflate"

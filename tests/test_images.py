@@ -31,8 +31,7 @@ def test_exif_rotated_jpeg_comes_out_upright():
     assert bottom[2] > 200 and bottom[0] < 60, bottom
 
 
-@pytest.mark.parametrize("size,expected", [((4000, 3000), (384, 288)), ((300, 1200), (96, 384)),
-                                           ((100, 50), (100, 50)), ((1, 1), (1, 1))])
+@pytest.mark.parametrize("size,expected", [((4000, 3000), (384, 288)), ((300, 1200), (96, 384)), ((100, 50), (100, 50)), ((1, 1), (1, 1))])
 def test_longest_side_bounded_aspect_kept(size, expected):
     prepared = prepare_image(encode(Image.new("RGB", size, "green"), "PNG"), 384)
     assert prepared.image.size == expected and prepared.image.mode == "RGB"
@@ -48,6 +47,7 @@ def test_huge_jpeg_is_decoded_cheaply_and_bounded():
 def png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
 
@@ -57,8 +57,7 @@ def test_decompression_bomb_refused():
         prepare_image(png_header_only(100_000, 100_000), 384)
 
 
-@pytest.mark.parametrize("data,message", [(b"", "empty"), (b"hello, I am text" * 10, "not an image"),
-                                          (None, "truncated")])
+@pytest.mark.parametrize("data,message", [(b"", "empty"), (b"hello, I am text" * 10, "not an image"), (None, "truncated")])
 def test_bad_bytes(data, message):
     if data is None:
         data = encode(Image.new("RGB", (300, 300), "red"), "JPEG")[:400]
@@ -66,8 +65,7 @@ def test_bad_bytes(data, message):
         prepare_image(data, 384)
 
 
-@pytest.mark.parametrize("mode,fmt", [("CMYK", "JPEG"), ("I;16", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"),
-                                      ("P", "GIF"), ("L", "JPEG"), ("1", "PNG")])
+@pytest.mark.parametrize("mode,fmt", [("CMYK", "JPEG"), ("I;16", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("P", "GIF"), ("L", "JPEG"), ("1", "PNG")])
 def test_modes_become_rgb(mode, fmt):
     img = Image.new(mode, (64, 48))
     prepared = prepare_image(encode(img, fmt), 384)
@@ -101,8 +99,7 @@ def _decode_batch(kind: str, count: int) -> dict:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "tests.decode_memory", kind, str(count)], cwd=root,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "tests.decode_memory", kind, str(count)], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.splitlines()[-1])
 

@@ -13,7 +13,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
@@ -81,9 +80,14 @@ def test_kill_9_of_the_broker_and_of_the_whole_stack_keep_records_offsets_and_tr
 
 
 def _runner(tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infra.embedded", "--engine", "kafka", "--data-dir",
-                           str(tmp_path / "d"), "--port", "0"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "infra.embedded", "--engine", "kafka", "--data-dir", str(tmp_path / "d"), "--port", "0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def test_missing_java_or_maven_or_repository_is_one_clear_error(tmp_path):
@@ -96,8 +100,7 @@ def test_missing_java_or_maven_or_repository_is_one_clear_error(tmp_path):
     # Java but no Maven, and no jars cached yet.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "java").symlink_to(subprocess.run(["readlink", "-f", "/usr/bin/java"], capture_output=True,
-                                                 text=True).stdout.strip() or "/usr/bin/java")
+    (bin_dir / "java").symlink_to(subprocess.run(["readlink", "-f", "/usr/bin/java"], capture_output=True, text=True).stdout.strip() or "/usr/bin/java")
     res = _runner(tmp_path / "b", {**base, "PATH": str(bin_dir), "XDG_CACHE_HOME": str(tmp_path / "cache-b")})
     assert res.returncode == 1
     assert "`mvn` was not found" in res.stderr and "--engine tansu" in res.stderr, res.stderr[-2000:]
@@ -105,10 +108,9 @@ def test_missing_java_or_maven_or_repository_is_one_clear_error(tmp_path):
     home = tmp_path / "home"
     (home / ".m2").mkdir(parents=True)
     (home / ".m2" / "settings.xml").write_text(
-        "<settings><mirrors><mirror><id>nowhere</id><mirrorOf>*</mirrorOf>"
-        f"<url>http://127.0.0.1:{free_port()}/maven2</url></mirror></mirrors></settings>")
-    res = _runner(tmp_path / "c", {**base, "XDG_CACHE_HOME": str(tmp_path / "cache-c"),
-                                   "MAVEN_OPTS": f"-Duser.home={home}"})
+        f"<settings><mirrors><mirror><id>nowhere</id><mirrorOf>*</mirrorOf><url>http://127.0.0.1:{free_port()}/maven2</url></mirror></mirrors></settings>"
+    )
+    res = _runner(tmp_path / "c", {**base, "XDG_CACHE_HOME": str(tmp_path / "cache-c"), "MAVEN_OPTS": f"-Duser.home={home}"})
     assert res.returncode == 1
     assert "Maven could not resolve Apache Kafka" in res.stderr and "reachable" in res.stderr, res.stderr[-2000:]
     assert "--engine tansu" in res.stderr
@@ -116,15 +118,20 @@ def test_missing_java_or_maven_or_repository_is_one_clear_error(tmp_path):
 
 def test_imgflow_broker_engine_kafka_runs_in_the_foreground_and_stops_on_sigterm(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGFLOW_")}
-    proc = subprocess.Popen([*IMGFLOW, "broker", "--engine", "kafka", "--port", "0", "--data-dir", str(tmp_path)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*IMGFLOW, "broker", "--engine", "kafka", "--port", "0", "--data-dir", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("ready bootstrap=127.0.0.1:"), proc.stderr.read()[-2000:] if proc.poll() else line
         bootstrap = line.split("=", 1)[1].strip()
         settings = make_settings(bootstrap, tmp_path)
-        assert {"images.new", "images.dlq", "imgflow.schemas"} <= set(admin_client(settings).list_topics(
-            timeout=10).topics)
+        assert {"images.new", "images.dlq", "imgflow.schemas"} <= set(admin_client(settings).list_topics(timeout=10).topics)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -134,8 +141,7 @@ def test_imgflow_broker_engine_kafka_runs_in_the_foreground_and_stops_on_sigterm
 
 def test_a_command_facing_no_broker_exits_2_naming_kafka_bootstrap(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGFLOW_")}
-    env.update({"IMGFLOW_KAFKA__BOOTSTRAP": f"127.0.0.1:{free_port()}", "IMGFLOW_KAFKA__CONNECT_TIMEOUT_S": "2",
-                "IMGFLOW_DATA_DIR": str(tmp_path)})
+    env.update({"IMGFLOW_KAFKA__BOOTSTRAP": f"127.0.0.1:{free_port()}", "IMGFLOW_KAFKA__CONNECT_TIMEOUT_S": "2", "IMGFLOW_DATA_DIR": str(tmp_path)})
     for argv in (["stage", "vision"], ["watch", "local", str(tmp_path)], ["replay", "--list"]):
         t0 = time.monotonic()
         res = subprocess.run([*IMGFLOW, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -187,8 +193,7 @@ def test_the_broker_down_for_30_s_mid_run_the_stage_waits_and_resumes_exactly_on
     log = open(tmp_path / "stage.log", "ab")
 
     def start() -> subprocess.Popen:
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.toy_stage"], cwd=ROOT, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.toy_stage"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
         return procs[-1]
 
     def done() -> int:
@@ -207,8 +212,7 @@ def test_the_broker_down_for_30_s_mid_run_the_stage_waits_and_resumes_exactly_on
         settings = make_settings(stack.bootstrap, tmp_path)
         evs = events([f"d{i:02d}.jpg" for i in range(40)])
         produce_events(settings, evs)
-        env = {**settings_env(settings), "TOY_GROUP": "g-down", "TOY_DELAY_S": "0.3",
-               "IMGFLOW_KAFKA__TRANSACTION_STALL_S": "45"}
+        env = {**settings_env(settings), "TOY_GROUP": "g-down", "TOY_DELAY_S": "0.3", "IMGFLOW_KAFKA__TRANSACTION_STALL_S": "45"}
         start()
         wait_until(lambda: done() >= 4, 90, what="a first commit")
         stack.kill_broker(hold=True)

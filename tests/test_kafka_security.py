@@ -33,8 +33,7 @@ PASSWORD = "pw-" + secrets.token_hex(12)
 KEY_PASSWORD = "kp-" + secrets.token_hex(12)
 WRONG_PASSWORD = "wrong-" + secrets.token_hex(12)
 
-pytestmark = pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("java")),
-                                reason="needs openssl (certificates) and Java 17+ (Apache Kafka)")
+pytestmark = pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("java")), reason="needs openssl (certificates) and Java 17+ (Apache Kafka)")
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -46,24 +45,55 @@ def make_tls(folder: Path) -> None:
     (SAN 127.0.0.1 and localhost) and the CA; client.pem and client.key (PKCS#8, encrypted with
     KEY_PASSWORD), signed by the CA; other-ca.pem: a CA that signed nothing here."""
     days = "2"
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-             "-days", days, "-subj", "/CN=imgflow test CA", cwd=folder)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other-ca.key", "-out", "other-ca.pem",
-             "-days", days, "-subj", "/CN=some other CA", cwd=folder)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", days, "-subj", "/CN=imgflow test CA", cwd=folder)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "other-ca.key",
+        "-out",
+        "other-ca.pem",
+        "-days",
+        days,
+        "-subj",
+        "/CN=some other CA",
+        cwd=folder,
+    )
     (folder / "broker.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out", "broker.csr",
-             "-subj", "/CN=localhost", cwd=folder)
-    _openssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "broker.crt", "-days", days, "-extfile", "broker.ext", cwd=folder)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out", "broker.csr", "-subj", "/CN=localhost", cwd=folder)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "broker.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "broker.crt",
+        "-days",
+        days,
+        "-extfile",
+        "broker.ext",
+        cwd=folder,
+    )
     _openssl("pkcs8", "-topk8", "-nocrypt", "-in", "broker.key", "-out", "broker.p8", cwd=folder)
     (folder / "broker.pem").write_text("".join((folder / n).read_text() for n in ("broker.p8", "broker.crt", "ca.pem")))
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client-plain.key", "-out", "client.csr",
-             "-subj", f"/CN={USER}", cwd=folder)
-    _openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "client.pem", "-days", days, cwd=folder)
-    subprocess.run(["openssl", "pkcs8", "-topk8", "-in", "client-plain.key", "-out", "client.key", "-v2",
-                    "aes-256-cbc", "-passout", "env:KEY_PASSWORD"], cwd=folder, check=True, capture_output=True,
-                   timeout=60, env={**os.environ, "KEY_PASSWORD": KEY_PASSWORD})
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client-plain.key", "-out", "client.csr", "-subj", f"/CN={USER}", cwd=folder)
+    _openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "client.pem", "-days", days, cwd=folder)
+    subprocess.run(
+        ["openssl", "pkcs8", "-topk8", "-in", "client-plain.key", "-out", "client.key", "-v2", "aes-256-cbc", "-passout", "env:KEY_PASSWORD"],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "KEY_PASSWORD": KEY_PASSWORD},
+    )
     (folder / "client-plain.key").unlink()
 
 
@@ -74,11 +104,17 @@ class SecureKafka:
     bootstrap: str  # the SASL_SSL listener
 
     def kafka_settings(self, **overrides) -> dict:
-        base = {"bootstrap": self.bootstrap, "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-256",
-                "sasl_username": USER, "sasl_password": PASSWORD,
-                "ssl_ca_location": str(self.tls / "ca.pem"),
-                "ssl_certificate_location": str(self.tls / "client.pem"),
-                "ssl_key_location": str(self.tls / "client.key"), "ssl_key_password": KEY_PASSWORD}
+        base = {
+            "bootstrap": self.bootstrap,
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-256",
+            "sasl_username": USER,
+            "sasl_password": PASSWORD,
+            "ssl_ca_location": str(self.tls / "ca.pem"),
+            "ssl_certificate_location": str(self.tls / "client.pem"),
+            "ssl_key_location": str(self.tls / "client.key"),
+            "ssl_key_password": KEY_PASSWORD,
+        }
         return {**base, **overrides}
 
     def env(self, **overrides) -> dict:
@@ -97,8 +133,9 @@ def secure_kafka(tmp_path_factory):
     tls = tmp_path_factory.mktemp("tls")
     make_tls(tls)
     data = tmp_path_factory.mktemp("secure-kafka")
-    stack = EmbeddedStack(data, port=0, log_file=data / "logs" / "embedded.log", engine="kafka", sasl_ssl=tls,
-                          scram_users={USER: PASSWORD}, ssl_client_auth="required").start()
+    stack = EmbeddedStack(
+        data, port=0, log_file=data / "logs" / "embedded.log", engine="kafka", sasl_ssl=tls, scram_users={USER: PASSWORD}, ssl_client_auth="required"
+    ).start()
     try:
         yield SecureKafka(stack, tls, stack.listeners["SASL_SSL"])
     finally:
@@ -106,8 +143,7 @@ def secure_kafka(tmp_path_factory):
 
 
 def _leaks(text: str) -> list[str]:
-    return [name for name, secret in (("PASSWORD", PASSWORD), ("KEY_PASSWORD", KEY_PASSWORD),
-                                      ("WRONG_PASSWORD", WRONG_PASSWORD)) if secret in text]
+    return [name for name, secret in (("PASSWORD", PASSWORD), ("KEY_PASSWORD", KEY_PASSWORD), ("WRONG_PASSWORD", WRONG_PASSWORD)) if secret in text]
 
 
 def _files_with_secrets(*folders: Path) -> list[str]:
@@ -144,8 +180,20 @@ def secure_run(secure_kafka, tmp_path_factory):
     Image.fromarray(skdata.coffee()).resize((150, 100)).save(folder / "coffee.jpg")
     render_text_image(["PIER 7 PASS"]).save(folder / "ticket.png")
     work = tmp_path_factory.mktemp("secure-run")
-    args = [*IMGFLOW, "run", str(folder), "--once", "--out", str(work / "out"), "--data-dir", str(work / "data"),
-            "--bootstrap", secure_kafka.bootstrap, "--metrics-port", "0"]
+    args = [
+        *IMGFLOW,
+        "run",
+        str(folder),
+        "--once",
+        "--out",
+        str(work / "out"),
+        "--data-dir",
+        str(work / "data"),
+        "--bootstrap",
+        secure_kafka.bootstrap,
+        "--metrics-port",
+        "0",
+    ]
     try:
         proc = subprocess.run(args, cwd=ROOT, env=secure_kafka.env(), capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired as exc:  # keep what it said, for the failure message
@@ -224,24 +272,39 @@ def test_run_with_a_wrong_password_exits_2_naming_the_setting(secure_kafka, tmp_
     folder.mkdir()
     render_text_image(["NEVER READ"]).save(folder / "one.png")
     env = secure_kafka.env(sasl_password=WRONG_PASSWORD)
-    proc, seconds = _run_cli(["run", str(folder), "--once", "--out", str(tmp_path / "out"), "--data-dir",
-                              str(tmp_path / "data"), "--bootstrap", secure_kafka.bootstrap, "--metrics-port", "0"],
-                             env)
+    proc, seconds = _run_cli(
+        [
+            "run",
+            str(folder),
+            "--once",
+            "--out",
+            str(tmp_path / "out"),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--bootstrap",
+            secure_kafka.bootstrap,
+            "--metrics-port",
+            "0",
+        ],
+        env,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "kafka.sasl_password" in proc.stderr and seconds < 30
     assert _leaks(proc.stdout + proc.stderr) == []
     assert _files_with_secrets(tmp_path) == []
 
 
-@pytest.mark.parametrize("case, overrides, setting", [
-    ("SCRAM-SHA-512 works too", {"sasl_mechanism": "SCRAM-SHA-512"}, None),
-    ("a user the broker does not know", {"sasl_username": "mallory"}, "kafka.sasl_username / kafka.sasl_password"),
-    ("a mechanism the listener does not offer", {"sasl_mechanism": "PLAIN"}, "kafka.sasl_mechanism"),
-    ("no client certificate", {"ssl_certificate_location": "", "ssl_key_location": "", "ssl_key_password": ""},
-     "kafka.ssl_certificate_location"),
-    ("a wrong key password", {"ssl_key_password": WRONG_PASSWORD}, "kafka.ssl_key_password"),
-    ("a CA file that is not there", {"ssl_ca_location": "/nonexistent/ca.pem"}, "kafka.ssl_ca_location"),
-])
+@pytest.mark.parametrize(
+    "case, overrides, setting",
+    [
+        ("SCRAM-SHA-512 works too", {"sasl_mechanism": "SCRAM-SHA-512"}, None),
+        ("a user the broker does not know", {"sasl_username": "mallory"}, "kafka.sasl_username / kafka.sasl_password"),
+        ("a mechanism the listener does not offer", {"sasl_mechanism": "PLAIN"}, "kafka.sasl_mechanism"),
+        ("no client certificate", {"ssl_certificate_location": "", "ssl_key_location": "", "ssl_key_password": ""}, "kafka.ssl_certificate_location"),
+        ("a wrong key password", {"ssl_key_password": WRONG_PASSWORD}, "kafka.ssl_key_password"),
+        ("a CA file that is not there", {"ssl_ca_location": "/nonexistent/ca.pem"}, "kafka.ssl_ca_location"),
+    ],
+)
 def test_check_kafka_names_the_setting(secure_kafka, case, overrides, setting, monkeypatch):
     for key in list(os.environ):
         if key.startswith("IMGFLOW_"):
@@ -274,8 +337,11 @@ def test_run_with_its_own_broker_ignores_the_clusters_security_settings(secure_k
     render_text_image(["LOCAL 42"]).save(folder / "local.png")
     env = secure_kafka.env()
     env["IMGFLOW_KAFKA__CONNECT_TIMEOUT_S"] = "20"  # a child that tried SASL_SSL would fail within this
-    proc, _ = _run_cli(["run", str(folder), "--once", "--out", str(tmp_path / "out"), "--data-dir",
-                        str(tmp_path / "data"), "--port", "0", "--metrics-port", "0"], env, timeout=600)
+    proc, _ = _run_cli(
+        ["run", str(folder), "--once", "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data"), "--port", "0", "--metrics-port", "0"],
+        env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "the embedded broker speaks PLAINTEXT" in proc.stdout and "done: 1 images" in proc.stdout
     assert _leaks(proc.stdout + proc.stderr) == [] and _files_with_secrets(tmp_path) == []

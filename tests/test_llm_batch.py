@@ -39,11 +39,10 @@ def smol():
     from llama_cpp import Llama, LlamaGrammar
 
     path = L.resolve_llm(L.SMOLLM2_NAME, Path(".")).path
-    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=1, n_threads_batch=1, seed=L.SEED,
-                verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=1, n_threads_batch=1, seed=L.SEED, verbose=False)
     grammar = LlamaGrammar.from_json_schema(json.dumps(L.GENERATION_SCHEMA), verbose=False)
     a, b = render_chat(llm, L.messages("a")).tokens, render_chat(llm, L.messages("b")).tokens
-    yield llm, grammar, a[:common_prefix(a, b)]
+    yield llm, grammar, a[: common_prefix(a, b)]
     llm.close()
 
 
@@ -58,8 +57,7 @@ def test_one_slot_matches_create_chat_completion(smol):
     reference = []
     for item in ITEMS:
         llm.n_tokens = len(prefix)  # start each item from the evaluated prefix, as the engine does
-        choice = llm.create_chat_completion(messages=_messages(item), grammar=grammar, temperature=0.0,
-                                            top_k=1, seed=L.SEED, max_tokens=200)["choices"][0]
+        choice = llm.create_chat_completion(messages=_messages(item), grammar=grammar, temperature=0.0, top_k=1, seed=L.SEED, max_tokens=200)["choices"][0]
         reference.append((choice["message"]["content"], choice["finish_reason"]))
     gen = BatchGenerator(llm, grammar, 1, 1024, 1, 1, prefix=prefix)
     try:
@@ -98,21 +96,23 @@ def test_many_slots_refill_keep_order_and_fail_alone(smol):
 
 def test_enrich_stage_fails_only_the_bad_record():
     settings = Settings(models={"llm": L.SMOLLM2_NAME, "llm_batch": 2, "llm_ctx": 512, "llm_threads": 1})
-    structurer = L.LlamaCppStructurer(ModelCache(1), L.SMOLLM2_NAME, ".", n_ctx=512, n_threads=1,
-                                      max_tokens=200, n_parallel=2)
+    structurer = L.LlamaCppStructurer(ModelCache(1), L.SMOLLM2_NAME, ".", n_ctx=512, n_threads=1, max_tokens=200, n_parallel=2)
     transform = EnrichTransform(settings, EnrichModels(structurer=structurer))
     assert transform.batch_size(settings) == max(settings.stage.batch_size, 2)
 
     def record(i: int, text: str, image_text: str = "", label: str = "Egyptian cat") -> InputRecord:
         event = {"event_id": f"e{i}"}
-        value = {"event": event, "text": text, "image_text": image_text,
-                 "labels": [{"label": label, "score": 0.8}]}
+        value = {"event": event, "text": text, "image_text": image_text, "labels": [{"label": label, "score": 0.8}]}
         return InputRecord("images.vision", 0, i, f"e{i}", value, b"")
 
     try:
-        results = transform.process([record(0, ITEMS[0].description),
-                                     record(1, "cat", label="word " * 2000),  # does not fit 512 tokens
-                                     record(2, ITEMS[1].description, "HARBOR TICKET 2041")])
+        results = transform.process(
+            [
+                record(0, ITEMS[0].description),
+                record(1, "cat", label="word " * 2000),  # does not fit 512 tokens
+                record(2, ITEMS[1].description, "HARBOR TICKET 2041"),
+            ]
+        )
     finally:
         structurer._cache.clear()
     assert isinstance(results[1], L.StructuringError) and "models.llm_ctx" in str(results[1])

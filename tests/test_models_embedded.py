@@ -100,8 +100,7 @@ def test_unknown_override_names_the_setting():
 
 def test_check_models_rows(settings, tmp_path):
     rows = check_models(settings)
-    assert [r[0] for r in rows] == ["describe", "read_text", "embed_image", "embed_text",
-                                    "word_vectors", "structure_text"]
+    assert [r[0] for r in rows] == ["describe", "read_text", "embed_image", "embed_text", "word_vectors", "structure_text"]
     assert all(ok for _, _, ok, _ in rows), rows
     bad = check_models(Settings(models={"llm": str(tmp_path / "missing.gguf")}))
     job, what, ok, msg = bad[-1]
@@ -182,18 +181,15 @@ def test_describer(vision, images):
 
 def test_compose_wording():
     assert compose([], "") == "A photo in which nothing was recognised with confidence."
-    assert compose([("Egyptian cat", 0.8), ("tabby cat", 0.12), ("tiger cat", 0.07)], "MEOW\nB",
-                   ["brown", "grey"]) == (
-        "A photo of an Egyptian cat. It could also be a tabby cat. "
-        'The text "MEOW / B" is visible in it. The main colours are brown and grey.'
+    assert compose([("Egyptian cat", 0.8), ("tabby cat", 0.12), ("tiger cat", 0.07)], "MEOW\nB", ["brown", "grey"]) == (
+        'A photo of an Egyptian cat. It could also be a tabby cat. The text "MEOW / B" is visible in it. The main colours are brown and grey.'
     )
-    assert compose([("tripod", 0.2), ("reflex camera", 0.15)], "", ["grey"]) == (
-        "A photo that may show a tripod or a reflex camera. It is mostly grey.")
-    assert compose([("web site", 0.3), ("text", 0.4)], "TICKET 7\nSEAT 4\nROW 2") == (
-        'A document with the text "TICKET 7 / SEAT 4 / ROW 2".')
+    assert compose([("tripod", 0.2), ("reflex camera", 0.15)], "", ["grey"]) == ("A photo that may show a tripod or a reflex camera. It is mostly grey.")
+    assert compose([("web site", 0.3), ("text", 0.4)], "TICKET 7\nSEAT 4\nROW 2") == ('A document with the text "TICKET 7 / SEAT 4 / ROW 2".')
     # a person (the face detector's label): the classifier's labels are what else is there
     assert compose([("person", 0.999), ("tripod", 0.9), ("reflex camera", 0.05)], "", ["grey"]) == (
-        "A photo of a person. The image may also show a tripod. It is mostly grey.")
+        "A photo of a person. The image may also show a tripod. It is mostly grey."
+    )
     assert compose([("person", 0.99)], "", [], people=2) == "A photo of two people."
     assert compose([("person", 0.99)], "", [], people=7) == "A photo of a group of people."
 
@@ -282,8 +278,7 @@ def _valid(rec: dict) -> None:
 
 
 CAT_ITEM = StructureInput(
-    "A photo of an Egyptian cat. It could also be a tabby cat or a tiger cat. "
-    "The main colours are brown and grey.",
+    "A photo of an Egyptian cat. It could also be a tabby cat or a tiger cat. The main colours are brown and grey.",
     "",
     ["Egyptian cat", "tabby cat", "tiger cat"],
     [0.76, 0.1, 0.1],
@@ -342,20 +337,26 @@ def test_validate_rules():
     assert rec["description"] == facts_caption  # "chair": an object no model reported
     rec = validate(ok.replace("A cat on a chair.", "A brown Egyptian cat."), item)
     assert rec["description"] == "A brown Egyptian cat."  # the notes' words only: fine
-    for invented in ("A white Egyptian cat.",  # "white" was not found
-                     "A brown cat sitting down.",  # words in no note
-                     "A brown cat with the word CAT on it.",  # text, but none was read
-                     "An Egyptian cat from the UK."):
+    for invented in (
+        "A white Egyptian cat.",  # "white" was not found
+        "A brown cat sitting down.",  # words in no note
+        "A brown cat with the word CAT on it.",  # text, but none was read
+        "An Egyptian cat from the UK.",
+    ):
         assert validate(ok.replace("A cat on a chair.", invented), item)["description"] == facts_caption
     no_category = validate(ok.replace('"category": "animal", ', ""), item)  # asked only for a choice
     assert no_category["category"] == "animal"
     facts_only = validate('{"keywords": ["cat", "pet"]}', item, describe=False)
     assert facts_only["description"] == facts_caption and facts_only["category"] == "animal"
-    rec = validate(ok, StructureInput("A sign reading \"OPEN\".", "OPEN", ["text"], [0.3]))
+    rec = validate(ok, StructureInput('A sign reading "OPEN".', "OPEN", ["text"], [0.3]))
     assert rec["image_text"] == "OPEN" and rec["category"] == "sign"  # not the LLM's "animal"
-    for bad in ("not json", "[1]", '{"description": "a"}',
-                ok.replace('["cat", "Cat", " pet "]', '"cat"'),
-                ok.replace('"keywords"', '"image_text": "x", "keywords"')):
+    for bad in (
+        "not json",
+        "[1]",
+        '{"description": "a"}',
+        ok.replace('["cat", "Cat", " pet "]', '"cat"'),
+        ok.replace('"keywords"', '"image_text": "x", "keywords"'),
+    ):
         with pytest.raises(StructuringError):
             validate(bad, item)
     with pytest.raises(StructuringError):
@@ -368,8 +369,7 @@ def test_image_text_is_the_ocr_text():
     was read, and a description with numbers or quoted text that was not read is replaced."""
     import json
 
-    item = StructureInput(description="A sign reading \"CHAOS 0059\".", image_text="CHAOS 0059",
-                          labels=["text"], scores=[0.4])
+    item = StructureInput(description='A sign reading "CHAOS 0059".', image_text="CHAOS 0059", labels=["text"], scores=[0.4])
 
     def answer(desc):
         return json.dumps({"description": desc, "category": "sign", "keywords": ["chaos"]})

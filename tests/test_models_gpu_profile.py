@@ -74,10 +74,20 @@ def tiny(tmp_path_factory) -> dict:
 
 
 def gpu_settings(tiny: dict, **models) -> Settings:
-    base = dict(profile="gpu", vlm=str(tiny["vlm"]), clip=tiny["clip"], sentence=str(tiny["sentence"]),
-                word_vectors=str(tiny["fasttext"]), llm=str(tiny["llm"]), llm_ctx=1024, llm_threads=2,
-                llm_batch=1,  # exact-text comparisons: one sequence at a time (batched rounding may differ)
-                vlm_max_new_tokens=6, vlm_text_max_new_tokens=4, device="cpu")
+    base = dict(
+        profile="gpu",
+        vlm=str(tiny["vlm"]),
+        clip=tiny["clip"],
+        sentence=str(tiny["sentence"]),
+        word_vectors=str(tiny["fasttext"]),
+        llm=str(tiny["llm"]),
+        llm_ctx=1024,
+        llm_threads=2,
+        llm_batch=1,  # exact-text comparisons: one sequence at a time (batched rounding may differ)
+        vlm_max_new_tokens=6,
+        vlm_text_max_new_tokens=4,
+        device="cpu",
+    )
     base.update(models)
     return Settings(models=base)
 
@@ -125,8 +135,7 @@ def test_enrich_gpu_profile_is_a_gguf_on_cpu(tiny):
 
 def test_check_models_says_where_each_loads_from(tiny):
     rows = check_models(gpu_settings(tiny))
-    assert [r[0] for r in rows] == ["describe", "read_text", "embed_image", "embed_text",
-                                    "word_vectors", "structure_text"]
+    assert [r[0] for r in rows] == ["describe", "read_text", "embed_image", "embed_text", "word_vectors", "structure_text"]
     assert all(ok for _, _, ok, _ in rows), rows
     where = {job: w for job, w, _, _ in rows}
     assert where["describe"].endswith(f"<- {tiny['vlm']}")
@@ -137,13 +146,18 @@ def test_check_models_says_where_each_loads_from(tiny):
 
 
 def test_imgflow_models_command(tiny, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", IMGFLOW_CONFIG=str(tmp_path / "none.toml"),
-               IMGFLOW_MODELS__PROFILE="gpu", IMGFLOW_MODELS__VLM=str(tiny["vlm"]),
-               IMGFLOW_MODELS__CLIP=tiny["clip"], IMGFLOW_MODELS__SENTENCE=str(tiny["sentence"]),
-               IMGFLOW_MODELS__WORD_VECTORS=str(tiny["fasttext"]),
-               IMGFLOW_MODELS__LLM=str(tmp_path / "nope.gguf"))
-    proc = subprocess.run([sys.executable, "-m", "imgflow.cli", "models"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        IMGFLOW_CONFIG=str(tmp_path / "none.toml"),
+        IMGFLOW_MODELS__PROFILE="gpu",
+        IMGFLOW_MODELS__VLM=str(tiny["vlm"]),
+        IMGFLOW_MODELS__CLIP=tiny["clip"],
+        IMGFLOW_MODELS__SENTENCE=str(tiny["sentence"]),
+        IMGFLOW_MODELS__WORD_VECTORS=str(tiny["fasttext"]),
+        IMGFLOW_MODELS__LLM=str(tmp_path / "nope.gguf"),
+    )
+    proc = subprocess.run([sys.executable, "-m", "imgflow.cli", "models"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert any(line.startswith("ok ") and "describe" in line and str(tiny["vlm"]) in line for line in lines)
@@ -160,8 +174,7 @@ def test_mixing_profiles_per_job(tiny):
     from imgflow.models.embedded.ocr import RapidOcrReader
 
     # gpu profile, embedded implementations named per job; no vlm needed then
-    s = gpu_settings(tiny, vlm="", describe="composed", read_text="rapidocr",
-                     embed_text="all-minilm-l6-v2", word_vectors="glove-6b-50d", llm="smollm2-135m")
+    s = gpu_settings(tiny, vlm="", describe="composed", read_text="rapidocr", embed_text="all-minilm-l6-v2", word_vectors="glove-6b-50d", llm="smollm2-135m")
     v = build_vision_models(s, ModelCache(1))
     assert isinstance(v.describer, ComposedDescriber) and isinstance(v.reader, RapidOcrReader)
     assert isinstance(v.image_embedder, OpenClipImageEmbedder)
@@ -170,8 +183,7 @@ def test_mixing_profiles_per_job(tiny):
     st = build_enrich_models(s, ModelCache(1)).structurer
     assert type(st) is LlamaCppStructurer
     # embedded profile, one production model by its source setting
-    e = build_vision_models(Settings(models={"clip": tiny["clip"], "word_vectors": str(tiny["word2vec"])}),
-                            ModelCache(1))
+    e = build_vision_models(Settings(models={"clip": tiny["clip"], "word_vectors": str(tiny["word2vec"])}), ModelCache(1))
     assert isinstance(e.describer, ComposedDescriber)
     assert isinstance(e.image_embedder, OpenClipImageEmbedder)
     assert isinstance(e.word_vectorizer, GensimWordVectorizer)
@@ -250,8 +262,7 @@ def test_vlm_reader_and_describer_share_one_load(tiny, vision, cache):
     texts = vision.reader.read_text(imgs)
     descs = vision.describer.describe(imgs, texts)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
-    assert len(descs) == 3 and all(isinstance(d, Description) and isinstance(d.text, str) and d.labels == []
-                                   for d in descs)
+    assert len(descs) == 3 and all(isinstance(d, Description) and isinstance(d.text, str) and d.labels == [] for d in descs)
     assert all(d.text for d in descs)
     key = [k for k in cache.loads if k.startswith("vlm:")]
     assert len(key) == 1 and cache.loads[key[0]] == 1, cache.loads  # one load, both jobs
@@ -333,8 +344,10 @@ def test_word2vec_text_and_gensim_formats(tiny, tmp_path):
 
 def test_gguf_structurer_contract(tiny):
     st = build_enrich_models(gpu_settings(tiny), ModelCache(1)).structurer
-    items = [StructureInput("A photo most likely showing a tabby cat (80%).", "", ["tabby cat"]),
-             StructureInput("A sign on a wall.", "HARBOR TICKET 2041", ["sign"])]
+    items = [
+        StructureInput("A photo most likely showing a tabby cat (80%).", "", ["tabby cat"]),
+        StructureInput("A sign on a wall.", "HARBOR TICKET 2041", ["sign"]),
+    ]
     out = st.structure(items)
     assert len(out) == 2
     for d in out:

@@ -97,15 +97,13 @@ def _promtool() -> str:
 
 
 def test_promtool_accepts_config_and_rules_and_the_rules_unit_tests_pass():
-    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "rules.yml"],
-                 ["test", "rules", "rules.test.yml"]):
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "rules.yml"], ["test", "rules", "rules.test.yml"]):
         result = subprocess.run([_promtool(), *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}"
 
 
 def test_dashboard_json_is_what_its_generator_writes():
-    result = subprocess.run([sys.executable, str(ROOT / "infra" / "grafana" / "dashboard.py"), "--check"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, str(ROOT / "infra" / "grafana" / "dashboard.py"), "--check"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 
 
@@ -124,18 +122,23 @@ class PrometheusServer:
         self.url = f"http://127.0.0.1:{self.port}"
         work.mkdir(parents=True, exist_ok=True)
         config = work / "prometheus.yml"
-        config.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(rules)],
-            "scrape_configs": [{"job_name": "imgflow", "honor_labels": True,
-                                "static_configs": [{"targets": [target]}]}],
-        }))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "rule_files": [str(rules)],
+                    "scrape_configs": [{"job_name": "imgflow", "honor_labels": True, "static_configs": [{"targets": [target]}]}],
+                }
+            )
+        )
         binary = shutil.which("prometheus")
         assert binary, "prometheus not found: `make test` installs Debian's prometheus package (see Makefile)"
         self.log = open(work / "prometheus.log", "wb")
-        self.proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",
-                                      f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}", f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         _wait(lambda: self._ready(), 30, "prometheus ready")
 
     def _ready(self) -> bool:
@@ -219,21 +222,52 @@ def test_live_prometheus_answers_every_panel_and_alert_about_a_running_pipeline(
     (images / "planted-bad.jpg").write_text("this is a text file, not a JPEG")
     out, data_dir, metrics_port = tmp_path / "out", tmp_path / "data", _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGFLOW_")}
-    env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "IMGFLOW_MODELS__LLM": "smollm2-135m",
-                "IMGFLOW_LOG_FORMAT": "json", "IMGFLOW_STAGE__MAX_WAIT_S": "0.2"})
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "IMGFLOW_MODELS__LLM": "smollm2-135m",
+            "IMGFLOW_LOG_FORMAT": "json",
+            "IMGFLOW_STAGE__MAX_WAIT_S": "0.2",
+        }
+    )
     console = open(tmp_path / "run.out", "wb")
-    run = subprocess.Popen([sys.executable, "-m", "imgflow.cli", "run", str(images), "--out", str(out),
-                            "--data-dir", str(data_dir), "--port", "0", "--metrics-port", str(metrics_port),
-                            "--engine", engine],
-                           cwd=ROOT, env=env, stdout=console, stderr=subprocess.STDOUT)
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "imgflow.cli",
+            "run",
+            str(images),
+            "--out",
+            str(out),
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            "0",
+            "--metrics-port",
+            str(metrics_port),
+            "--engine",
+            engine,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=console,
+        stderr=subprocess.STDOUT,
+    )
     prometheus = PrometheusServer(tmp_path / "prometheus", f"127.0.0.1:{metrics_port}", PROMETHEUS / "rules.yml")
     try:
         rows = _wait(lambda: (r := _csv_rows(out)) and len(r) == 2 and r, 240, "2 result rows")
         # The pipeline is done: Prometheus must see every row written and no lag left.
         _wait(lambda: prometheus.value('sum(imgflow_sink_rows_total{kind="csv"})') == 2, 30, "sink rows scraped")
-        _wait(lambda: prometheus.value("count(count by (stage) (imgflow_consumer_lag))") == 3
-              and prometheus.value(f"sum({'max by (stage, topic, partition) (imgflow_consumer_lag)'})") == 0,
-              60, "lag of every stage, down to 0")
+        _wait(
+            lambda: (
+                prometheus.value("count(count by (stage) (imgflow_consumer_lag))") == 3
+                and prometheus.value(f"sum({'max by (stage, topic, partition) (imgflow_consumer_lag)'})") == 0
+            ),
+            60,
+            "lag of every stage, down to 0",
+        )
         time.sleep(2)  # a few more scrapes at the end state
 
         for title, expr in _panel_queries():
@@ -247,7 +281,7 @@ def test_live_prometheus_answers_every_panel_and_alert_about_a_running_pipeline(
         names = {n for _, e in _panel_queries() for n in METRIC_NAME.findall(e)}
         names |= {n for rule in _alert_rules() for n in METRIC_NAME.findall(rule["expr"])}
         for name in sorted(names - (set() if gpu else GPU_ONLY)):
-            assert prometheus.query(f"count({{__name__=\"{name}\"}})"), f"metric {name} does not exist"
+            assert prometheus.query(f'count({{__name__="{name}"}})'), f"metric {name} does not exist"
         loaded = {r["name"]: r for g in prometheus.api("rules")["groups"] for r in g["rules"]}
         assert set(loaded) == {r["alert"] for r in _alert_rules()}
         assert all(r["health"] == "ok" for r in loaded.values()), loaded
@@ -257,15 +291,15 @@ def test_live_prometheus_answers_every_panel_and_alert_about_a_running_pipeline(
         # The numbers agree with what happened.
         assert prometheus.value('sum(imgflow_sink_rows_total{kind="csv"})') == len(rows) == 2
         assert prometheus.value("sum(imgflow_watcher_published_total)") == 2
-        assert prometheus.value("sum(imgflow_messages_in_total{stage=\"sink\"})") == 2
-        dead = {r["metric"]["stage"]: float(r["value"][1]) for r in prometheus.query(_instant(
-            "sum by (stage) (increase(imgflow_messages_failed_total[$__range]))"))}
+        assert prometheus.value('sum(imgflow_messages_in_total{stage="sink"})') == 2
+        dead = {
+            r["metric"]["stage"]: float(r["value"][1]) for r in prometheus.query(_instant("sum by (stage) (increase(imgflow_messages_failed_total[$__range]))"))
+        }
         assert round(dead["vision"]) == 1 and round(dead["enrich"]) == 0, dead  # the planted bad file
         up = {r["metric"]["process"]: r["value"][1] for r in prometheus.query("imgflow_process_up")}
         assert up == {"watcher": "1", "vision": "1", "enrich": "1", "sink": "1"}
         assert prometheus.value("max(imgflow_sink_output_lag_seconds)") > 0
-        loads = {r["metric"]["process"]: float(r["value"][1])
-                 for r in prometheus.query("sum by (process) (imgflow_model_loads_total)")}
+        loads = {r["metric"]["process"]: float(r["value"][1]) for r in prometheus.query("sum by (process) (imgflow_model_loads_total)")}
         assert loads.get("vision", 0) >= 1 and loads.get("enrich", 0) >= 1, loads
         assert "metrics of every process: http://127.0.0.1:" in (tmp_path / "run.out").read_text()
     finally:

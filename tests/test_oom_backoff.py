@@ -57,8 +57,7 @@ class OomAbove(Describer):
             self.attempts.append((len(images), ok))
         with oom_guard("simulated"):
             if not ok:
-                raise torch.cuda.OutOfMemoryError(
-                    f"CUDA out of memory. Tried to allocate 2.00 GiB (simulated, batch of {len(images)})")
+                raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (simulated, batch of {len(images)})")
         return self.inner.describe(images, seen_text)
 
 
@@ -66,13 +65,19 @@ class OomAbove(Describer):
 def model_paths(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("oom-models")
     cfg, weights = build_tiny_clip(d / "clip")
-    return {"vlm": str(build_tiny_qwen2vl(d / "vlm")), "clip": f"{cfg}:{weights}",
-            "sentence": str(minilm_dir()), "word_vectors": str(build_tiny_fasttext(d / "ft.bin"))}
+    return {
+        "vlm": str(build_tiny_qwen2vl(d / "vlm")),
+        "clip": f"{cfg}:{weights}",
+        "sentence": str(minilm_dir()),
+        "word_vectors": str(build_tiny_fasttext(d / "ft.bin")),
+    }
 
 
 def hist(stage: str) -> dict[str, float]:
-    out = {"count": REGISTRY.get_sample_value("imgflow_batch_size_count", {"stage": stage}) or 0.0,
-           "sum": REGISTRY.get_sample_value("imgflow_batch_size_sum", {"stage": stage}) or 0.0}
+    out = {
+        "count": REGISTRY.get_sample_value("imgflow_batch_size_count", {"stage": stage}) or 0.0,
+        "sum": REGISTRY.get_sample_value("imgflow_batch_size_sum", {"stage": stage}) or 0.0,
+    }
     for le in ("1.0", "2.0", "4.0", "8.0"):
         out[le] = REGISTRY.get_sample_value("imgflow_batch_size_bucket", {"stage": stage, "le": le}) or 0.0
     return out
@@ -87,10 +92,13 @@ def test_cuda_oom_halves_the_batch_and_loses_nothing(broker, tmp_path, model_pat
         p = images / f"img{i:02d}.png"
         Image.fromarray(rs.randint(0, 255, (60, 80, 3), dtype=np.uint8)).save(p)
         paths.append(p)
-    settings = make_settings(broker, tmp_path, allowed_roots=[images],
-                             stage={"batch_size": 8, "max_wait_s": 2.0, "max_attempts": 2},
-                             models={"profile": "gpu", "device": "cpu", "vlm_max_new_tokens": 3,
-                                     "vlm_text_max_new_tokens": 2, **model_paths})
+    settings = make_settings(
+        broker,
+        tmp_path,
+        allowed_roots=[images],
+        stage={"batch_size": 8, "max_wait_s": 2.0, "max_attempts": 2},
+        models={"profile": "gpu", "device": "cpu", "vlm_max_new_tokens": 3, "vlm_text_max_new_tokens": 2, **model_paths},
+    )
     models = build_vision_models(settings, ModelCache(5))
     describer = OomAbove(models.describer, LIMIT)
     models.describer = describer
@@ -102,8 +110,9 @@ def test_cuda_oom_halves_the_batch_and_loses_nothing(broker, tmp_path, model_pat
     thread = threading.Thread(target=runner.run, daemon=True)
     thread.start()
     try:
-        results = wait_until(lambda: (r := decoded(settings, settings.topics.vision, "VisionResult"))
-                             and len(r) >= N_IMAGES and r, 240, interval=1, what="every VisionResult")
+        results = wait_until(
+            lambda: (r := decoded(settings, settings.topics.vision, "VisionResult")) and len(r) >= N_IMAGES and r, 240, interval=1, what="every VisionResult"
+        )
     finally:
         runner.request_stop()
         thread.join(60)

@@ -38,11 +38,10 @@ def test_high_lane_overtakes_a_backlog_of_200(settings):
         # Published behind 200 normal ones, before the stage started.
         wait_until(lambda: "/imgs/high-first.jpg" in transform.order, 60, 0.05, "the first high-priority image")
         first = transform.order.index("/imgs/high-first.jpg")
-        assert first < 8, f"high-priority image processed as number {first + 1}: {transform.order[:first + 1]}"
+        assert first < 8, f"high-priority image processed as number {first + 1}: {transform.order[: first + 1]}"
         # Published while the normal backlog is being worked through.
         wait_until(lambda: len(transform.order) >= 40, 60, 0.05, "40 normal images processed")
-        produce_events(settings, [dict(events(["high-later.jpg"])[0], version="x", event_id="high-later")],
-                       topic=settings.topics.new_high)
+        produce_events(settings, [dict(events(["high-later.jpg"])[0], version="x", event_id="high-later")], topic=settings.topics.new_high)
         # Counted from when the publish returned (the producer's own start-up is not the stage's delay).
         seen_before = len(transform.order)
         wait_until(lambda: "/imgs/high-later.jpg" in transform.order, 60, 0.05, "the second high-priority image")
@@ -69,12 +68,10 @@ def test_an_empty_high_lane_does_not_pause_the_normal_one(settings):
     try:
         wait_until(lambda: runner.consumer is not None and len(transform.order) >= 40, 60, 0.05, "40 images")
         runner.consumer = _CountingPauses(runner.consumer, pauses)
-        produce_events(settings, [dict(e, event_id=f"b{i}") for i, e in
-                                  enumerate(events([f"b{i:03d}.jpg" for i in range(40)]))])
+        produce_events(settings, [dict(e, event_id=f"b{i}") for i, e in enumerate(events([f"b{i:03d}.jpg" for i in range(40)]))])
         wait_until(lambda: len(transform.order) >= 80, 60, 0.05, "40 more images")
         assert pauses == [], "the normal lane was paused although the high lane was empty"
-        produce_events(settings, [dict(events(["high.jpg"])[0], event_id="h1", version="h")],
-                       topic=settings.topics.new_high)
+        produce_events(settings, [dict(events(["high.jpg"])[0], event_id="h1", version="h")], topic=settings.topics.new_high)
         wait_until(lambda: "/imgs/high.jpg" in transform.order, 60, 0.05, "the high-priority image")
     finally:
         runner.request_stop()

@@ -13,11 +13,12 @@ def test_the_rate_starts_with_the_first_vision_result_and_gives_an_eta(capsys):
     assert progress.rate(40.0, 0, working=False) == 0.0
     assert progress.rate(41.0, 0, working=True) == 0.0  # the first vision result
     assert progress.rate(51.0, 20, working=True) == 2.0  # 20 rows in the 10 s since
-    progress.show(found=100, vision=40, enriched=25, failed=1, written=25, errors=1, new_rows=25, elapsed=53,
-                  now=53.0)
+    progress.show(found=100, vision=40, enriched=25, failed=1, written=25, errors=1, new_rows=25, elapsed=53, now=53.0)
     line = capsys.readouterr().out
     assert line.startswith("written 25/100 | ")
-    assert "2.08 img/s | ETA 0:00:36 | 53s" in line  # 25 rows in the 12 s since: 75 left and "found 100 · vision 40 · enriched 25 · failed 1 · 1 with errors" in line
+    assert (
+        "2.08 img/s | ETA 0:00:36 | 53s" in line
+    )  # 25 rows in the 12 s since: 75 left and "found 100 · vision 40 · enriched 25 · failed 1 · 1 with errors" in line
 
 
 def test_recent_keys_count_distinct_keys_in_bounded_memory():

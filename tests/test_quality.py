@@ -21,19 +21,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_category_mapping_is_generated_by_the_documented_script():
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_imagenet_categories.py"), "--check"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_imagenet_categories.py"), "--check"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cats = categories.imagenet_categories()
     assert len(cats) == 1000 and set(cats) <= set(categories.CATEGORIES)
 
 
-@pytest.mark.parametrize("label, category", [
-    ("tripod", "device"), ("moped", "vehicle"), ("espresso", "drink"), ("Egyptian cat", "animal"),
-    ("missile", "vehicle"), ("construction crane", "device"), ("crane", "animal"),
-    ("street sign", "sign"), ("web site", "document"), ("daisy", "plant"), ("volcano", "landscape"),
-    ("cheeseburger", "food"), ("church building", "building"), ("jersey", "clothing"), ("scuba diver", "person"),
-])
+@pytest.mark.parametrize(
+    "label, category",
+    [
+        ("tripod", "device"),
+        ("moped", "vehicle"),
+        ("espresso", "drink"),
+        ("Egyptian cat", "animal"),
+        ("missile", "vehicle"),
+        ("construction crane", "device"),
+        ("crane", "animal"),
+        ("street sign", "sign"),
+        ("web site", "document"),
+        ("daisy", "plant"),
+        ("volcano", "landscape"),
+        ("cheeseburger", "food"),
+        ("church building", "building"),
+        ("jersey", "clothing"),
+        ("scuba diver", "person"),
+    ],
+)
 def test_imagenet_classes_map_to_their_category(label, category):
     assert categories.category_of_label(label) == category
 
@@ -92,10 +105,12 @@ def _box(x, y, w, h):
 def test_ocr_keeps_only_confident_known_text_on_photos():
     r = _Reader()
     photo = (640, 480)
-    boxes = [(_box(400, 400, 60, 20), "TIMERL", 0.88),  # unknown word, not sure enough
-             (_box(100, 100, 60, 20), "YAMAHA", 0.90),  # known word, confident
-             (_box(300, 100, 40, 20), "0000", 0.84),  # a number, not sure enough
-             (_box(10, 10, 30, 5), "SPEED", 0.99)]  # too small (height share under 2%)
+    boxes = [
+        (_box(400, 400, 60, 20), "TIMERL", 0.88),  # unknown word, not sure enough
+        (_box(100, 100, 60, 20), "YAMAHA", 0.90),  # known word, confident
+        (_box(300, 100, 40, 20), "0000", 0.84),  # a number, not sure enough
+        (_box(10, 10, 30, 5), "SPEED", 0.99),
+    ]  # too small (height share under 2%)
     assert r.select(boxes, photo).text == "YAMAHA"
     # the same unknown word filling a sign is kept as read
     sign = [(_box(20, 20, 600, 200), "TIMERL", 0.88), (_box(20, 300, 60, 100), "3", 0.8)]
@@ -116,12 +131,12 @@ def test_grounding_on_a_gpu_description():
     """No classifier labels (the GPU profile): the LLM's category is kept when it is in the
     list, and its description may use what the VLM wrote, but not more."""
     item = StructureInput("A red motorcycle parked on a street next to a bicycle.", "", [])
-    ok = grounding.ground({"description": "A red motorcycle parked beside a bicycle.",
-                           "category": "vehicle", "keywords": ["motorcycle", "street", "helmet"]}, item)
+    ok = grounding.ground(
+        {"description": "A red motorcycle parked beside a bicycle.", "category": "vehicle", "keywords": ["motorcycle", "street", "helmet"]}, item
+    )
     assert ok["category"] == "vehicle" and ok["description"] == "A red motorcycle parked beside a bicycle."
     assert "helmet" not in ok["keywords"] and "motorcycle" in ok["keywords"]
-    bad = grounding.ground({"description": "A motorcycle and a dog in 2 streets.", "category": "vehicle",
-                            "keywords": []}, item)
+    bad = grounding.ground({"description": "A motorcycle and a dog in 2 streets.", "category": "vehicle", "keywords": []}, item)
     assert bad["description"] == "A red motorcycle parked on a street next to a bicycle."
 
 
@@ -130,8 +145,7 @@ def test_benchmark_smoke(tmp_path, capsys):
     from benchmarks import quality
 
     out = tmp_path / "q.json"
-    assert quality.main(["--llm", "smollm2-135m", "--limit", "2", "--split", "holdout",
-                         "--name", "smoke", "--out", str(out)]) == 0
+    assert quality.main(["--llm", "smollm2-135m", "--limit", "2", "--split", "holdout", "--name", "smoke", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     fig = result["figures"]["all"]
     assert fig["items"] == 2 and fig["descriptions_with_percentages"] == 0

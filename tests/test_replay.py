@@ -26,22 +26,49 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def event(i: int) -> dict:
-    return {"event_id": f"r{i:04d}", "uri": f"file:///imgs/{i}.jpg", "image_path": f"/imgs/{i}.jpg", "size": 1,
-            "version": "1", "source": "test", "priority": "NORMAL", "run_id": "live", "published_at": 0,
-            "force": False}
+    return {
+        "event_id": f"r{i:04d}",
+        "uri": f"file:///imgs/{i}.jpg",
+        "image_path": f"/imgs/{i}.jpg",
+        "size": 1,
+        "version": "1",
+        "source": "test",
+        "priority": "NORMAL",
+        "run_id": "live",
+        "published_at": 0,
+        "force": False,
+    }
 
 
 def vision_result(i: int) -> dict:
-    return {"event": event(i), "text": f"A red bicycle leaning on a wall, photo {i}", "image_text": "",
-            "labels": [{"label": "bicycle", "score": 0.9}], "text_vector": [0.1] * 4, "word2vec_vector": [0.2] * 4,
-            "image_vector": [0.3] * 4, "width": 8, "height": 8, "models": {"describe": "d@1"}, "seconds": 0.1,
-            "processed_at": 0}
+    return {
+        "event": event(i),
+        "text": f"A red bicycle leaning on a wall, photo {i}",
+        "image_text": "",
+        "labels": [{"label": "bicycle", "score": 0.9}],
+        "text_vector": [0.1] * 4,
+        "word2vec_vector": [0.2] * 4,
+        "image_vector": [0.3] * 4,
+        "width": 8,
+        "height": 8,
+        "models": {"describe": "d@1"},
+        "seconds": 0.1,
+        "processed_at": 0,
+    }
 
 
 def enriched(i: int) -> dict:
-    return {"vision": vision_result(i), "description": f"bicycle {i}", "category": "vehicle", "keywords": ["bike"],
-            "image_text": "", "llama_extracted": "{}", "models": {"structure_text": "s@1"}, "seconds": 0.1,
-            "processed_at": 0}
+    return {
+        "vision": vision_result(i),
+        "description": f"bicycle {i}",
+        "category": "vehicle",
+        "keywords": ["bike"],
+        "image_text": "",
+        "llama_extracted": "{}",
+        "models": {"structure_text": "s@1"},
+        "seconds": 0.1,
+        "processed_at": 0,
+    }
 
 
 def produce_at(settings, topic: str, schema: str, values: list[dict], timestamp_ms: int) -> None:
@@ -113,25 +140,39 @@ def test_sink_replay_by_time_with_kills(settings, tmp_path, engine):
     now = int(time.time() * 1000)
     produce_at(settings, t.enriched, "EnrichedRecord", [enriched(i) for i in range(6)], now - 20_000)
     produce_at(settings, t.enriched, "EnrichedRecord", [enriched(i) for i in range(10, 22)], now - 10_000)
-    failed = {"event_id": "r0030", "stage": "vision", "error": "not an image", "attempts": 1, "failed_at": now,
-              "input_topic": t.new, "input_partition": 0, "input_offset": 0, "event": event(30), "vision": None,
-              "raw_value": None}
+    failed = {
+        "event_id": "r0030",
+        "stage": "vision",
+        "error": "not an image",
+        "attempts": 1,
+        "failed_at": now,
+        "input_topic": t.new,
+        "input_partition": 0,
+        "input_offset": 0,
+        "event": event(30),
+        "vision": None,
+        "raw_value": None,
+    }
     produce_at(settings, t.dlq, "DeadLetter", [failed], now - 10_000)
     live = Consumer(consumer_config(settings, f"{settings.kafka.group_prefix}-sink"))
     live.commit(offsets=[TopicPartition(t.enriched, p, 1) for p in range(3)], asynchronous=False)
     live.close()
     before = committed(settings, f"{settings.kafka.group_prefix}-sink", t.enriched)
-    boundary = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((now - 15_000) / 1000)) + \
-        f".{(now - 15_000) % 1000:03d}Z"
+    boundary = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((now - 15_000) / 1000)) + f".{(now - 15_000) % 1000:03d}Z"
     wanted = sorted([f"r{i:04d}" for i in range(10, 22)] + ["r0030"])
     by_time = f"by-time-{t.new.split('.')[0]}"  # run ids are broker-wide: one of this test's own
 
     # 1. The run's sink is killed after writing an Avro file, before the CSV: the replay
     # restarts it, and the restarted sink completes the CSV from the Avro file.
     out = tmp_path / "run-a"
-    crashed_sink = subprocess.run(replay_cmd("--stage", "sink", "--from", boundary, "--run-id", by_time,
-                                             "--out", str(out)), cwd=ROOT, capture_output=True, text=True,
-                                  timeout=120, env={**env, "IMGFLOW_CRASH_AT": "sink:after_avro"})
+    crashed_sink = subprocess.run(
+        replay_cmd("--stage", "sink", "--from", boundary, "--run-id", by_time, "--out", str(out)),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "IMGFLOW_CRASH_AT": "sink:after_avro"},
+    )
     assert crashed_sink.returncode == 0, crashed_sink.stdout + crashed_sink.stderr
     sink_log = (settings.data_dir / "logs" / "replay" / f"{by_time}-sink.log").read_text()
     assert "crash point after_avro reached" in sink_log and "CSV rows found only in Avro files" in sink_log
@@ -142,8 +183,14 @@ def test_sink_replay_by_time_with_kills(settings, tmp_path, engine):
 
     # 2. The replay command itself is killed (after its stage, before it records the run as
     # done); the same command again resumes that run and changes nothing in its output.
-    killed = subprocess.run(replay_cmd("--stage", "sink", "--from", boundary), cwd=ROOT, capture_output=True,
-                            text=True, timeout=120, env={**env, "IMGFLOW_CRASH_AT": "replay:after_stage"})
+    killed = subprocess.run(
+        replay_cmd("--stage", "sink", "--from", boundary),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "IMGFLOW_CRASH_AT": "replay:after_stage"},
+    )
     assert killed.returncode == -9, killed.stdout + killed.stderr
     # How the time was turned into offsets: Kafka's offsets_for_times, or tansu's scan.
     if engine == "kafka":
@@ -151,8 +198,7 @@ def test_sink_replay_by_time_with_kills(settings, tmp_path, engine):
     else:
         assert "scanning timestamps" in killed.stderr
     run_id = re.search(r"run (\S+):", killed.stdout).group(1)
-    again = subprocess.run(replay_cmd("--stage", "sink", "--from", boundary), cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
+    again = subprocess.run(replay_cmd("--stage", "sink", "--from", boundary), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"resuming run {run_id}" in again.stdout and f"run {run_id} complete: 13 results (1 with errors)" in again.stdout
     rows = run_rows(settings.sink.out_dir / "runs" / run_id)
@@ -182,21 +228,18 @@ def test_enrich_replay_killed_and_rerun(settings):
     live.close()
     before = committed(settings, f"{settings.kafka.group_prefix}-enrich", t.vision)
 
-    first = subprocess.Popen(replay_cmd("--stage", "enrich"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(replay_cmd("--stage", "enrich"), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     while not (match := re.match(r"run (\S+):", seen[-1] if seen else "")):
         seen.append(first.stdout.readline())
         assert seen[-1], "replay exited early:\n" + "".join(seen)
     run_id = match.group(1)
     enrich_log = settings.data_dir / "logs" / "replay" / f"{run_id}-enrich.log"
-    wait_until(lambda: enrich_log.exists() and "transformed" in enrich_log.read_text(), 120, 0.2,
-               "the replay's enrich stage to transform a batch")
+    wait_until(lambda: enrich_log.exists() and "transformed" in enrich_log.read_text(), 120, 0.2, "the replay's enrich stage to transform a batch")
     first.send_signal(signal.SIGKILL)
     first.wait(10)
 
-    again = subprocess.run(replay_cmd("--stage", "enrich"), cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=300)
+    again = subprocess.run(replay_cmd("--stage", "enrich"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"resuming run {run_id}" in again.stdout and f"run {run_id} complete: 3 results" in again.stdout
     out = settings.sink.out_dir / "runs" / run_id
@@ -210,7 +253,6 @@ def test_enrich_replay_killed_and_rerun(settings):
     assert read_topic(settings, t.enriched, timeout=10) == []  # replayed records stay in run topics
     record = RunRegistry(settings).get(run_id)
     assert (record.status, record.results, record.stage) == ("done", 3, "enrich")
-    done = subprocess.run(replay_cmd("--stage", "enrich", "--run-id", run_id), cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(replay_cmd("--stage", "enrich", "--run-id", run_id), cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "already complete: 3 results" in done.stdout
     assert len(run_rows(out)) == 3

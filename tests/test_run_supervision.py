@@ -53,11 +53,9 @@ def test_a_killed_broker_runner_is_restarted_and_the_run_completes_exactly_once(
     folder, out, data_dir = tmp_path / "images", tmp_path / "out", tmp_path / "data"
     images(folder, 16)
     log = tmp_path / "run.out"
-    argv = [*IMGFLOW, "run", str(folder), "--once", "--out", str(out), "--data-dir", str(data_dir), "--port", "0",
-            "--engine", engine]
+    argv = [*IMGFLOW, "run", str(folder), "--once", "--out", str(out), "--data-dir", str(data_dir), "--port", "0", "--engine", engine]
     with log.open("wb") as f:
-        run = subprocess.Popen(argv, cwd=ROOT, env={**env(), "IMGFLOW_MODELS__LLM": "smollm2-135m"}, stdout=f,
-                               stderr=subprocess.STDOUT)
+        run = subprocess.Popen(argv, cwd=ROOT, env={**env(), "IMGFLOW_MODELS__LLM": "smollm2-135m"}, stdout=f, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: (out / "results.csv").exists() and len(rows(out)) >= 1, 600, what="a first result row")
         written_before = len(rows(out))
@@ -136,8 +134,7 @@ def test_run_again_right_after_a_kill_9_waits_for_the_old_stack(tmp_path):
     assert second.returncode == 0, said[-4000:]
     assert "is in use by another running stack" not in said
     assert not Path(f"/proc/{runner}").exists()
-    print("the second run waited for the first's stack" if "is still stopping" in said else
-          "the first's stack had stopped before the second run looked")
+    print("the second run waited for the first's stack" if "is still stopping" in said else "the first's stack had stopped before the second run looked")
     assert_exactly_once(out, folder)
 
 
@@ -150,9 +147,17 @@ def test_waiting_for_an_earlier_stack_and_refusing_a_live_one(tmp_path, capsys):
 
     broker_dir = tmp_path / "broker"
     owner = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from imgflow.stack import EmbeddedStack; "
-         f"s = EmbeddedStack(Path({str(broker_dir)!r}), port=0).start(); print('ready', flush=True); time.sleep(600)"],
-        cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from imgflow.stack import EmbeddedStack; "
+            f"s = EmbeddedStack(Path({str(broker_dir)!r}), port=0).start(); print('ready', flush=True); time.sleep(600)",
+        ],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert owner.stdout.readline().strip() == "ready"
         with pytest.raises(StackError, match=f"in use by another running stack \\(the command with pid {owner.pid}\\)"):
@@ -183,10 +188,8 @@ def test_one_outage_is_one_line_a_minute_whichever_broker_address_or_callback_re
         "failed: Connection refused (after 0ms in state CONNECT)",
         "FAIL [rdkafka#consumer-1] [thrd:GroupCoordinator]: GroupCoordinator: 127.0.0.1:60873: Connect to "
         "ipv4#127.0.0.1:60873 failed: Connection refused (after 0ms in state CONNECT)",
-        "127.0.0.1:60873/bootstrap: Connect to ipv4#127.0.0.1:60873 failed: Connection refused (after 0ms in state "
-        "CONNECT)",
-        "127.0.0.1:60873/bootstrap: Connect to ipv4#127.0.0.1:60873 failed: Connection refused (after 12ms in state "
-        "CONNECT, 4 identical error(s) suppressed)",
+        "127.0.0.1:60873/bootstrap: Connect to ipv4#127.0.0.1:60873 failed: Connection refused (after 0ms in state CONNECT)",
+        "127.0.0.1:60873/bootstrap: Connect to ipv4#127.0.0.1:60873 failed: Connection refused (after 12ms in state CONNECT, 4 identical error(s) suppressed)",
     ]
     with caplog.at_level(logging.WARNING, logger="imgflow.kafka"):
         for text in seen * 5:

@@ -27,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def client_for(s3):
-    return boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key_id,
-                        aws_secret_access_key=s3.secret_access_key, region_name="us-east-1")
+    return boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key_id, aws_secret_access_key=s3.secret_access_key, region_name="us-east-1")
 
 
 def jpeg(array) -> bytes:
@@ -72,8 +71,7 @@ def test_vision_reads_objects_only_below_allowed_prefixes_and_within_the_size_li
     secret = s3_server.secret_access_key
     for broken, says, retriable in [
         (with_s3(settings, secret_access_key=SecretStr("wrong" + secret)), "IMGFLOW_S3__SECRET_ACCESS_KEY", False),
-        (with_s3(settings, endpoint_url="http://127.0.0.1:9", max_attempts=1, timeout_s=1.0, outage_retry_s=1.0),
-         "IMGFLOW_S3__ENDPOINT_URL", True),
+        (with_s3(settings, endpoint_url="http://127.0.0.1:9", max_attempts=1, timeout_s=1.0, outage_retry_s=1.0), "IMGFLOW_S3__ENDPOINT_URL", True),
     ]:
         with pytest.raises(S3Error) as err:
             ImageSource(broken).read(s3_uri(s3_bucket, "in/a cat ü.jpg"))
@@ -93,20 +91,37 @@ def test_run_on_a_bucket_prefix_once(s3_server, s3_bucket, tmp_path):
     with spaces and unicode, an empty object and a non-image as error rows), nothing from
     outside the prefix, and the S3 secret nowhere in logs or outputs."""
     c = client_for(s3_server)
-    objects = {"in/a cat ñ ü.jpg": jpeg(data.chelsea()), "in/sub/coffee.jpg": jpeg(data.coffee()),
-               "in/empty.jpg": b"", "in/text.png": b"this is not a PNG\n" * 10}
+    objects = {
+        "in/a cat ñ ü.jpg": jpeg(data.chelsea()),
+        "in/sub/coffee.jpg": jpeg(data.coffee()),
+        "in/empty.jpg": b"",
+        "in/text.png": b"this is not a PNG\n" * 10,
+    }
     for key, body in objects.items():
         c.put_object(Bucket=s3_bucket, Key=key, Body=body)
     c.put_object(Bucket=s3_bucket, Key="elsewhere/dog.jpg", Body=objects["in/sub/coffee.jpg"])
     out, data_dir = tmp_path / "out", tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGFLOW_", "AWS_"))}
     # Endpoint and credentials as the standard AWS variables only (boto3's own chain).
-    env.update({"AWS_ACCESS_KEY_ID": s3_server.access_key_id, "AWS_SECRET_ACCESS_KEY": s3_server.secret_access_key,
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server.endpoint,
-                "IMGFLOW_MODELS__LLM": "smollm2-135m", "HF_HUB_OFFLINE": "1", "IMGFLOW_STAGE__MAX_ATTEMPTS": "2"})
-    proc = subprocess.run([sys.executable, "-m", "imgflow.cli", "run", f"s3://{s3_bucket}/in/", "--once",
-                           "--out", str(out), "--data-dir", str(data_dir), "--port", "0"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    env.update(
+        {
+            "AWS_ACCESS_KEY_ID": s3_server.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": s3_server.secret_access_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": s3_server.endpoint,
+            "IMGFLOW_MODELS__LLM": "smollm2-135m",
+            "HF_HUB_OFFLINE": "1",
+            "IMGFLOW_STAGE__MAX_ATTEMPTS": "2",
+        }
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "imgflow.cli", "run", f"s3://{s3_bucket}/in/", "--once", "--out", str(out), "--data-dir", str(data_dir), "--port", "0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["image_path"]: r for r in committed_rows(out)}
     assert sorted(rows) == sorted(f"s3://{s3_bucket}/{k}" for k in objects)

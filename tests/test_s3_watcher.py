@@ -29,8 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def client_for(s3) -> object:
-    return boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key_id,
-                        aws_secret_access_key=s3.secret_access_key, region_name="us-east-1")
+    return boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key_id, aws_secret_access_key=s3.secret_access_key, region_name="us-east-1")
 
 
 def events_on(settings, topic=None):
@@ -47,8 +46,7 @@ def test_polling_publishes_each_object_version_once_across_restarts(s3_settings,
     c.put_object(Bucket=s3_bucket, Key="other/x.jpg", Body=b"outside the prefix")
     # An upload in progress is invisible until it completes.
     upload = c.create_multipart_upload(Bucket=s3_bucket, Key="in/zz-uploading.jpg")
-    c.upload_part(Bucket=s3_bucket, Key="in/zz-uploading.jpg", UploadId=upload["UploadId"], PartNumber=1,
-                  Body=b"x" * 1000)
+    c.upload_part(Bucket=s3_bucket, Key="in/zz-uploading.jpg", UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 1000)
     # SeaweedFS refuses keys with "../" segments outright (AWS would store them; the vision
     # stage's prefix check covers that case, see test_s3_input.py).
     with pytest.raises(ClientError):
@@ -74,10 +72,14 @@ def test_polling_publishes_each_object_version_once_across_restarts(s3_settings,
     # full pass. The upload completes: now it is an object.
     c.put_object(Bucket=s3_bucket, Key="in/a b.jpg", Body=b"new content")
     c.put_object(Bucket=s3_bucket, Key="in/0-early.jpg", Body=b"sorts first")
-    c.complete_multipart_upload(Bucket=s3_bucket, Key="in/zz-uploading.jpg", UploadId=upload["UploadId"],
-                                MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": c.list_parts(
-                                    Bucket=s3_bucket, Key="in/zz-uploading.jpg", UploadId=upload["UploadId"]
-                                )["Parts"][0]["ETag"]}]})
+    c.complete_multipart_upload(
+        Bucket=s3_bucket,
+        Key="in/zz-uploading.jpg",
+        UploadId=upload["UploadId"],
+        MultipartUpload={
+            "Parts": [{"PartNumber": 1, "ETag": c.list_parts(Bucket=s3_bucket, Key="in/zz-uploading.jpg", UploadId=upload["UploadId"])["Parts"][0]["ETag"]}]
+        },
+    )
     assert restarted.tail_pass() == 1  # only "zz-uploading.jpg" sorts after the cursor
     restarted._next_full = 0.0
     assert restarted.poll_once() == 2  # the full pass: the overwrite and "0-early.jpg"
@@ -107,19 +109,26 @@ def test_notifications_publish_within_seconds_and_polling_adds_no_double(s3_sett
     c.put_object(Bucket=s3_bucket, Key="n/seaweed.png", Body=b"two")
     c.put_object(Bucket=s3_bucket, Key="n/never-notified.jpg", Body=b"three")
     topic = f"{s3_settings.topics.new}.s3-events"
-    settings = s3_settings.model_copy(update={"watch": s3_settings.watch.model_copy(update={
-        "s3_notify": "minio", "s3_notify_topic": topic})})
-    record = {"eventName": "s3:ObjectCreated:Put", "s3": {"bucket": {"name": s3_bucket},
-              "object": {"key": "n/cat+photo.jpg", "size": 3, "eTag": "ignored: the watcher HEADs"}}}
+    settings = s3_settings.model_copy(update={"watch": s3_settings.watch.model_copy(update={"s3_notify": "minio", "s3_notify_topic": topic})})
+    record = {
+        "eventName": "s3:ObjectCreated:Put",
+        "s3": {"bucket": {"name": s3_bucket}, "object": {"key": "n/cat+photo.jpg", "size": 3, "eTag": "ignored: the watcher HEADs"}},
+    }
     gone = {**record, "s3": {**record["s3"], "object": {"key": "n/deleted.jpg"}}}
     removed = {**record, "eventName": "s3:ObjectRemoved:Delete"}
     elsewhere = {**record, "s3": {**record["s3"], "bucket": {"name": "another-bucket"}}}
     watcher = S3Watcher(parse_s3_uri(f"s3://{s3_bucket}/n/"), settings)
     watcher.open_notifications()  # creates the notification topic where it is missing
-    produce(settings, topic, [(f"{s3_bucket}/n/cat photo.jpg", json.dumps({"Records": [record]}).encode()),
-                              ("x", json.dumps({"Records": [gone, removed, elsewhere]}).encode()),
-                              ("x", b"\x00 not json"),
-                              ("x", json.dumps({"Records": [record]}).encode())])  # a repeat
+    produce(
+        settings,
+        topic,
+        [
+            (f"{s3_bucket}/n/cat photo.jpg", json.dumps({"Records": [record]}).encode()),
+            ("x", json.dumps({"Records": [gone, removed, elsewhere]}).encode()),
+            ("x", b"\x00 not json"),
+            ("x", json.dumps({"Records": [record]}).encode()),
+        ],
+    )  # a repeat
     try:
         t0 = time.monotonic()
         wait_until(lambda: watcher.handle_notifications(1.0), 30, interval=0, what="the notified object's event")
@@ -143,19 +152,19 @@ def test_notifications_publish_within_seconds_and_polling_adds_no_double(s3_sett
     assert paths == sorted(f"s3://{s3_bucket}/n/{k}" for k in ["cat photo.jpg", "seaweed.png", "never-notified.jpg"])
 
 
-def test_wrong_credentials_missing_bucket_unreachable_endpoint_are_clear_errors(s3_settings, s3_server, s3_bucket,
-                                                                              tmp_path, caplog):
+def test_wrong_credentials_missing_bucket_unreachable_endpoint_are_clear_errors(s3_settings, s3_server, s3_bucket, tmp_path, caplog):
     secret = s3_server.secret_access_key
-    wrong_secret = s3_settings.model_copy(update={"s3": s3_settings.s3.model_copy(update={
-        "secret_access_key": type(s3_settings.s3.secret_access_key)("not-" + secret)})})
-    wrong_key = s3_settings.model_copy(update={"s3": s3_settings.s3.model_copy(update={
-        "access_key_id": type(s3_settings.s3.access_key_id)("AKIAWRONG")})})
-    down = s3_settings.model_copy(update={"s3": s3_settings.s3.model_copy(update={
-        "endpoint_url": "http://127.0.0.1:9", "max_attempts": 1, "timeout_s": 1.0})})
-    cases = [(wrong_secret, s3_bucket, "IMGFLOW_S3__SECRET_ACCESS_KEY"),
-             (wrong_key, s3_bucket, "IMGFLOW_S3__ACCESS_KEY_ID"),
-             (s3_settings, "no-such-bucket-here", "bucket does not exist"),
-             (down, s3_bucket, "IMGFLOW_S3__ENDPOINT_URL")]
+    wrong_secret = s3_settings.model_copy(
+        update={"s3": s3_settings.s3.model_copy(update={"secret_access_key": type(s3_settings.s3.secret_access_key)("not-" + secret)})}
+    )
+    wrong_key = s3_settings.model_copy(update={"s3": s3_settings.s3.model_copy(update={"access_key_id": type(s3_settings.s3.access_key_id)("AKIAWRONG")})})
+    down = s3_settings.model_copy(update={"s3": s3_settings.s3.model_copy(update={"endpoint_url": "http://127.0.0.1:9", "max_attempts": 1, "timeout_s": 1.0})})
+    cases = [
+        (wrong_secret, s3_bucket, "IMGFLOW_S3__SECRET_ACCESS_KEY"),
+        (wrong_key, s3_bucket, "IMGFLOW_S3__ACCESS_KEY_ID"),
+        (s3_settings, "no-such-bucket-here", "bucket does not exist"),
+        (down, s3_bucket, "IMGFLOW_S3__ENDPOINT_URL"),
+    ]
     caplog.set_level(logging.DEBUG)
     for settings, bucket, says in cases:
         watcher = S3Watcher(parse_s3_uri(f"s3://{bucket}/p/"), settings)
@@ -183,8 +192,9 @@ def test_wrong_credentials_missing_bucket_unreachable_endpoint_are_clear_errors(
 
     # The command: exit 2 at once, the setting named, no secret on the terminal.
     env = {**settings_env(s3_settings), **s3_server.env(), "IMGFLOW_S3__SECRET_ACCESS_KEY": "not-" + secret}
-    proc = subprocess.run([sys.executable, "-m", "imgflow.cli", "watch", "s3", f"s3://{s3_bucket}/p/"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "imgflow.cli", "watch", "s3", f"s3://{s3_bucket}/p/"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "IMGFLOW_S3__SECRET_ACCESS_KEY" in proc.stderr, proc.stderr
     assert secret not in proc.stdout + proc.stderr
 
@@ -202,8 +212,7 @@ def test_seaweedfs_notifications_and_an_s3_restart(broker, tmp_path, caplog):
     topic = f"seaweedfs-events-{tmp_path.name}"
     stack_dir = tmp_path / "stack"
     stack_dir.mkdir()
-    (stack_dir / "notification.toml").write_text(
-        f'[notification.kafka]\nenabled = true\nhosts = ["{broker}"]\ntopic = "{topic}"\n')
+    (stack_dir / "notification.toml").write_text(f'[notification.kafka]\nenabled = true\nhosts = ["{broker}"]\ntopic = "{topic}"\n')
     # Events go to the session broker; only S3 is killed. The topics, the notification topic
     # too, exist before the store starts publishing (as `imgflow topics` makes them).
     watch = {"poll_interval_s": 0.3, "s3_full_scan_s": 3600.0, "s3_notify": "seaweedfs", "s3_notify_topic": topic}
@@ -213,8 +222,7 @@ def test_seaweedfs_notifications_and_an_s3_restart(broker, tmp_path, caplog):
         creds = json.loads((stack.data_dir / "s3-credentials.json").read_text())
         s3 = S3Server(stack.s3_endpoint, creds["access_key_id"], creds["secret_access_key"])
         bucket = new_bucket(s3)
-        settings = make_settings(broker, tmp_path, s3={**s3.settings_section(), "timeout_s": 2.0, "max_attempts": 1},
-                                 watch=watch)
+        settings = make_settings(broker, tmp_path, s3={**s3.settings_section(), "timeout_s": 2.0, "max_attempts": 1}, watch=watch)
         c = client_for(s3)
         for i in range(3):
             c.put_object(Bucket=bucket, Key=f"k/5-{i}.jpg", Body=b"x%d" % i)
@@ -234,10 +242,8 @@ def test_seaweedfs_notifications_and_an_s3_restart(broker, tmp_path, caplog):
             stack.kill_s3(hold=True)
             # The vision stage's read waits for the store instead of failing a good image.
             read = ThreadPoolExecutor(1).submit(ImageSource(settings).read, s3_uri(bucket, "k/5-1.jpg"))
-            wait_until(lambda: "retrying with back-off" in caplog.text, 30, interval=0.2,
-                       what="the watcher to see S3 down")
-            wait_until(lambda: "S3 endpoint unreachable" in caplog.text, 30, interval=0.2,
-                       what="the read to see S3 down")
+            wait_until(lambda: "retrying with back-off" in caplog.text, 30, interval=0.2, what="the watcher to see S3 down")
+            wait_until(lambda: "S3 endpoint unreachable" in caplog.text, 30, interval=0.2, what="the read to see S3 down")
             assert not read.done()
             stack.release_s3()
             assert read.result(timeout=90) == b"x1"
@@ -251,14 +257,13 @@ def test_seaweedfs_notifications_and_an_s3_restart(broker, tmp_path, caplog):
             watcher.request_stop()
             thread.join(30)
         evs = events_on(settings)
-        assert sorted(e["image_path"] for e in evs) == sorted(
-            f"s3://{bucket}/k/{n}.jpg" for n in ["5-0", "5-1", "5-2", "0-a", "0-b", "0-c"])
+        assert sorted(e["image_path"] for e in evs) == sorted(f"s3://{bucket}/k/{n}.jpg" for n in ["5-0", "5-1", "5-2", "0-a", "0-b", "0-c"])
         assert notified() - notified_before == 3  # all three through notifications, none by polling
         assert "recovered" in caplog.text
         assert s3.secret_access_key not in caplog.text
         assert {e["event_id"] for e in evs} == {
-            s3_image_event(bucket, o.key, o.etag, o.size, source="s3", run_id="live")["event_id"]
-            for o in iter_objects(c, bucket, "k/")}
+            s3_image_event(bucket, o.key, o.etag, o.size, source="s3", run_id="live")["event_id"] for o in iter_objects(c, bucket, "k/")
+        }
     finally:
         stack.stop()
 

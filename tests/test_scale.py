@@ -20,8 +20,7 @@ from tests.kafka_helpers import produce_events, wait_until
 def test_vision_instance_killed_its_partitions_move_nothing_lost_or_doubled(broker, tmp_path):
     root = tmp_path / "images"
     root.mkdir()
-    settings = make_settings(broker, tmp_path, allowed_roots=[root], models={"llm": "smollm2-135m"},
-                             stage={"batch_size": 2})
+    settings = make_settings(broker, tmp_path, allowed_roots=[root], models={"llm": "smollm2-135m"}, stage={"batch_size": 2})
     assert settings.topics.partitions >= 2  # a stage can scale out by default
     events = []
     for i in range(18):
@@ -37,7 +36,7 @@ def test_vision_instance_killed_its_partitions_move_nothing_lost_or_doubled(brok
     a = procs.procs.pop("vision")  # two instances: keep A aside, B under its role name
     procs.start("vision")
     out = settings.sink.out_dir
-    log = (tmp_path / "logs" / "vision.log")
+    log = tmp_path / "logs" / "vision.log"
     try:
         wait_until(lambda: log.read_text(errors="replace").count("assigned") >= 2, 120, what="both instances assigned")
         produce_events(settings, events)

@@ -27,13 +27,16 @@ def first_names(proc, n: int = 1) -> list[str]:
 CATS = {"chelsea_cat.png", "chelsea_mirrored.jpg"}  # the same photo twice: either may rank first
 
 
-@pytest.mark.parametrize("query, expected", [
-    ("a cat", CATS),
-    ("a cup of coffee", {"coffee.jpg"}),
-    ("a person", {"astronaut.jpg"}),
-    ("HARBOR", {"harbor_ticket.png"}),  # a word printed on the image
-    ("fresh bread", {"open_sign.png"}),
-])
+@pytest.mark.parametrize(
+    "query, expected",
+    [
+        ("a cat", CATS),
+        ("a cup of coffee", {"coffee.jpg"}),
+        ("a person", {"astronaut.jpg"}),
+        ("HARBOR", {"harbor_ticket.png"}),  # a word printed on the image
+        ("fresh bread", {"open_sign.png"}),
+    ],
+)
 def test_search_puts_the_image_first(search_run, query, expected):
     names = first_names(search_run.imgflow("search", query, "--limit", "3"), n=len(expected))
     assert set(names) == expected
@@ -64,15 +67,18 @@ def test_search_json_filters_and_like(search_run):
     assert "broken.jpg" in failed.stdout and "not an image" in failed.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["search", "cat", "--out", "/nonexistent/out"], "no sink output at /nonexistent/out"),
-    (["search", "x" * 10_000], "query of 10000 characters; at most 1000"),
-    (["search", "cat", "--category", "spaceship"], "no image of run 'live' has category 'spaceship'; categories:"),
-    (["search", "--like", "/tmp/not-indexed.jpg"], "'/tmp/not-indexed.jpg' is not in the search index"),
-    (["search", "cat", "--run", "nope"], "no run 'nope' in the results"),
-    (["search"], "give one of: a QUERY, --like"),
-    (["search", "cat", "--since", "yesterday"], "--since 'yesterday': not a date"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["search", "cat", "--out", "/nonexistent/out"], "no sink output at /nonexistent/out"),
+        (["search", "x" * 10_000], "query of 10000 characters; at most 1000"),
+        (["search", "cat", "--category", "spaceship"], "no image of run 'live' has category 'spaceship'; categories:"),
+        (["search", "--like", "/tmp/not-indexed.jpg"], "'/tmp/not-indexed.jpg' is not in the search index"),
+        (["search", "cat", "--run", "nope"], "no run 'nope' in the results"),
+        (["search"], "give one of: a QUERY, --like"),
+        (["search", "cat", "--since", "yesterday"], "--since 'yesterday': not a date"),
+    ],
+)
 def test_bad_requests_are_clear_errors(search_run, args, message):
     proc = search_run.imgflow(*args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -168,8 +174,9 @@ def test_runs_are_kept_apart_and_models_checked(search_run, tmp_path):
     live_rows = [r for k in batches(search_run.out) for r in read_rows(search_run.out, k) if not r["error"]]
     cat = next(r for r in live_rows if r["image_path"].endswith("chelsea_cat.png"))
     replayed = [{**cat, "run_id": "replay-1", "source_offset": 0}]
-    other_model = [{**r, "run_id": "other-model", "models": {**r["models"], "embed_text": "some-other-model@123"},
-                    "source_offset": i} for i, r in enumerate(live_rows)]
+    other_model = [
+        {**r, "run_id": "other-model", "models": {**r["models"], "embed_text": "some-other-model@123"}, "source_offset": i} for i, r in enumerate(live_rows)
+    ]
     output = LocalOutput(out)
     for offset, rows in ((900_000, replayed), (900_100, other_model)):
         key = data_key(AVRO, "images.enriched", 0, offset)
@@ -182,11 +189,9 @@ def test_runs_are_kept_apart_and_models_checked(search_run, tmp_path):
     searcher = Searcher(index, settings)
     assert {h.run_id for h in searcher.search("a cat", 50)} == {"live"}
     assert [h.image_path for h in searcher.search("a cat", 50, run="replay-1")] == [cat["image_path"]]
-    with pytest.raises(SearchError, match="indexed with sentence model some-other-model@123; the query would be "
-                                          "embedded with all-MiniLM-L6-v2"):
+    with pytest.raises(SearchError, match="indexed with sentence model some-other-model@123; the query would be embedded with all-MiniLM-L6-v2"):
         searcher.search("a cat", run="other-model")
-    assert all(h.category == cat["categories"][0]
-               for h in searcher.search("cat", 50, filters=Filters(keyword=cat["keywords"][0])))
+    assert all(h.category == cat["categories"][0] for h in searcher.search("cat", 50, filters=Filters(keyword=cat["keywords"][0])))
 
 
 def test_clip_text_tower_ranks_image_vectors(search_run, tmp_path):

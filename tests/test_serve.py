@@ -22,10 +22,18 @@ CHROMIUM = "/usr/bin/chromium"
 DOCS_SHOT = ROOT / "docs" / "serve.png"
 # Paths that would name a file if the server took paths: each must be refused, with no content.
 TRAVERSALS = [
-    "/image/../../etc/passwd", "/image/..%2F..%2Fetc%2Fpasswd", "/thumb/%2e%2e%2fetc%2fpasswd",
-    "/thumb/%2e%2e/%2e%2e/etc/passwd", "/image//etc/passwd", "/image/%2Fetc%2Fpasswd",
-    "/thumb/....//....//etc/passwd", "/image/%252e%252e%252fetc%252fpasswd", "/image/..\\..\\etc\\passwd",
-    "/item/..%2f..%2fetc%2fpasswd", "/image/file:%2F%2F%2Fetc%2Fpasswd", "/static/../../../../etc/passwd",
+    "/image/../../etc/passwd",
+    "/image/..%2F..%2Fetc%2Fpasswd",
+    "/thumb/%2e%2e%2fetc%2fpasswd",
+    "/thumb/%2e%2e/%2e%2e/etc/passwd",
+    "/image//etc/passwd",
+    "/image/%2Fetc%2Fpasswd",
+    "/thumb/....//....//etc/passwd",
+    "/image/%252e%252e%252fetc%252fpasswd",
+    "/image/..\\..\\etc\\passwd",
+    "/item/..%2f..%2fetc%2fpasswd",
+    "/image/file:%2F%2F%2Fetc%2Fpasswd",
+    "/static/../../../../etc/passwd",
     "/style.css/../../etc/passwd",
 ]
 
@@ -60,8 +68,9 @@ class Server:
 def start_server(search_run, log: Path, *args: str, **env: str) -> Server:
     """`imgflow serve --port 0 ...`, its URL read from what it prints."""
     out = log.open("w")
-    proc = subprocess.Popen([*IMGFLOW, "serve", "--port", "0", *args], cwd=ROOT, env={**search_run.env(), **env},
-                            stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*IMGFLOW, "serve", "--port", "0", *args], cwd=ROOT, env={**search_run.env(), **env}, stdout=out, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         found = re.search(r"on (http://127\.0\.0\.1:\d+/)", log.read_text())
@@ -128,8 +137,16 @@ def test_the_page_shows_every_image_with_its_thumbnail(page, server):
     started = time.monotonic()
     page.goto(server.url + "/")
     shown = names(page)
-    assert {"chelsea_cat.png", "chelsea_mirrored.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg",
-            "harbor_ticket.png", "open_sign.png", "markup_sign.png"} == set(shown)  # broken.jpg: no result row
+    assert {
+        "chelsea_cat.png",
+        "chelsea_mirrored.jpg",
+        "coffee.jpg",
+        "astronaut.jpg",
+        "rocket.jpg",
+        "harbor_ticket.png",
+        "open_sign.png",
+        "markup_sign.png",
+    } == set(shown)  # broken.jpg: no result row
     wait_for_images(page)
     widths = page.eval_on_selector_all(".card img", "is => is.map(i => i.naturalWidth)")
     assert len(widths) == len(shown) and all(w > 0 for w in widths)  # every thumbnail decoded
@@ -145,12 +162,13 @@ def test_the_page_shows_every_image_with_its_thumbnail(page, server):
 
 
 # The cat and its mirrored copy have the same description: either may come first.
-@pytest.mark.parametrize("query, expected", [("a cat", {"chelsea_cat.png", "chelsea_mirrored.jpg"}),
-                                             ("coffee", {"coffee.jpg"}), ("HARBOR", {"harbor_ticket.png"})])
+@pytest.mark.parametrize(
+    "query, expected", [("a cat", {"chelsea_cat.png", "chelsea_mirrored.jpg"}), ("coffee", {"coffee.jpg"}), ("HARBOR", {"harbor_ticket.png"})]
+)
 def test_a_search_puts_its_subject_first(page, server, query, expected, tmp_path):
     page.goto(server.url + "/")
     seconds = search(page, query)
-    assert set(names(page)[:len(expected)]) == expected
+    assert set(names(page)[: len(expected)]) == expected
     print(f"search {query!r}: page in {seconds:.2f} s")
     if query == "a cat":
         # The README's picture; `IMGFLOW_WRITE_DOCS=1` writes docs/serve.png (committed), else a temp file.
@@ -181,8 +199,7 @@ def test_more_like_this_and_the_full_row(page, server):
     with page.expect_navigation():
         page.locator(".card").first.locator("img").click()
     row = page.inner_text("#row")
-    for column in ("event_id", "source_uri", "description", "keywords", "llama_extracted", "models",
-                   "source_offset", "text_vector", "word2vec_vector"):
+    for column in ("event_id", "source_uri", "description", "keywords", "llama_extracted", "models", "source_offset", "text_vector", "word2vec_vector"):
         assert column in row
     assert re.search(r"image_vector\s+1280-d, norm \d+\.\d{4}: \[-?\d+\.\d{4}, ", row)
     assert re.search(r"text_vector\s+384-d, norm 1\.0000", row)
@@ -216,8 +233,13 @@ def test_the_failed_images_with_their_errors(page, server):
 
 def test_no_file_is_served_by_a_path(page, server, search_run):
     image = search_run.images / "coffee.jpg"
-    spellings = TRAVERSALS + [f"/image/{image}", f"/thumb/{image}", f"/image/{image.name}",
-                              "/image/" + str(image).replace("/", "%2F"), "/image/file://" + str(image)]
+    spellings = TRAVERSALS + [
+        f"/image/{image}",
+        f"/thumb/{image}",
+        f"/image/{image.name}",
+        "/image/" + str(image).replace("/", "%2F"),
+        "/image/file://" + str(image),
+    ]
     passwd = Path("/etc/passwd").read_bytes()[:40]
     coffee = image.read_bytes()[:4000]
     for path in spellings:

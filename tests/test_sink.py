@@ -7,7 +7,7 @@ import json
 import signal
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import fastavro
@@ -20,27 +20,54 @@ from tests.conftest import settings_env
 from tests.kafka_helpers import produce, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED_HEADER = ("image_path,text,description,categories,keywords,image_text,text_vector,word2vec_vector,"
-               "image_vector,timestamp,error,llama_extracted").split(",")
+SEED_HEADER = ("image_path,text,description,categories,keywords,image_text,text_vector,word2vec_vector,image_vector,timestamp,error,llama_extracted").split(",")
 
 
 def enriched(i: int) -> dict:
-    event = {"event_id": f"e{i:04d}", "uri": f"file:///imgs/{i}.jpg", "image_path": f"/imgs/{i}.jpg", "size": 1,
-             "version": "1", "source": "test", "priority": "NORMAL", "run_id": "t", "published_at": 0, "force": False}
-    vision = {"event": event, "text": f"A photo, number {i},\nwith a comma and a newline", "image_text": f"TEXT {i}",
-              "labels": [], "text_vector": [0.5, -0.25, i / 7], "word2vec_vector": [0.1] * 5,
-              "image_vector": [1.0] * 4, "width": 1, "height": 1, "models": {"describe": "d@1"}, "seconds": 0.1,
-              "processed_at": 0}
-    return {"vision": vision, "description": f"photo {i}", "category": "test", "keywords": ["a", "b"],
-            "image_text": f"TEXT {i}", "llama_extracted": json.dumps({"category": "test"}),
-            "models": {"structure_text": "s@1"}, "seconds": 0.2,
-            "processed_at": datetime(2026, 1, 1, tzinfo=timezone.utc)}
+    event = {
+        "event_id": f"e{i:04d}",
+        "uri": f"file:///imgs/{i}.jpg",
+        "image_path": f"/imgs/{i}.jpg",
+        "size": 1,
+        "version": "1",
+        "source": "test",
+        "priority": "NORMAL",
+        "run_id": "t",
+        "published_at": 0,
+        "force": False,
+    }
+    vision = {
+        "event": event,
+        "text": f"A photo, number {i},\nwith a comma and a newline",
+        "image_text": f"TEXT {i}",
+        "labels": [],
+        "text_vector": [0.5, -0.25, i / 7],
+        "word2vec_vector": [0.1] * 5,
+        "image_vector": [1.0] * 4,
+        "width": 1,
+        "height": 1,
+        "models": {"describe": "d@1"},
+        "seconds": 0.1,
+        "processed_at": 0,
+    }
+    return {
+        "vision": vision,
+        "description": f"photo {i}",
+        "category": "test",
+        "keywords": ["a", "b"],
+        "image_text": f"TEXT {i}",
+        "llama_extracted": json.dumps({"category": "test"}),
+        "models": {"structure_text": "s@1"},
+        "seconds": 0.2,
+        "processed_at": datetime(2026, 1, 1, tzinfo=UTC),
+    }
 
 
 def pending(ids, offset0=0, partition=0):
-    return [PendingRow("images.enriched", partition, offset0 + n, row_from_enriched(enriched(i), "images.enriched",
-                                                                                   partition, offset0 + n))
-            for n, i in enumerate(ids)]
+    return [
+        PendingRow("images.enriched", partition, offset0 + n, row_from_enriched(enriched(i), "images.enriched", partition, offset0 + n))
+        for n, i in enumerate(ids)
+    ]
 
 
 def csv_ids(out: Path) -> list[str]:
@@ -101,8 +128,7 @@ def test_recover_restores_rows_only_in_avro_and_cuts_half_written_csv(tmp_path):
     store._write_avro("images.enriched", 0, pending([3, 4, 5], offset0=2))
     with (tmp_path / "results.csv").open("a") as f:
         f.write('/imgs/3.jpg,"A photo, half a row')
-    (tmp_path / "avro" / "images.enriched" / "partition=0" / "images.enriched+0+0000000000000000009.avro.tmp"
-     ).write_bytes(b"partial")
+    (tmp_path / "avro" / "images.enriched" / "partition=0" / "images.enriched+0+0000000000000000009.avro.tmp").write_bytes(b"partial")
     store._lock_file.close()
     again = ResultStore(tmp_path)
     again.lock()
@@ -123,12 +149,10 @@ def test_second_sink_on_same_output_is_refused(tmp_path):
 def test_sink_killed_at_each_step_restarts_to_exactly_once(settings, point):
     """The real sink process, SIGKILLed between its numbered steps, then restarted."""
     codec = get_codec()
-    produce(settings, settings.topics.enriched, [(f"e{i:04d}", codec.encode("EnrichedRecord", enriched(i)))
-                                                 for i in range(30)])
+    produce(settings, settings.topics.enriched, [(f"e{i:04d}", codec.encode("EnrichedRecord", enriched(i))) for i in range(30)])
     env = settings_env(settings)
     cmd = [sys.executable, "-m", "imgflow.cli", "stage", "sink"]
-    crashed = subprocess.run(cmd, cwd=ROOT, env={**env, "IMGFLOW_CRASH_AT": f"sink:{point}:1"}, timeout=120,
-                             capture_output=True)
+    crashed = subprocess.run(cmd, cwd=ROOT, env={**env, "IMGFLOW_CRASH_AT": f"sink:{point}:1"}, timeout=120, capture_output=True)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()[-2000:]
     log = settings.data_dir / "sink.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -163,8 +187,7 @@ def test_records_the_consumer_stepped_over_are_written_when_the_sink_falls_idle(
     codec = get_codec()
     producer = Producer(producer_config(settings))
     for i in range(30):
-        producer.produce(settings.topics.enriched, key=f"e{i:04d}", value=codec.encode("EnrichedRecord", enriched(i)),
-                         partition=0 if i < 20 else 1)
+        producer.produce(settings.topics.enriched, key=f"e{i:04d}", value=codec.encode("EnrichedRecord", enriched(i)), partition=0 if i < 20 else 1)
     assert producer.flush(30) == 0
 
     class SteppingOver(Consumer):

@@ -16,9 +16,9 @@ from pathlib import Path
 import boto3
 import pytest
 
-from consumers.sink import PendingRow, ResultStore
+from consumers.sink import ResultStore
 from imgflow.events import dedupe_key
-from imgflow.results import CSV_COLUMNS, CommittedResults, INDEX, ResultIndex, data_key, export_csv, open_output, read_avro
+from imgflow.results import CSV_COLUMNS, INDEX, CommittedResults, ResultIndex, data_key, export_csv, open_output, read_avro
 from imgflow.stage import CrashPoints
 from schemas.codec import get_codec
 from tests.conftest import make_settings, new_bucket, settings_env
@@ -128,27 +128,24 @@ def test_sink_process_s3_faults_then_exactly_once(s3_settings, s3_server, tmp_pa
     keeps retrying, never logs the secret; once the bucket exists every event is written once."""
     settings = s3_settings
     codec = get_codec()
-    produce(settings, settings.topics.enriched, [(f"e{i:04d}", codec.encode("EnrichedRecord", enriched(i)))
-                                                 for i in range(20)])
+    produce(settings, settings.topics.enriched, [(f"e{i:04d}", codec.encode("EnrichedRecord", enriched(i))) for i in range(20)])
     bucket = f"missing{int(time.time() * 1000)}"
     # Quick group changes between the sinks below; Kafka refuses under its
     # group.min.session.timeout.ms (6 s by default).
     session_ms = "6000" if engine == "kafka" else "3000"
-    env = {**settings_env(settings), **s3_server.env(), "IMGFLOW_KAFKA__SESSION_TIMEOUT_MS": session_ms,
-           "IMGFLOW_KAFKA__HEARTBEAT_INTERVAL_MS": "500"}
+    env = {**settings_env(settings), **s3_server.env(), "IMGFLOW_KAFKA__SESSION_TIMEOUT_MS": session_ms, "IMGFLOW_KAFKA__HEARTBEAT_INTERVAL_MS": "500"}
     cmd = [sys.executable, "-m", "imgflow.cli", "stage", "sink", "--out", f"s3://{bucket}/out/"]
     cases = [
         ({"IMGFLOW_S3__ENDPOINT_URL": "http://127.0.0.1:9"}, "endpoint unreachable", "s3.endpoint_url"),
-        ({"IMGFLOW_S3__SECRET_ACCESS_KEY": "wrong-secret-value-123"}, "SignatureDoesNotMatch",
-         "s3.secret_access_key"),
+        ({"IMGFLOW_S3__SECRET_ACCESS_KEY": "wrong-secret-value-123"}, "SignatureDoesNotMatch", "s3.secret_access_key"),
         ({}, "does not exist", "IMGFLOW_SINK__OUT_DIR"),
     ]
     for n, (override, error, setting) in enumerate(cases):
         log = tmp_path / f"sink{n}.log"
         with log.open("wb") as f:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, **override, "IMGFLOW_S3__TIMEOUT_S": "2",
-                                                        "IMGFLOW_S3__MAX_ATTEMPTS": "1"},
-                                    stdout=f, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env={**env, **override, "IMGFLOW_S3__TIMEOUT_S": "2", "IMGFLOW_S3__MAX_ATTEMPTS": "1"}, stdout=f, stderr=subprocess.STDOUT
+            )
         try:
             wait_until(lambda: log.read_text().count(error) >= 2, 60, what=f"{error} retried")
             assert proc.poll() is None, log.read_text()[-2000:]
@@ -156,11 +153,17 @@ def test_sink_process_s3_faults_then_exactly_once(s3_settings, s3_server, tmp_pa
             assert setting in text and s3_server.secret_access_key not in text and "wrong-secret" not in text
             if n < len(cases) - 1:
                 continue
-            s3 = boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key_id,
-                              aws_secret_access_key=s3_server.secret_access_key, region_name="us-east-1")
+            s3 = boto3.client(
+                "s3",
+                endpoint_url=s3_server.endpoint,
+                aws_access_key_id=s3_server.access_key_id,
+                aws_secret_access_key=s3_server.secret_access_key,
+                region_name="us-east-1",
+            )
             s3.create_bucket(Bucket=bucket)
-            wait_until(lambda: len(ResultIndex(f"s3://{bucket}/out/", settings).existing(
-                [f"e{i:04d}" for i in range(20)])) == 20, 60, what="20 rows in the bucket")
+            wait_until(
+                lambda: len(ResultIndex(f"s3://{bucket}/out/", settings).existing([f"e{i:04d}" for i in range(20)])) == 20, 60, what="20 rows in the bucket"
+            )
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]
@@ -186,21 +189,29 @@ def test_kill_sink_mid_upload_and_kill_s3_server_exactly_once(tmp_path):
         out = f"s3://{bucket}/results/"
         codec = get_codec()
         # A SIGKILLed member leaves the group after session.timeout.ms: keep restarts quick.
-        env = {**settings_env(settings), **s3.env(), "IMGFLOW_SINK__OUT_DIR": out,
-               "IMGFLOW_KAFKA__SESSION_TIMEOUT_MS": "3000", "IMGFLOW_KAFKA__HEARTBEAT_INTERVAL_MS": "500"}
+        env = {
+            **settings_env(settings),
+            **s3.env(),
+            "IMGFLOW_SINK__OUT_DIR": out,
+            "IMGFLOW_KAFKA__SESSION_TIMEOUT_MS": "3000",
+            "IMGFLOW_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
+        }
         log = tmp_path / "sink.log"
 
         def start(crash: str | None = None) -> subprocess.Popen:
             with log.open("ab") as f:
-                proc = subprocess.Popen([sys.executable, "-m", "imgflow.cli", "stage", "sink"], cwd=ROOT,
-                                        env={**env, **({"IMGFLOW_CRASH_AT": crash} if crash else {})},
-                                        stdout=f, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "imgflow.cli", "stage", "sink"],
+                    cwd=ROOT,
+                    env={**env, **({"IMGFLOW_CRASH_AT": crash} if crash else {})},
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                )
             procs.append(proc)
             return proc
 
         def publish(ids) -> None:
-            produce(settings, settings.topics.enriched, [(f"e{i:04d}", codec.encode("EnrichedRecord", enriched(i)))
-                                                         for i in ids])
+            produce(settings, settings.topics.enriched, [(f"e{i:04d}", codec.encode("EnrichedRecord", enriched(i))) for i in ids])
 
         for n, point in enumerate(("after_avro", "mid_csv", "after_index")):
             publish(range(n * 10, n * 10 + 10))  # new records, so that the armed sink writes
@@ -218,8 +229,7 @@ def test_kill_sink_mid_upload_and_kill_s3_server_exactly_once(tmp_path):
             if chunk == 70:
                 stack.kill_s3()  # the runner restarts SeaweedFS on the same data
         expected = [f"e{i:04d}" for i in range(90)]
-        wait_until(lambda: len(ResultIndex(out, settings).existing(expected)) == 90, 180, interval=1,
-                   what="90 rows in the bucket")
+        wait_until(lambda: len(ResultIndex(out, settings).existing(expected)) == 90, 180, interval=1, what="90 rows in the bucket")
         time.sleep(2)  # anything in flight that could make a second copy lands now
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
@@ -235,8 +245,13 @@ def test_kill_sink_mid_upload_and_kill_s3_server_exactly_once(tmp_path):
 
 
 def _s3_client(s3_server):
-    return boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key_id,
-                        aws_secret_access_key=s3_server.secret_access_key, region_name="us-east-1")
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key_id,
+        aws_secret_access_key=s3_server.secret_access_key,
+        region_name="us-east-1",
+    )
 
 
 def test_the_lease_is_conditional_and_a_holder_that_stops_renewing_loses_it(s3_server, s3_bucket):
@@ -267,15 +282,13 @@ def test_the_lease_is_conditional_and_a_holder_that_stops_renewing_loses_it(s3_s
     assert client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/").get("KeyCount", 0) == 0
 
 
-def test_a_second_sink_on_the_same_prefix_refuses_to_start_and_a_killed_sinks_lease_is_taken(
-        s3_settings, s3_server, s3_bucket, tmp_path):
+def test_a_second_sink_on_the_same_prefix_refuses_to_start_and_a_killed_sinks_lease_is_taken(s3_settings, s3_server, s3_bucket, tmp_path):
     """Two sink processes of different groups on one s3:// prefix: the second exits at once
     naming the prefix and the holder; the first, killed -9, stops renewing, and a sink then
     takes the prefix over and writes every row once."""
     settings = s3_settings
     codec = get_codec()
-    produce(settings, settings.topics.enriched, [(f"e{i:04d}", codec.encode("EnrichedRecord", enriched(i)))
-                                                 for i in range(10)])
+    produce(settings, settings.topics.enriched, [(f"e{i:04d}", codec.encode("EnrichedRecord", enriched(i))) for i in range(10)])
     out = f"s3://{s3_bucket}/shared/"
     env = {**settings_env(settings), **s3_server.env(), "IMGFLOW_SINK__LEASE_TTL_S": "6"}
     cmd = [sys.executable, "-m", "imgflow.cli", "stage", "sink", "--out", out]
@@ -283,10 +296,8 @@ def test_a_second_sink_on_the_same_prefix_refuses_to_start_and_a_killed_sinks_le
     with log.open("wb") as f:
         first = subprocess.Popen([*cmd, "--group", "sink-a"], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: len(ResultIndex(out, settings).existing([f"e{i:04d}" for i in range(10)])) == 10, 120,
-                   what="10 rows from the first sink")
-        second = subprocess.run([*cmd, "--group", "sink-b"], cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=120)
+        wait_until(lambda: len(ResultIndex(out, settings).existing([f"e{i:04d}" for i in range(10)])) == 10, 120, what="10 rows from the first sink")
+        second = subprocess.run([*cmd, "--group", "sink-b"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert second.returncode != 0
         said = second.stdout + second.stderr
         assert f"another sink is writing to {out}" in said, said[-3000:]
@@ -296,14 +307,12 @@ def test_a_second_sink_on_the_same_prefix_refuses_to_start_and_a_killed_sinks_le
         first.wait(30)
     # The lease outlives its killed holder (nothing deleted it) ...
     assert _s3_client(s3_server).get_object(Bucket=s3_bucket, Key="shared/_sink.lease")["Body"].read()
-    produce(settings, settings.topics.enriched, [(f"e{i:04d}", codec.encode("EnrichedRecord", enriched(i)))
-                                                 for i in range(10, 15)])
+    produce(settings, settings.topics.enriched, [(f"e{i:04d}", codec.encode("EnrichedRecord", enriched(i))) for i in range(10, 15)])
     log = tmp_path / "third.log"
     with log.open("wb") as f:  # ... and is taken over: its holder is gone
         third = subprocess.Popen([*cmd, "--group", "sink-a"], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: len(ResultIndex(out, settings).existing([f"e{i:04d}" for i in range(15)])) == 15, 120,
-                   what="15 rows")
+        wait_until(lambda: len(ResultIndex(out, settings).existing([f"e{i:04d}" for i in range(15)])) == 15, 120, what="15 rows")
     finally:
         third.send_signal(signal.SIGTERM)
         assert third.wait(60) == 0, log.read_text()[-3000:]

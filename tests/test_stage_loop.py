@@ -28,9 +28,20 @@ def events(names: list[str]) -> list[dict]:
     out = []
     for i, name in enumerate(names):
         uri = f"file:///imgs/{name}"
-        out.append({"event_id": event_id_for(uri, str(i)), "uri": uri, "image_path": f"/imgs/{name}", "size": 1,
-                    "version": str(i), "source": "test", "priority": "NORMAL", "run_id": "t",
-                    "published_at": 0, "force": False})
+        out.append(
+            {
+                "event_id": event_id_for(uri, str(i)),
+                "uri": uri,
+                "image_path": f"/imgs/{name}",
+                "size": 1,
+                "version": str(i),
+                "source": "test",
+                "priority": "NORMAL",
+                "run_id": "t",
+                "published_at": 0,
+                "force": False,
+            }
+        )
     return out
 
 
@@ -55,8 +66,11 @@ def test_results_and_offsets_commit_together(settings):
     produce_events(settings, evs)
     runner = StageRunner(ToyTransform(settings), settings, group_id="g-basic")
     thread = run_in_thread(runner)
-    out = wait_until(lambda: len(decoded(settings, settings.topics.vision, "ImageEvent")) >= 20 and
-                     decoded(settings, settings.topics.vision, "ImageEvent"), 60, what="20 outputs")
+    out = wait_until(
+        lambda: len(decoded(settings, settings.topics.vision, "ImageEvent")) >= 20 and decoded(settings, settings.topics.vision, "ImageEvent"),
+        60,
+        what="20 outputs",
+    )
     runner.request_stop()
     thread.join(30)
     assert not thread.is_alive(), "SIGTERM-style stop must end the loop"
@@ -72,8 +86,9 @@ def test_bad_input_retries_poison_and_batch_halving(settings):
     transform = ToyTransform(settings)
     runner = StageRunner(transform, settings, group_id="g-faults")
     thread = run_in_thread(runner)
-    wait_until(lambda: len(read_topic(settings, settings.topics.vision)) + len(read_topic(settings, settings.topics.dlq)) >= 11,
-               60, what="every input accounted for")
+    wait_until(
+        lambda: len(read_topic(settings, settings.topics.vision)) + len(read_topic(settings, settings.topics.dlq)) >= 11, 60, what="every input accounted for"
+    )
     runner.request_stop()
     thread.join(30)
     results = {e["image_path"] for e in decoded(settings, settings.topics.vision, "ImageEvent")}
@@ -149,15 +164,13 @@ def test_kill_at_each_commit_step_then_restart_gives_every_result_once(settings,
     produce_events(settings, evs)
     env = settings_env(settings)
     env["TOY_GROUP"] = f"g-crash-{point}"
-    crashed = subprocess.run([sys.executable, "-m", "tests.toy_stage"], cwd=ROOT,
-                             env={**env, "IMGFLOW_CRASH_AT": f"toy:{point}:1"}, timeout=120,
-                             capture_output=True)
+    crashed = subprocess.run(
+        [sys.executable, "-m", "tests.toy_stage"], cwd=ROOT, env={**env, "IMGFLOW_CRASH_AT": f"toy:{point}:1"}, timeout=120, capture_output=True
+    )
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()[-2000:]
-    proc = subprocess.Popen([sys.executable, "-m", "tests.toy_stage"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.toy_stage"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_until(lambda: committed(settings, env["TOY_GROUP"], settings.topics.new) == 12, 90,
-                   what="restarted stage to commit every offset")
+        wait_until(lambda: committed(settings, env["TOY_GROUP"], settings.topics.new) == 12, 90, what="restarted stage to commit every offset")
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
@@ -193,8 +206,9 @@ def test_a_result_too_large_for_the_broker_is_a_dead_letter_and_the_stage_goes_o
     from imgflow.kafka import ensure_topics
 
     small = f"{settings.topics.vision}.small"
-    settings = settings.model_copy(update={"topics": settings.topics.model_copy(update={
-        "vision": small, "topic_config": {small: {"max.message.bytes": "100000"}}})})
+    settings = settings.model_copy(
+        update={"topics": settings.topics.model_copy(update={"vision": small, "topic_config": {small: {"max.message.bytes": "100000"}}})}
+    )
     ensure_topics(settings)
     names = ["ok0.jpg", "huge-300000.jpg", "ok1.jpg", "huge-17000000.jpg", "ok2.jpg"]
     evs = events(names)
@@ -227,17 +241,15 @@ def test_records_the_consumer_stepped_over_are_processed_once_the_stage_falls_id
     partition 0 once (as tansu's read_committed consumer once stepped over a committed
     transaction); the idle re-read processes them, every other record exactly once, and the
     committed offsets never move back."""
-    import imgflow.stage.runner as stage_module
-
     from confluent_kafka import Producer
 
+    import imgflow.stage.runner as stage_module
     from imgflow.kafka import producer_config
 
     evs = events([f"s{i:02d}.jpg" for i in range(24)])
     producer = Producer(producer_config(settings))
     for i, e in enumerate(evs):
-        producer.produce(settings.topics.new, key=e["event_id"], value=get_codec().encode("ImageEvent", e),
-                         partition=0 if i < 12 else 1)
+        producer.produce(settings.topics.new, key=e["event_id"], value=get_codec().encode("ImageEvent", e), partition=0 if i < 12 else 1)
     assert producer.flush(30) == 0
 
     class SteppingOver(stage_module.Consumer):
@@ -260,8 +272,7 @@ def test_records_the_consumer_stepped_over_are_processed_once_the_stage_falls_id
     runner.rescan.idle_s = 1.0
     thread = run_in_thread(runner)
     try:
-        wait_until(lambda: len(decoded(settings, settings.topics.vision, "ImageEvent")) >= 24, 90,
-                   what="24 results")
+        wait_until(lambda: len(decoded(settings, settings.topics.vision, "ImageEvent")) >= 24, 90, what="24 results")
         time.sleep(3)  # another idle point: nothing read again may be processed twice
     finally:
         runner.request_stop()

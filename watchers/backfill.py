@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from confluent_kafka import KafkaException, Producer
@@ -77,6 +77,7 @@ class Candidate:
 
 # ---- what a source holds, in a fixed order ----------------------------------------------------
 
+
 class FolderSource:
     """Images below a folder, in the order of a sorted walk (the files of a folder, then its
     sub-folders): a cursor compares as (folder parts, name)."""
@@ -92,8 +93,7 @@ class FolderSource:
         path = Path(rel)
         return path.parent.parts, path.name
 
-    def candidates(self, after: str | None, settings: Settings, run_id: str, priority: str,
-                   force: bool) -> Iterator[Candidate]:
+    def candidates(self, after: str | None, settings: Settings, run_id: str, priority: str, force: bool) -> Iterator[Candidate]:
         after_key = self._order(after) if after is not None else None
         skip = len(str(self.root)) + 1
         for path, st in scan_images(self.root, self.extensions):
@@ -102,8 +102,9 @@ class FolderSource:
                 continue
             # The root is resolved and the walk follows no folder links: only the file itself
             # can be a link.
-            yield Candidate(rel, local_image_event(path, st, source="backfill", run_id=run_id, priority=priority,
-                                                   force=force, canonical=not os.path.islink(path)))
+            yield Candidate(
+                rel, local_image_event(path, st, source="backfill", run_id=run_id, priority=priority, force=force, canonical=not os.path.islink(path))
+            )
 
     def count(self) -> int:
         return sum(1 for _ in scan_images(self.root, self.extensions))
@@ -129,11 +130,11 @@ class BucketSource:
         except (BotoCoreError, ClientError) as exc:
             raise BackfillError(str(explain(exc, self.location.uri))) from None
 
-    def candidates(self, after: str | None, settings: Settings, run_id: str, priority: str,
-                   force: bool) -> Iterator[Candidate]:
+    def candidates(self, after: str | None, settings: Settings, run_id: str, priority: str, force: bool) -> Iterator[Candidate]:
         for obj in self._objects(after):
-            yield Candidate(obj.key, s3_image_event(self.location.bucket, obj.key, obj.etag, obj.size,
-                                                    source="backfill", run_id=run_id, priority=priority, force=force))
+            yield Candidate(
+                obj.key, s3_image_event(self.location.bucket, obj.key, obj.etag, obj.size, source="backfill", run_id=run_id, priority=priority, force=force)
+            )
 
     def count(self) -> int:
         return sum(1 for _ in self._objects(None))
@@ -144,6 +145,7 @@ def open_source(source: str, settings: Settings):
 
 
 # ---- the job registry ---------------------------------------------------------------------------
+
 
 def load_jobs(settings: Settings) -> dict[str, BackfillJob]:
     ensure_compacted_topic(settings, REGISTRY_TOPIC)
@@ -157,7 +159,7 @@ def load_jobs(settings: Settings) -> dict[str, BackfillJob]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def default_job_id(source: str, force: bool, high: bool) -> str:
@@ -173,18 +175,16 @@ def pick_job(settings: Settings, source: str, force: bool, high: bool, job_id: s
     job = load_jobs(settings).get(job_id)
     if job is not None:
         if (job.source, job.force, job.high) != (source, force, high):
-            raise BackfillError(f"backfill {job_id} exists for {job.source} (force={job.force}, high={job.high}); "
-                                f"pick another --run-id")
+            raise BackfillError(f"backfill {job_id} exists for {job.source} (force={job.force}, high={job.high}); pick another --run-id")
         return job, True
-    return BackfillJob(job_id, source, force, high, run_id=job_id if force else settings.run_id,
-                       started_at=_now(), updated_at=_now()), False
+    return BackfillJob(job_id, source, force, high, run_id=job_id if force else settings.run_id, started_at=_now(), updated_at=_now()), False
 
 
 # ---- publishing -------------------------------------------------------------------------------
 
+
 class Backfill:
-    def __init__(self, settings: Settings, job: BackfillJob, results_out, *, chunk: int = 5000,
-                 skip_batch: int = 50_000) -> None:
+    def __init__(self, settings: Settings, job: BackfillJob, results_out, *, chunk: int = 5000, skip_batch: int = 50_000) -> None:
         self.settings = settings
         self.job = job
         self.results_out = results_out
@@ -226,7 +226,7 @@ class Backfill:
         for batch in self._batches(source):
             done = self._with_results([c.event["event_id"] for c in batch])
             for i in range(0, len(batch), self.chunk):
-                part = batch[i:i + self.chunk]
+                part = batch[i : i + self.chunk]
                 todo = [c for c in part if c.event["event_id"] not in done]
                 yield part, todo, len(part) - len(todo)
 
@@ -237,8 +237,7 @@ class Backfill:
         producer = None
         if not dry_run:
             publish_schemas(self.settings, self.codec, ["ImageEvent"])
-            producer = Producer(producer_config(self.settings, f"imgflow-backfill.{job.job_id}",
-                                                **{"linger.ms": 20, "batch.num.messages": 10_000}))
+            producer = Producer(producer_config(self.settings, f"imgflow-backfill.{job.job_id}", **{"linger.ms": 20, "batch.num.messages": 10_000}))
             # Fences an earlier process of this job and aborts what it left open.
             producer.init_transactions(60)
             if job.cursor is None and job.published == 0:
@@ -269,8 +268,9 @@ class Backfill:
                     producer.produce(self.topic, key=event["event_id"], value=self.codec.encode("ImageEvent", event))
                     producer.poll(0)
                 producer.flush(60)
-                updated = BackfillJob(**{**asdict(job), "cursor": cursor, "published": job.published + len(todo),
-                                         "skipped": job.skipped + skipped, "updated_at": _now()})
+                updated = BackfillJob(
+                    **{**asdict(job), "cursor": cursor, "published": job.published + len(todo), "skipped": job.skipped + skipped, "updated_at": _now()}
+                )
                 producer.produce(REGISTRY_TOPIC, key=job.job_id, value=json.dumps(asdict(updated)))
                 producer.commit_transaction(60)
                 self.crash.reach("after_commit")
@@ -315,9 +315,17 @@ class ProgressBar:
                 TimeRemainingColumn,
             )
 
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]:>9} img/s"), TimeElapsedColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False)
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:>9} img/s"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                transient=False,
+            )
             self._task = self._bar.add_task(label, total=total, completed=already, rate="", info="")
             self._bar.start()
 
@@ -331,8 +339,7 @@ class ProgressBar:
         elif time.monotonic() - self._last >= 5 or (self.total is not None and self.done >= self.total):
             eta = (self.total - self.done) / rate if rate and self.total is not None else 0.0
             total = f"/{self.total}" if self.total is not None else ""
-            print(f"{self.label}: {self.done}{total} images, {rate:,.0f} img/s, ETA {eta:.0f}s, {info}",
-                  file=sys.stderr, flush=True)
+            print(f"{self.label}: {self.done}{total} images, {rate:,.0f} img/s, ETA {eta:.0f}s, {info}", file=sys.stderr, flush=True)
             self._last = time.monotonic()
 
     def close(self) -> None:

@@ -55,8 +55,7 @@ class WatcherState:
 
     def add_many(self, events: list[dict]) -> None:
         with transaction(self.db):
-            self.db.executemany("INSERT OR IGNORE INTO published VALUES (?, ?, ?)",
-                                [(e["event_id"], e["uri"], time.time()) for e in events])
+            self.db.executemany("INSERT OR IGNORE INTO published VALUES (?, ?, ?)", [(e["event_id"], e["uri"], time.time()) for e in events])
 
     def count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM published").fetchone()[0]
@@ -97,13 +96,11 @@ def _unreadable_folder(exc: OSError) -> None:
 
 def current_event_ids(root: Path, settings: Settings) -> set[str]:
     """The event_ids of the images under ``root`` now (what `run --once` waits for)."""
-    return {local_image_event(p, st, source="local", run_id=settings.run_id)["event_id"]
-            for p, st in scan_images(root, settings.watch.extensions)}
+    return {local_image_event(p, st, source="local", run_id=settings.run_id)["event_id"] for p, st in scan_images(root, settings.watch.extensions)}
 
 
 class LocalWatcher:
-    def __init__(self, root: Path, settings: Settings, state_path: Path | None = None,
-                 priority: str = "NORMAL") -> None:
+    def __init__(self, root: Path, settings: Settings, state_path: Path | None = None, priority: str = "NORMAL") -> None:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise NotADirectoryError(f"watch folder does not exist or is not a folder: {root}")
@@ -159,16 +156,18 @@ class LocalWatcher:
         # Only acknowledged events are remembered as published.
         self.state.add_many(events)
         for event in events:
-            log.info("published %s%s", event["image_path"],
-                     " (cannot be stat'ed: it will be an error row)" if event["version"] == UNSTATABLE else "",
-                     extra={"event_id": event["event_id"], "stage": "watcher"})
+            log.info(
+                "published %s%s",
+                event["image_path"],
+                " (cannot be stat'ed: it will be an error row)" if event["version"] == UNSTATABLE else "",
+                extra={"event_id": event["event_id"], "stage": "watcher"},
+            )
         metrics.WATCHER_PUBLISHED.labels("local").inc(len(events))
 
     def run(self) -> None:
         publish_schemas(self.settings, self.codec, ["ImageEvent"])
         metrics.init_watcher("local")
-        log.info("watching %s (every %.1fs, %d published before)", self.root,
-                 self.settings.watch.poll_interval_s, self.state.count())
+        log.info("watching %s (every %.1fs, %d published before)", self.root, self.settings.watch.poll_interval_s, self.state.count())
         while not self.stopping:
             try:
                 self.poll_once()

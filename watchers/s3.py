@@ -55,8 +55,7 @@ class S3Object:
     version: str | None = None  # version id, where the listing has one
 
 
-def iter_objects(client, bucket: str, prefix: str = "", start_after: str | None = None,
-                 page_size: int = 1000) -> Iterator[S3Object]:
+def iter_objects(client, bucket: str, prefix: str = "", start_after: str | None = None, page_size: int = 1000) -> Iterator[S3Object]:
     """Every object under ``prefix`` in key order, after ``start_after``, one listing page at
     a time (only one page is ever held). boto3 errors propagate; wrap them with ``explain``."""
     kwargs: dict = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
@@ -65,8 +64,7 @@ def iter_objects(client, bucket: str, prefix: str = "", start_after: str | None 
     while True:
         page = client.list_objects_v2(**kwargs)
         for obj in page.get("Contents", []):
-            yield S3Object(obj["Key"], str(obj.get("ETag", "")).strip('"'), int(obj.get("Size", 0)),
-                           obj.get("VersionId"))
+            yield S3Object(obj["Key"], str(obj.get("ETag", "")).strip('"'), int(obj.get("Size", 0)), obj.get("VersionId"))
         if not page.get("IsTruncated"):
             return
         if page.get("NextContinuationToken"):
@@ -93,35 +91,29 @@ class S3WatcherState:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS objects (bucket TEXT, key TEXT, etag TEXT, event_id TEXT, "
-                        "at REAL, PRIMARY KEY (bucket, key))")
-        self.db.execute("CREATE TABLE IF NOT EXISTS cursors (location TEXT PRIMARY KEY, high_key TEXT, "
-                        "full_after TEXT, full_started REAL)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS objects (bucket TEXT, key TEXT, etag TEXT, event_id TEXT, at REAL, PRIMARY KEY (bucket, key))")
+        self.db.execute("CREATE TABLE IF NOT EXISTS cursors (location TEXT PRIMARY KEY, high_key TEXT, full_after TEXT, full_started REAL)")
 
     def published_etags(self, bucket: str, keys: list[str]) -> dict[str, str]:
         """The ETags last published for ``keys`` (one listing page at a time)."""
         out: dict[str, str] = {}
         for i in range(0, len(keys), 500):
-            chunk = keys[i:i + 500]
-            rows = self.db.execute(f"SELECT key, etag FROM objects WHERE bucket=? AND key IN "
-                                   f"({','.join('?' * len(chunk))})", (bucket, *chunk))
+            chunk = keys[i : i + 500]
+            rows = self.db.execute(f"SELECT key, etag FROM objects WHERE bucket=? AND key IN ({','.join('?' * len(chunk))})", (bucket, *chunk))
             out.update(rows.fetchall())
         return out
 
     def record(self, bucket: str, events: list[tuple[str, str, str]]) -> None:
         """(key, etag, event_id) published and acknowledged."""
         with transaction(self.db):
-            self.db.executemany("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?)",
-                                [(bucket, k, e, i, time.time()) for k, e, i in events])
+            self.db.executemany("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?)", [(bucket, k, e, i, time.time()) for k, e, i in events])
 
     def cursor(self, location: str) -> tuple[str, str | None, float]:
-        row = self.db.execute("SELECT high_key, full_after, full_started FROM cursors WHERE location=?",
-                              (location,)).fetchone()
+        row = self.db.execute("SELECT high_key, full_after, full_started FROM cursors WHERE location=?", (location,)).fetchone()
         return (row[0] or "", row[1], row[2] or 0.0) if row else ("", None, 0.0)
 
     def set_cursor(self, location: str, high_key: str, full_after: str | None, full_started: float) -> None:
-        self.db.execute("INSERT OR REPLACE INTO cursors VALUES (?, ?, ?, ?)",
-                        (location, high_key, full_after, full_started))
+        self.db.execute("INSERT OR REPLACE INTO cursors VALUES (?, ?, ?, ?)", (location, high_key, full_after, full_started))
 
     def count(self, bucket: str) -> int:
         return self.db.execute("SELECT COUNT(*) FROM objects WHERE bucket=?", (bucket,)).fetchone()[0]
@@ -134,9 +126,11 @@ def current_event_ids(location: S3Location, settings: Settings, client=None) -> 
     """The event_ids of the images under ``location`` now (what `run --once` waits for)."""
     client = client or s3_client(settings)
     try:
-        return {s3_image_event(location.bucket, o.key, o.etag, o.size, source="s3", run_id=settings.run_id)["event_id"]
-                for o in iter_objects(client, location.bucket, location.key)
-                if is_image_key(o.key, settings.watch.extensions)}
+        return {
+            s3_image_event(location.bucket, o.key, o.etag, o.size, source="s3", run_id=settings.run_id)["event_id"]
+            for o in iter_objects(client, location.bucket, location.key)
+            if is_image_key(o.key, settings.watch.extensions)
+        }
     except Exception as exc:  # noqa: BLE001 - reported with the setting to fix
         raise explain(exc, location.uri) from None
 
@@ -166,7 +160,7 @@ def parse_notification(value: bytes, fmt: str) -> list[tuple[str, str]]:
         path = created_path(value)
         if path is None or not path.startswith("/buckets/"):
             return []
-        bucket, _, key = path[len("/buckets/"):].partition("/")
+        bucket, _, key = path[len("/buckets/") :].partition("/")
         return [(bucket, key)] if key else []
     raise ValueError(f"unknown notification format {fmt!r} (watch.s3_notify: seaweedfs | minio)")
 
@@ -176,8 +170,7 @@ def parse_notification(value: bytes, fmt: str) -> list[tuple[str, str]]:
 
 
 class S3Watcher:
-    def __init__(self, location: S3Location, settings: Settings, state_path: Path | None = None,
-                 priority: str = "NORMAL", client=None) -> None:
+    def __init__(self, location: S3Location, settings: Settings, state_path: Path | None = None, priority: str = "NORMAL", client=None) -> None:
         self.location = location
         self.bucket, self.prefix = location.bucket, location.key
         self.settings = settings
@@ -205,9 +198,11 @@ class S3Watcher:
         if not objects:
             return 0
         known = self.state.published_etags(self.bucket, [o.key for o in objects])
-        todo = [(o, s3_image_event(self.bucket, o.key, o.etag, o.size, source="s3", run_id=self.settings.run_id,
-                                   priority=self.priority))
-                for o in objects if known.get(o.key) != o.etag]
+        todo = [
+            (o, s3_image_event(self.bucket, o.key, o.etag, o.size, source="s3", run_id=self.settings.run_id, priority=self.priority))
+            for o in objects
+            if known.get(o.key) != o.etag
+        ]
         if not todo:
             return 0
         metrics.WATCHER_SEEN.labels(via).inc(len(todo))
@@ -220,8 +215,7 @@ class S3Watcher:
         # Only acknowledged events are remembered as published.
         self.state.record(self.bucket, [(o.key, o.etag, e["event_id"]) for o, e in todo])
         for o, event in todo:
-            log.info("published %s%s", event["image_path"], " (empty object)" if o.size == 0 else "",
-                     extra={"event_id": event["event_id"], "stage": "watcher"})
+            log.info("published %s%s", event["image_path"], " (empty object)" if o.size == 0 else "", extra={"event_id": event["event_id"], "stage": "watcher"})
         metrics.WATCHER_PUBLISHED.labels(via).inc(len(todo))
         return len(todo)
 
@@ -294,8 +288,7 @@ class S3Watcher:
             try:
                 ensure_topics(self.settings, [TopicSpec(w.s3_notify_topic, 1, "")])
             except KafkaException as exc:
-                log.warning("could not create the notification topic %s (%s): create it, or let the "
-                            "store's Kafka auto-create it", w.s3_notify_topic, exc)
+                log.warning("could not create the notification topic %s (%s): create it, or let the store's Kafka auto-create it", w.s3_notify_topic, exc)
         self.notifications = Consumer(cfg)
         self.notifications.subscribe([w.s3_notify_topic])
         log.info("consuming %s bucket notifications from topic %s", w.s3_notify, w.s3_notify_topic)
@@ -331,8 +324,7 @@ class S3Watcher:
             try:
                 named = parse_notification(msg.value() or b"", self.settings.watch.s3_notify)
             except Exception as exc:  # noqa: BLE001 - a bad message must not stop the watcher
-                log.warning("unreadable notification at %s[%d]@%d: %s", msg.topic(), msg.partition(),
-                            msg.offset(), exc)
+                log.warning("unreadable notification at %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc)
                 continue
             for bucket, key in named:
                 if bucket != self.bucket or not key.startswith(self.prefix):
@@ -350,8 +342,7 @@ class S3Watcher:
             if err.code == "NoSuchKey":
                 return None  # deleted since: nothing to process
             raise err from None
-        return S3Object(key, str(head.get("ETag", "")).strip('"'), int(head.get("ContentLength", 0)),
-                        head.get("VersionId"))
+        return S3Object(key, str(head.get("ETag", "")).strip('"'), int(head.get("ContentLength", 0)), head.get("VersionId"))
 
     # -- loop
     def _failed(self, exc: BaseException) -> float:
@@ -377,10 +368,14 @@ class S3Watcher:
         publish_schemas(self.settings, self.codec, ["ImageEvent"])
         if self.settings.watch.s3_notify:
             self.open_notifications()
-        log.info("watching %s (every %.1fs, full pass every %.0fs%s; %d objects published before)",
-                 self.location.uri, self.settings.watch.poll_interval_s, self.settings.watch.s3_full_scan_s,
-                 f", notifications: {self.settings.watch.s3_notify}" if self.notifications else "",
-                 self.state.count(self.bucket))
+        log.info(
+            "watching %s (every %.1fs, full pass every %.0fs%s; %d objects published before)",
+            self.location.uri,
+            self.settings.watch.poll_interval_s,
+            self.settings.watch.s3_full_scan_s,
+            f", notifications: {self.settings.watch.s3_notify}" if self.notifications else "",
+            self.state.count(self.bucket),
+        )
         next_poll = 0.0
         try:
             while not self.stopping:
@@ -397,8 +392,9 @@ class S3Watcher:
                 except Exception as exc:  # noqa: BLE001 - the watcher must outlive S3 and broker outages
                     wait = self._failed(exc)
                     next_poll = time.monotonic() + wait
-                deadline = time.monotonic() + (0.0 if self.notifications is not None and not self._failures
-                                               else min(wait, max(0.0, next_poll - time.monotonic())))
+                deadline = time.monotonic() + (
+                    0.0 if self.notifications is not None and not self._failures else min(wait, max(0.0, next_poll - time.monotonic()))
+                )
                 while not self.stopping and time.monotonic() < deadline:
                     time.sleep(0.1)
         finally:

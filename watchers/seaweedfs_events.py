@@ -17,23 +17,19 @@ def message_classes():
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     F = descriptor_pb2.FieldDescriptorProto
-    proto = descriptor_pb2.FileDescriptorProto(name="imgflow/seaweedfs_filer_subset.proto", package="filer_pb",
-                                               syntax="proto3")
+    proto = descriptor_pb2.FileDescriptorProto(name="imgflow/seaweedfs_filer_subset.proto", package="filer_pb", syntax="proto3")
     entry = proto.message_type.add(name="Entry")
     entry.field.add(name="name", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
     entry.field.add(name="is_directory", number=2, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
     event = proto.message_type.add(name="EventNotification")
-    event.field.add(name="old_entry", number=1, type=F.TYPE_MESSAGE, type_name=".filer_pb.Entry",
-                    label=F.LABEL_OPTIONAL)
-    event.field.add(name="new_entry", number=2, type=F.TYPE_MESSAGE, type_name=".filer_pb.Entry",
-                    label=F.LABEL_OPTIONAL)
+    event.field.add(name="old_entry", number=1, type=F.TYPE_MESSAGE, type_name=".filer_pb.Entry", label=F.LABEL_OPTIONAL)
+    event.field.add(name="new_entry", number=2, type=F.TYPE_MESSAGE, type_name=".filer_pb.Entry", label=F.LABEL_OPTIONAL)
     event.field.add(name="delete_chunks", number=3, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
     event.field.add(name="new_parent_path", number=4, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
     get = message_factory.GetMessageClass
-    return (get(pool.FindMessageTypeByName("filer_pb.EventNotification")),
-            get(pool.FindMessageTypeByName("filer_pb.Entry")))
+    return (get(pool.FindMessageTypeByName("filer_pb.EventNotification")), get(pool.FindMessageTypeByName("filer_pb.Entry")))
 
 
 def created_path(value: bytes) -> str | None:

@@ -51,7 +51,7 @@ class ModelAdapter(ABC):
         return self._id
 
     def make_model_id(self) -> str:
-        """"<name>@<hash of the weight files>": a string that changes whenever the weights do."""
+        """ "<name>@<hash of the weight files>": a string that changes whenever the weights do."""
         raise NotImplementedError(f"{type(self).__name__} does not say how its model_id is made")
 
     @property
@@ -90,8 +90,7 @@ class Describer(ModelAdapter):
     job = "describe"
 
     @abstractmethod
-    def describe(self, images: list[Image.Image], seen_text: list[str],
-                 text_areas: list[float | None] | None = None) -> list[Description]:
+    def describe(self, images: list[Image.Image], seen_text: list[str], text_areas: list[float | None] | None = None) -> list[Description]:
         """``seen_text[i]``/``text_areas[i]``: what the TextReader read in ``images[i]``."""
 
 

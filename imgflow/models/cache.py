@@ -138,11 +138,7 @@ class ModelCache:
             return []
         now = self._clock()
         with self._lock:
-            victims = [
-                (k, self._entries.pop(k).value)
-                for k, e in list(self._entries.items())
-                if now - e.last_used > self.ttl_s
-            ]
+            victims = [(k, self._entries.pop(k).value) for k, e in list(self._entries.items()) if now - e.last_used > self.ttl_s]
             for k, _ in victims:
                 self.evictions[k] = self.evictions.get(k, 0) + 1
         keys = [k for k, _ in victims]
@@ -224,10 +220,15 @@ class ModelCache:
         dropped = self._evicted_at.get(key)
         if dropped is not None and self._clock() - dropped < THRASH_WINDOW_S and key not in self._thrash_warned:
             self._thrash_warned.add(key)
-            log.warning("model %s was unloaded %.0f s ago to make room and is needed again: this "
-                        "process uses more models at once than models.cache_size (%d) holds, so "
-                        "they are reloaded over and over; raise models.cache_size "
-                        "(IMGFLOW_MODELS__CACHE_SIZE)", key, self._clock() - dropped, self.capacity)
+            log.warning(
+                "model %s was unloaded %.0f s ago to make room and is needed again: this "
+                "process uses more models at once than models.cache_size (%d) holds, so "
+                "they are reloaded over and over; raise models.cache_size "
+                "(IMGFLOW_MODELS__CACHE_SIZE)",
+                key,
+                self._clock() - dropped,
+                self.capacity,
+            )
 
     def _pop_lru(self, room_for: int) -> list[tuple[str, Any]]:
         victims = []

@@ -79,8 +79,7 @@ def require_files(job: str, setting: str, paths: Iterable[Path]) -> None:
     for p in paths:
         if not Path(p).exists():
             raise ModelConfigError(
-                f"{job}: model file {p} is missing (setting models.{setting} / "
-                f"IMGFLOW_MODELS__{setting.upper()}); reinstall the package that ships it"
+                f"{job}: model file {p} is missing (setting models.{setting} / IMGFLOW_MODELS__{setting.upper()}); reinstall the package that ships it"
             )
 
 
@@ -172,8 +171,7 @@ def release_gpu_memory_if_low(threshold_gb: float) -> bool:
     gc.collect()
     torch.cuda.empty_cache()
     after, _ = torch.cuda.mem_get_info()
-    log.info("GPU free memory %.2f GiB < %.2f GiB: cache emptied (now %.2f GiB free)",
-             free / (1 << 30), threshold_gb, after / (1 << 30))
+    log.info("GPU free memory %.2f GiB < %.2f GiB: cache emptied (now %.2f GiB free)", free / (1 << 30), threshold_gb, after / (1 << 30))
     from imgflow import metrics
 
     metrics.GPU_CACHE_CLEARS.labels("low_memory").inc()

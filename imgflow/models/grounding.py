@@ -36,24 +36,95 @@ SUBJECT_SURE_SCORE = 0.30  # below this the short description says "probably" (a
 QUOTE_CHARS = 60  # read text quoted in the short description
 NOTES_TEXT_CHARS = 300  # read text given to the LLM (the record keeps all of it)
 ALTERNATIVE_MIN_SCORE = 0.10
-COLOURS = ("black", "white", "grey", "red", "orange", "yellow", "green", "blue", "purple",
-           "pink", "brown")
+COLOURS = ("black", "white", "grey", "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown")
 _WORD = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*")
 _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
 _QUOTED = re.compile(r"[\"“”]([^\"“”]+)[\"“”]")
 # Words a caption may use besides the notes' own (when the notes are facts only).
-CAPTION_WORDS = frozenset({
-    "a", "an", "the", "of", "and", "or", "in", "on", "with", "at", "to", "by", "its", "it", "is",
-    "are", "this", "that", "which", "showing", "shows", "photo", "picture", "image", "close",
-    "sign", "document", "text", "word", "words", "written", "reads", "reading", "saying", "says",
-    "tones", "tone", "colours", "coloured", "colors", "colored", "probably", "possibly",
-    "maybe", "some", "small", "large", "front", "number", "numbers", "letters",
-})
+CAPTION_WORDS = frozenset(
+    {
+        "a",
+        "an",
+        "the",
+        "of",
+        "and",
+        "or",
+        "in",
+        "on",
+        "with",
+        "at",
+        "to",
+        "by",
+        "its",
+        "it",
+        "is",
+        "are",
+        "this",
+        "that",
+        "which",
+        "showing",
+        "shows",
+        "photo",
+        "picture",
+        "image",
+        "close",
+        "sign",
+        "document",
+        "text",
+        "word",
+        "words",
+        "written",
+        "reads",
+        "reading",
+        "saying",
+        "says",
+        "tones",
+        "tone",
+        "colours",
+        "coloured",
+        "colors",
+        "colored",
+        "probably",
+        "possibly",
+        "maybe",
+        "some",
+        "small",
+        "large",
+        "front",
+        "number",
+        "numbers",
+        "letters",
+    }
+)
 # Words that claim text is visible.
-TEXT_CLAIMS = frozenset({"text", "word", "words", "written", "reads", "reading", "saying", "says",
-                         "number", "numbers", "letters"})
-_STOP = {"a", "an", "the", "of", "and", "or", "in", "on", "with", "for", "to", "it", "is", "its",
-         "this", "that", "at", "by", "from", "as", "be", "are", "photo", "image", "picture"}
+TEXT_CLAIMS = frozenset({"text", "word", "words", "written", "reads", "reading", "saying", "says", "number", "numbers", "letters"})
+_STOP = {
+    "a",
+    "an",
+    "the",
+    "of",
+    "and",
+    "or",
+    "in",
+    "on",
+    "with",
+    "for",
+    "to",
+    "it",
+    "is",
+    "its",
+    "this",
+    "that",
+    "at",
+    "by",
+    "from",
+    "as",
+    "be",
+    "are",
+    "photo",
+    "image",
+    "picture",
+}
 
 
 def words(text: str) -> list[str]:
@@ -92,8 +163,7 @@ class Facts:
 
     def vocabulary(self) -> set[str]:
         """Words a keyword or the description may use."""
-        return (set(words(" ".join([self.subject, *self.alternatives, self.text, self.full])))
-                | set(self.candidates) | set(self.colours) | _STOP)
+        return set(words(" ".join([self.subject, *self.alternatives, self.text, self.full]))) | set(self.candidates) | set(self.colours) | _STOP
 
 
 def facts(item: StructureInput) -> Facts:
@@ -108,11 +178,9 @@ def facts(item: StructureInput) -> Facts:
     alts = [n for n, p in zip(labels[1:], scores[1:]) if p >= ALTERNATIVE_MIN_SCORE][:2]
     if cands[0] in categories.TEXT_CATEGORIES and categories.has_text(item.image_text):
         subject, alts = "", []  # a sign or page: what the classifier saw in it is not the subject
-    colours = [c for c in COLOURS if re.search(rf"\b{c}\b", item.description.lower())
-               and re.search(r"colours are|mostly", item.description)]
+    colours = [c for c in COLOURS if re.search(rf"\b{c}\b", item.description.lower()) and re.search(r"colours are|mostly", item.description)]
     sure = bool(subject) and scores[0] >= SUBJECT_SURE_SCORE
-    return Facts(subject, alts, cands, item.image_text.strip(), colours, norm(item.description),
-                 bool(item.labels), sure)
+    return Facts(subject, alts, cands, item.image_text.strip(), colours, norm(item.description), bool(item.labels), sure)
 
 
 def _quote(text: str, limit: int = QUOTE_CHARS) -> tuple[str, bool]:
@@ -172,7 +240,7 @@ def description_problem(desc: str, f: Facts, category: str | None = None) -> str
     if quoted:
         return f"text that was not read: {quoted}"
     full = words(f.full)
-    if len(w) >= 4 and any(full[i:i + len(w)] == w for i in range(len(full) - len(w) + 1)):
+    if len(w) >= 4 and any(full[i : i + len(w)] == w for i in range(len(full) - len(w) + 1)):
         return "a copy of (part of) the full description"
     vocab = f.vocabulary()
     invented = [x for x in w if x in object_words() and x not in vocab and x.rstrip("s") not in vocab]
@@ -217,8 +285,7 @@ def ground(answer: dict, item: StructureInput) -> dict:
         desc = short_description(f, category)
     vocab = f.vocabulary() | {category}
     # Read text comes in capitals ("NO PARKING"); a keyword is a word, not a shout.
-    proposed = [norm(k).lower() if norm(k).isupper() else norm(k) for k in answer.get("keywords", [])
-                if norm(k)]
+    proposed = [norm(k).lower() if norm(k).isupper() else norm(k) for k in answer.get("keywords", []) if norm(k)]
     grounded = [k for k in proposed if set(words(k)) and set(words(k)) <= vocab]
     facts_kw = fact_keywords(f, category)
     ordered = facts_kw[:2] + grounded + facts_kw[2:]
@@ -227,8 +294,7 @@ def ground(answer: dict, item: StructureInput) -> dict:
         if k.lower() not in seen:
             seen.add(k.lower())
             keywords.append(k)
-    return {"description": desc, "category": category, "keywords": keywords[:MAX_KEYWORDS],
-            "image_text": f.text}
+    return {"description": desc, "category": category, "keywords": keywords[:MAX_KEYWORDS], "image_text": f.text}
 
 
 def notes(item: StructureInput) -> str:

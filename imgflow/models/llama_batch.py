@@ -77,8 +77,7 @@ def render_chat(llm, messages: list[dict]) -> Prompt:
     """The prompt tokens and stop strings ``llm.create_chat_completion(messages)`` would use."""
     from llama_cpp import llama_chat_format
 
-    handler = (llm.chat_handler or llm._chat_handlers.get(llm.chat_format)
-               or llama_chat_format.get_chat_completion_handler(llm.chat_format))
+    handler = llm.chat_handler or llm._chat_handlers.get(llm.chat_format) or llama_chat_format.get_chat_completion_handler(llm.chat_format)
     proxy = _RenderProxy(llm)
     try:
         handler(llama=proxy, messages=messages)
@@ -168,9 +167,18 @@ class BatchGenerator:
     Not thread-safe: callers serialise (one per loaded model). ``close()`` frees the context
     and samplers; the ``Llama`` (model weights, tokenizer) stays the caller's."""
 
-    def __init__(self, llm, grammar, n_parallel: int, n_ctx_seq: int, n_threads: int,
-                 n_threads_batch: int, n_batch: int = 2048, prefix: list[int] | None = None,
-                 max_threads: int = 0) -> None:
+    def __init__(
+        self,
+        llm,
+        grammar,
+        n_parallel: int,
+        n_ctx_seq: int,
+        n_threads: int,
+        n_threads_batch: int,
+        n_batch: int = 2048,
+        prefix: list[int] | None = None,
+        max_threads: int = 0,
+    ) -> None:
         import llama_cpp as lc
 
         self.lc = lc
@@ -188,8 +196,7 @@ class BatchGenerator:
         params.no_perf = True
         self.ctx = lc.llama_init_from_model(llm._model.model, params)
         if not self.ctx:
-            raise RuntimeError(f"llama.cpp could not create a context for {self.n_parallel} sequences "
-                               f"of {n_ctx_seq} tokens (out of memory?)")
+            raise RuntimeError(f"llama.cpp could not create a context for {self.n_parallel} sequences of {n_ctx_seq} tokens (out of memory?)")
         self.n_ctx_seq = lc.llama_n_ctx(self.ctx) // (self.n_parallel + 1)
         self.n_batch = lc.llama_n_batch(self.ctx)
         self.mem = lc.llama_get_memory(self.ctx)
@@ -209,8 +216,7 @@ class BatchGenerator:
         self._one_arr = lc.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
         self._all = (lc.llama_token_data * self.n_vocab)()
         self._all_arr = lc.llama_token_data_array(data=self._all, size=self.n_vocab, selected=-1, sorted=False)
-        self._all_np = np.frombuffer(self._all, dtype=np.dtype(
-            [("id", np.int32), ("logit", np.float32), ("p", np.float32)]))
+        self._all_np = np.frombuffer(self._all, dtype=np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)]))
         self._ids = np.arange(self.n_vocab, dtype=np.int32)
         self.prefix: list[int] = []
         # More threads than n_threads_batch while other processes leave cores idle.
@@ -231,7 +237,7 @@ class BatchGenerator:
         lc.llama_memory_seq_rm(self.mem, self.prefix_seq, -1, -1)
         self.prefix = []
         for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
+            chunk = tokens[start : start + self.n_batch]
             self._clear_batch()
             for i, tok in enumerate(chunk):
                 self._add(tok, start + i, self.prefix_seq, False)
@@ -246,9 +252,7 @@ class BatchGenerator:
         queue = deque()
         for i, p in enumerate(prompts):
             if len(p.tokens) >= self.n_ctx_seq:
-                results[i] = ValueError(
-                    f"prompt of {len(p.tokens)} tokens does not fit the context of {self.n_ctx_seq} "
-                    "tokens per sequence (models.llm_ctx)")
+                results[i] = ValueError(f"prompt of {len(p.tokens)} tokens does not fit the context of {self.n_ctx_seq} tokens per sequence (models.llm_ctx)")
             elif not p.tokens:
                 results[i] = ValueError("empty prompt")
             else:
@@ -283,8 +287,7 @@ class BatchGenerator:
             return
         if slot.sampler:
             lc.llama_sampler_free(slot.sampler)
-        slot.sampler = lc.llama_sampler_init_grammar(self.vocab, grammar._grammar.encode(),
-                                                     grammar._root.encode())
+        slot.sampler = lc.llama_sampler_init_grammar(self.vocab, grammar._grammar.encode(), grammar._root.encode())
         slot.grammar = grammar if slot.sampler else None
         if not slot.sampler:
             raise RuntimeError("llama.cpp rejected the grammar")
@@ -386,7 +389,7 @@ class BatchGenerator:
         piece = self.llm.detokenize([token])
         slot.text += piece
         if slot.prompt.stop:
-            tail = slot.text[-(len(piece) + max(len(s.encode()) for s in slot.prompt.stop)):]
+            tail = slot.text[-(len(piece) + max(len(s.encode()) for s in slot.prompt.stop)) :]
             if any(s.encode() in tail for s in slot.prompt.stop):
                 return self._finish(slot, "stop")
         if len(slot.out) >= slot.max_tokens:

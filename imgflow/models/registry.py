@@ -102,10 +102,7 @@ def build_adapter(settings: Settings, job: str, cache: ModelCache | None = None)
     """One job's adapter (nothing is loaded)."""
     profile = settings.models.profile
     if profile not in REGISTRY:
-        raise ModelConfigError(
-            f"profile {profile!r} (models.profile / IMGFLOW_MODELS__PROFILE) is not "
-            f"implemented yet; available: {sorted(REGISTRY)}"
-        )
+        raise ModelConfigError(f"profile {profile!r} (models.profile / IMGFLOW_MODELS__PROFILE) is not implemented yet; available: {sorted(REGISTRY)}")
     impls = REGISTRY[profile].get(job)
     if not impls:
         raise ModelConfigError(f"profile {profile!r} has no implementation for job {job!r}")
@@ -132,8 +129,7 @@ def _checked(adapters: dict[str, ModelAdapter], check: bool) -> dict[str, ModelA
     return adapters
 
 
-def build_vision_models(settings: Settings, cache: ModelCache | None = None,
-                        check: bool = True) -> VisionModels:
+def build_vision_models(settings: Settings, cache: ModelCache | None = None, check: bool = True) -> VisionModels:
     """The vision stage's adapters, each ``check()``-ed (a wrong path raises
     ModelConfigError naming the setting); nothing is loaded. Sets
     PYTORCH_CUDA_ALLOC_CONF (``models.cuda_alloc_conf``) first, before torch may start CUDA."""
@@ -149,8 +145,7 @@ def build_vision_models(settings: Settings, cache: ModelCache | None = None,
     )
 
 
-def build_enrich_models(settings: Settings, cache: ModelCache | None = None,
-                        check: bool = True) -> EnrichModels:
+def build_enrich_models(settings: Settings, cache: ModelCache | None = None, check: bool = True) -> EnrichModels:
     cache = cache if cache is not None else get_model_cache(settings)
     a = _checked({"structure_text": build_adapter(settings, "structure_text", cache)}, check)
     return EnrichModels(structurer=a["structure_text"])
@@ -213,10 +208,7 @@ def check_models(settings: Settings, load: bool = False) -> list[tuple[str, str,
 def _no_spec(job: str, spec: str) -> None:
     if spec:
         known = sorted(REGISTRY["embedded"][job])
-        raise ModelConfigError(
-            f"{setting_name(job)} = {spec!r}: not an implementation of the embedded profile "
-            f"(known: {known}; empty for the default)"
-        )
+        raise ModelConfigError(f"{setting_name(job)} = {spec!r}: not an implementation of the embedded profile (known: {known}; empty for the default)")
 
 
 def _efficientnet_classifier(settings: Settings, cache: ModelCache):
@@ -232,8 +224,7 @@ def _face_detector(settings: Settings, cache: ModelCache):
     m = settings.models
     if not m.faces:
         return None
-    return MtcnnFaceDetector(cache, device=m.device, min_score=m.face_min_score,
-                             min_height=m.face_min_height)
+    return MtcnnFaceDetector(cache, device=m.device, min_score=m.face_min_score, min_height=m.face_min_height)
 
 
 def _composed(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter:
@@ -275,9 +266,17 @@ def _llama_cpp(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter
     from imgflow.models.embedded.llm import LlamaCppStructurer
 
     m = settings.models
-    return LlamaCppStructurer(cache, spec, m.models_dir, n_ctx=m.llm_ctx, n_threads=m.llm_threads,
-                              max_tokens=m.llm_max_tokens, device=m.llm_device, n_parallel=m.llm_batch,
-                              description=m.llm_description)
+    return LlamaCppStructurer(
+        cache,
+        spec,
+        m.models_dir,
+        n_ctx=m.llm_ctx,
+        n_threads=m.llm_threads,
+        max_tokens=m.llm_max_tokens,
+        device=m.llm_device,
+        n_parallel=m.llm_batch,
+        description=m.llm_description,
+    )
 
 
 register("embedded", "describe", "composed", _composed, default=True)
@@ -300,8 +299,7 @@ def _qwen2vl(kind: str):
         m = settings.models
         cls = vlm.Qwen2VlDescriber if kind == "describe" else vlm.Qwen2VlTextReader
         max_new = m.vlm_max_new_tokens if kind == "describe" else m.vlm_text_max_new_tokens
-        return cls(cache, spec or m.vlm, device=m.device, dtype=m.vlm_dtype,
-                   attn_implementation=m.vlm_attn_implementation, max_new_tokens=max_new)
+        return cls(cache, spec or m.vlm, device=m.device, dtype=m.vlm_dtype, attn_implementation=m.vlm_attn_implementation, max_new_tokens=max_new)
 
     return factory
 
@@ -325,16 +323,22 @@ def _gensim(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter:
 
 
 def _gguf(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter:
-    from imgflow.models.gpu.llm import GgufStructurer
-
     from imgflow.models.embedded.llm import QWEN_NAME, SMOLLM2_NAME
+    from imgflow.models.gpu.llm import GgufStructurer
 
     m = settings.models
     if (spec or m.llm).strip() in (QWEN_NAME, SMOLLM2_NAME):  # a shipped GGUF, by name
         return _llama_cpp(settings, cache, (spec or m.llm).strip())
-    return GgufStructurer(cache, spec or m.llm, n_ctx=m.llm_ctx, n_threads=m.llm_threads,
-                          max_tokens=m.llm_max_tokens, device=m.llm_device, n_parallel=m.llm_batch,
-                          description=m.llm_description)
+    return GgufStructurer(
+        cache,
+        spec or m.llm,
+        n_ctx=m.llm_ctx,
+        n_threads=m.llm_threads,
+        max_tokens=m.llm_max_tokens,
+        device=m.llm_device,
+        n_parallel=m.llm_batch,
+        description=m.llm_description,
+    )
 
 
 register("gpu", "describe", "qwen2-vl", _qwen2vl("describe"), default=True)

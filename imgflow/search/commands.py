@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
-from typing import Annotated, Optional
+from datetime import UTC, datetime
+from typing import Annotated
 
 import typer
 
 from imgflow.cli_support import command_settings, exit_with_error
 
-OutOption = Annotated[Optional[str], typer.Option(
-    "--out", help="The sink output: a folder or s3://BUCKET/PREFIX/ (default: sink.out_dir, ./out).")]
-RunOption = Annotated[Optional[str], typer.Option("--run", help="Which run (default: run_id, 'live').")]
+OutOption = Annotated[str | None, typer.Option("--out", help="The sink output: a folder or s3://BUCKET/PREFIX/ (default: sink.out_dir, ./out).")]
+RunOption = Annotated[str | None, typer.Option("--run", help="Which run (default: run_id, 'live').")]
 
 
 def _when(text: str | None, option: str) -> datetime | None:
@@ -22,7 +21,7 @@ def _when(text: str | None, option: str) -> datetime | None:
         value = datetime.fromisoformat(text)
     except ValueError:
         exit_with_error(f"{option} {text!r}: not a date or time (ISO 8601, e.g. 2026-12-04 or 2026-12-04T10:00)")
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _open(settings, out: str | None, sync: bool = True, rebuild: bool = False):
@@ -51,16 +50,15 @@ def _open(settings, out: str | None, sync: bool = True, rebuild: bool = False):
 
 
 def search(
-    query: Annotated[Optional[str], typer.Argument(help="What to find, in words.")] = None,
-    like: Annotated[Optional[str], typer.Option(
-        "--like", help="Find the images that look like this one: its path or event_id.")] = None,
+    query: Annotated[str | None, typer.Argument(help="What to find, in words.")] = None,
+    like: Annotated[str | None, typer.Option("--like", help="Find the images that look like this one: its path or event_id.")] = None,
     failed: Annotated[bool, typer.Option("--failed", help="List the images that failed, with their errors.")] = False,
     out: OutOption = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="How many hits.")] = 10,
-    category: Annotated[Optional[str], typer.Option("--category", help="Only this category.")] = None,
-    keyword: Annotated[Optional[str], typer.Option("--keyword", help="Only images with this keyword.")] = None,
-    since: Annotated[Optional[str], typer.Option("--since", help="Processed at or after (ISO 8601).")] = None,
-    until: Annotated[Optional[str], typer.Option("--until", help="Processed before (ISO 8601).")] = None,
+    category: Annotated[str | None, typer.Option("--category", help="Only this category.")] = None,
+    keyword: Annotated[str | None, typer.Option("--keyword", help="Only images with this keyword.")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Processed at or after (ISO 8601).")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Processed before (ISO 8601).")] = None,
     run: RunOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per hit, for scripts.")] = False,
 ) -> None:
@@ -98,8 +96,7 @@ def _print_failed(index, run: str, limit: int, as_json: bool) -> None:
     rows = index.failed_rows(run, limit)
     for row in rows:
         if as_json:
-            typer.echo(json.dumps({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()
-                                   if k != "batch"}, ensure_ascii=False))
+            typer.echo(json.dumps({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items() if k != "batch"}, ensure_ascii=False))
         else:
             typer.echo(f"{row['image_path']}  [{row['failed_stage'] or '-'}]  {row['error']}")
     if not rows and not as_json:
@@ -108,15 +105,13 @@ def _print_failed(index, run: str, limit: int, as_json: bool) -> None:
 
 def index(
     out: OutOption = None,
-    rebuild: Annotated[bool, typer.Option(
-        "--rebuild", help="Drop the index and build it again from the output (it is derived data).")] = False,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Drop the index and build it again from the output (it is derived data).")] = False,
 ) -> None:
     """Bring the search index of an output up to date (search and serve do this themselves),
     and say what it holds."""
     settings = command_settings()
     idx, summary = _open(settings, out, rebuild=rebuild)
-    typer.echo(f"index {idx.dir}: {summary.batches} new batch(es), {summary.rows} row(s) added in "
-               f"{summary.seconds:.1f} s")
+    typer.echo(f"index {idx.dir}: {summary.batches} new batch(es), {summary.rows} row(s) added in {summary.seconds:.1f} s")
     if summary.incomplete:
         typer.echo(f"note: {summary.incomplete} batch(es) are still being written; searchable once complete")
     for run in idx.runs():

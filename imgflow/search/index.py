@@ -51,8 +51,7 @@ META = "meta.json"
 VERSION = 2  # 2: full-text index keeps stop words
 # The model jobs whose vectors are searched: a space is one run + these models.
 SPACE_JOBS = ("embed_text", "embed_image")
-SHOWN = ["event_id", "run_id", "image_path", "source_uri", "description", "category", "keywords",
-         "image_text", "timestamp"]
+SHOWN = ["event_id", "run_id", "image_path", "source_uri", "description", "category", "keywords", "image_text", "timestamp"]
 
 
 def default_index_dir(out, settings: Settings) -> Path:
@@ -101,8 +100,7 @@ class SyncSummary:
 
 
 def _words(row: dict) -> str:
-    return " ".join(x for x in [row.get("description") or "", " ".join(row.get("keywords") or []),
-                                row.get("image_text") or "", row.get("text") or ""] if x)
+    return " ".join(x for x in [row.get("description") or "", " ".join(row.get("keywords") or []), row.get("image_text") or "", row.get("text") or ""] if x)
 
 
 def _timestamp_ms(text: str) -> int:
@@ -128,14 +126,11 @@ class SearchIndex:
         try:
             meta = json.loads((self.dir / META).read_text())
         except FileNotFoundError:
-            return {"version": VERSION, "output": str(self.out), "batches": {}, "pending": [], "spaces": {},
-                    "failed": {}}
+            return {"version": VERSION, "output": str(self.out), "batches": {}, "pending": [], "spaces": {}, "failed": {}}
         except ValueError as exc:
-            raise SearchError(f"search index {self.dir} is damaged ({META}: {exc}); "
-                              "rebuild it: imgflow index --rebuild") from None
+            raise SearchError(f"search index {self.dir} is damaged ({META}: {exc}); rebuild it: imgflow index --rebuild") from None
         if meta.get("version") != VERSION:
-            raise SearchError(f"search index {self.dir} was made by another version; "
-                              "rebuild it: imgflow index --rebuild")
+            raise SearchError(f"search index {self.dir} was made by another version; rebuild it: imgflow index --rebuild")
         return meta
 
     def _write_meta(self) -> None:
@@ -240,8 +235,7 @@ class SearchIndex:
         output = open_output(self.out, self.settings)
         if not output.is_s3:
             if not output.root.is_dir():
-                raise SearchError(f"no sink output at {output.root}: no such folder "
-                                  "(--out, or sink.out_dir / IMGFLOW_SINK__OUT_DIR)")
+                raise SearchError(f"no sink output at {output.root}: no such folder (--out, or sink.out_dir / IMGFLOW_SINK__OUT_DIR)")
         else:
             try:
                 output.check()
@@ -254,8 +248,7 @@ class SearchIndex:
             raise SearchError(str(exc)) from None
         ready = [k for k in avro if sibling_key(k, INDEX) in complete]
         if not avro and not output.is_s3 and (output.root / "results.csv").exists():
-            raise SearchError(f"{output.root} has a results.csv but no Avro files: the index is made from "
-                              "the Avro files (sink.avro = true, the default)")
+            raise SearchError(f"{output.root} has a results.csv but no Avro files: the index is made from the Avro files (sink.avro = true, the default)")
         return sorted(ready), len(avro) - len(ready)
 
     def sync(self, progress: Callable[[int, int], None] | None = None) -> SyncSummary:
@@ -271,7 +264,7 @@ class SearchIndex:
             output = open_output(self.out, self.settings)
             chunk_size = 50  # Avro files read and appended together (bounded memory)
             for start in range(0, len(new), chunk_size):
-                chunk = new[start:start + chunk_size]
+                chunk = new[start : start + chunk_size]
                 rows_of: dict[str, list[dict]] = {}
                 for key, data in fetch_all(output, chunk):
                     rows_of[key] = read_avro(data) if data is not None else []
@@ -289,8 +282,14 @@ class SearchIndex:
             self._write_meta()
         summary.seconds = time.monotonic() - t0
         if summary.batches:
-            log.info("search index %s: %d batch(es), %d row(s) added, %d error row(s), in %.1f s",
-                     self.dir, summary.batches, summary.rows, summary.failed, summary.seconds)
+            log.info(
+                "search index %s: %d batch(es), %d row(s) added, %d error row(s), in %.1f s",
+                self.dir,
+                summary.batches,
+                summary.rows,
+                summary.failed,
+                summary.seconds,
+            )
         return summary
 
     def _drop_batches(self, keys: list[str]) -> None:
@@ -310,8 +309,7 @@ class SearchIndex:
             table = self.table(s["name"])
             s["rows"] = table.count_rows()
             cats = table.search().select(["category"]).limit(max(1, s["rows"])).to_arrow()["category"]
-            s["categories"] = {c: int(n) for c, n in zip(*np.unique(np.asarray(cats.to_pylist(), dtype=object),
-                                                                    return_counts=True))} if s["rows"] else {}
+            s["categories"] = {c: int(n) for c, n in zip(*np.unique(np.asarray(cats.to_pylist(), dtype=object), return_counts=True))} if s["rows"] else {}
         self.meta["failed_rows"] = {run: self.table(name).count_rows() for run, name in self.meta["failed"].items()}
 
     def _append(self, rows_of: dict[str, list[dict]], summary: SyncSummary) -> None:
@@ -348,8 +346,7 @@ class SearchIndex:
         name = table_name("images", row["run_id"], *models.values())
         space = self.meta["spaces"].get(name)
         if space is None:
-            space = Space(name=name, run_id=row["run_id"], models=models,
-                          dims={"text": len(row["text_vector"]), "image": len(row["image_vector"])}).to_json()
+            space = Space(name=name, run_id=row["run_id"], models=models, dims={"text": len(row["text_vector"]), "image": len(row["image_vector"])}).to_json()
             self.meta["spaces"][name] = space
         return space
 
@@ -389,31 +386,35 @@ class SearchIndex:
             flat = np.zeros((len(rows), dim), np.float32)
             for i, row in enumerate(rows):
                 v = row[column]
-                flat[i, :min(dim, len(v))] = v[:dim]  # a model's dimension is fixed; guard anyway
+                flat[i, : min(dim, len(v))] = v[:dim]  # a model's dimension is fixed; guard anyway
             return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), dim)
 
-        return pa.table({
-            **cls._row_columns(rows),
-            "description": [r.get("description") or "" for r in rows],
-            "text": [r.get("text") or "" for r in rows],
-            "category": [(r.get("categories") or [""])[0] for r in rows],
-            "categories": pa.array([list(r.get("categories") or []) for r in rows], pa.list_(pa.string())),
-            "keywords": pa.array([list(r.get("keywords") or []) for r in rows], pa.list_(pa.string())),
-            "image_text": [r.get("image_text") or "" for r in rows],
-            "words": [_words(r) for r in rows],
-            "llama_extracted": [r.get("llama_extracted") or "" for r in rows],
-            "word2vec_vector": pa.array([list(r.get("word2vec_vector") or []) for r in rows], pa.list_(pa.float32())),
-            "text_vector": vectors("text_vector", dims["text"]),
-            "image_vector": vectors("image_vector", dims["image"]),
-        })
+        return pa.table(
+            {
+                **cls._row_columns(rows),
+                "description": [r.get("description") or "" for r in rows],
+                "text": [r.get("text") or "" for r in rows],
+                "category": [(r.get("categories") or [""])[0] for r in rows],
+                "categories": pa.array([list(r.get("categories") or []) for r in rows], pa.list_(pa.string())),
+                "keywords": pa.array([list(r.get("keywords") or []) for r in rows], pa.list_(pa.string())),
+                "image_text": [r.get("image_text") or "" for r in rows],
+                "words": [_words(r) for r in rows],
+                "llama_extracted": [r.get("llama_extracted") or "" for r in rows],
+                "word2vec_vector": pa.array([list(r.get("word2vec_vector") or []) for r in rows], pa.list_(pa.float32())),
+                "text_vector": vectors("text_vector", dims["text"]),
+                "image_vector": vectors("image_vector", dims["image"]),
+            }
+        )
 
     @classmethod
     def _failed_table(cls, rows: list[dict]) -> pa.Table:
-        return pa.table({
-            **cls._row_columns(rows),
-            "error": [r.get("error") or "" for r in rows],
-            "failed_stage": [r.get("failed_stage") or "" for r in rows],
-        })
+        return pa.table(
+            {
+                **cls._row_columns(rows),
+                "error": [r.get("error") or "" for r in rows],
+                "failed_stage": [r.get("failed_stage") or "" for r in rows],
+            }
+        )
 
     def _maintain(self) -> None:
         """Approximate vector indexes once a space is large; fold new rows in now and then."""
@@ -435,17 +436,14 @@ def create_vector_index(table, column: str, dim: int, rows: int, settings: Setti
     """The approximate index of one vector column (cosine). Partitions ~ sqrt(rows), as
     LanceDB advises for IVF; PQ sub-vectors of 16 dimensions (8 for dimensions not divisible)."""
     s = settings.search
-    partitions = max(1, int(rows ** 0.5))
+    partitions = max(1, int(rows**0.5))
     t0 = time.monotonic()
     if s.ann_index_type == "IVF_PQ":
         sub = dim // 16 if dim % 16 == 0 else (dim // 8 if dim % 8 == 0 else 1)
-        table.create_index(metric="cosine", vector_column_name=column, index_type="IVF_PQ",
-                           num_partitions=partitions, num_sub_vectors=sub, replace=True)
+        table.create_index(metric="cosine", vector_column_name=column, index_type="IVF_PQ", num_partitions=partitions, num_sub_vectors=sub, replace=True)
     else:
-        table.create_index(metric="cosine", vector_column_name=column, index_type="IVF_HNSW_SQ",
-                           num_partitions=max(1, rows // 100_000), replace=True)
-    log.info("search index: %s index on %s (%d rows, %d-d) in %.1f s", s.ann_index_type, column, rows, dim,
-             time.monotonic() - t0)
+        table.create_index(metric="cosine", vector_column_name=column, index_type="IVF_HNSW_SQ", num_partitions=max(1, rows // 100_000), replace=True)
+    log.info("search index: %s index on %s (%d rows, %d-d) in %.1f s", s.ann_index_type, column, rows, dim, time.monotonic() - t0)
 
 
 def vector_query(table, column: str, vector, limit: int, where: str | None, settings: Settings, ann: bool):

@@ -72,10 +72,20 @@ class Filters:
 
 def _hit(row: dict, rank: int, score: float, matched: list[str]) -> Hit:
     ts = row.get("timestamp")
-    return Hit(rank=rank, score=round(float(score), 6), event_id=row["event_id"], run_id=row["run_id"],
-               image_path=row["image_path"], source_uri=row["source_uri"], category=row["category"],
-               description=row["description"], keywords=list(row["keywords"] or []), image_text=row["image_text"],
-               timestamp=ts.isoformat() if hasattr(ts, "isoformat") else str(ts), matched=matched)
+    return Hit(
+        rank=rank,
+        score=round(float(score), 6),
+        event_id=row["event_id"],
+        run_id=row["run_id"],
+        image_path=row["image_path"],
+        source_uri=row["source_uri"],
+        category=row["category"],
+        description=row["description"],
+        keywords=list(row["keywords"] or []),
+        image_text=row["image_text"],
+        timestamp=ts.isoformat() if hasattr(ts, "isoformat") else str(ts),
+        matched=matched,
+    )
 
 
 def fts_terms(query: str) -> str:
@@ -113,11 +123,11 @@ class Searcher:
     def _run(self, run: str | None) -> str:
         run = run or self.settings.run_id
         if not self.index.spaces:
-            raise SearchError(f"the search index of {self.index.out} is empty: no complete batch of results yet "
-                              "(is the sink running? imgflow index shows what is there)")
+            raise SearchError(
+                f"the search index of {self.index.out} is empty: no complete batch of results yet (is the sink running? imgflow index shows what is there)"
+            )
         if run not in self.index.runs():
-            raise SearchError(f"no run {run!r} in the results at {self.index.out}; runs: "
-                              f"{', '.join(self.index.runs())} (--run)")
+            raise SearchError(f"no run {run!r} in the results at {self.index.out}; runs: {', '.join(self.index.runs())} (--run)")
         return run
 
     def _space(self, run: str) -> Space:
@@ -130,16 +140,17 @@ class Searcher:
             if space.models.get("embed_text") == want:
                 return space
         made = ", ".join(sorted({s.models.get("embed_text") or "?" for s in spaces}))
-        raise SearchError(f"run {run!r} was indexed with sentence model {made}; the query would be embedded with "
-                          f"{want} (models.embed_text / models.sentence): set the model the run was made with, "
-                          "or replay the run with this one")
+        raise SearchError(
+            f"run {run!r} was indexed with sentence model {made}; the query would be embedded with "
+            f"{want} (models.embed_text / models.sentence): set the model the run was made with, "
+            "or replay the run with this one"
+        )
 
     def _check_filters(self, run: str, filters: Filters) -> None:
         if filters.category:
             known = self.index.categories(run)
             if filters.category not in known:
-                raise SearchError(f"no image of run {run!r} has category {filters.category!r}; categories: "
-                                  f"{', '.join(c for c in known if c) or 'none'}")
+                raise SearchError(f"no image of run {run!r} has category {filters.category!r}; categories: {', '.join(c for c in known if c) or 'none'}")
 
     def _check_query(self, query: str) -> str:
         query = query.strip()
@@ -147,8 +158,7 @@ class Searcher:
             raise SearchError("empty query: give words to search for, or --like PATH_OR_EVENT_ID")
         limit = self.settings.search.max_query_chars
         if len(query) > limit:
-            raise SearchError(f"query of {len(query)} characters; at most {limit} (search.max_query_chars): "
-                              "a query is a phrase, not a document")
+            raise SearchError(f"query of {len(query)} characters; at most {limit} (search.max_query_chars): a query is a phrase, not a document")
         return query
 
     # -- the three ways
@@ -165,12 +175,10 @@ class Searcher:
         text_vec = self.text_model.embed_texts([query])[0]
         rankings["text"] = vector_query(table, "text_vector", text_vec, k, where, self.settings, space.ann).to_list()
         # CLIP's text tower, where the rows' image vectors are CLIP's (the model is built only then)
-        clip_text = getattr(self.image_model, "embed_query_texts", None) \
-            if space.models.get("embed_image", "").startswith("open_clip:") else None
+        clip_text = getattr(self.image_model, "embed_query_texts", None) if space.models.get("embed_image", "").startswith("open_clip:") else None
         if clip_text is not None and space.models.get("embed_image") == self.image_model.model_id:
             vec = clip_text([query])[0]
-            rankings["image"] = vector_query(table, "image_vector", vec, k, where, self.settings,
-                                             space.ann).to_list()
+            rankings["image"] = vector_query(table, "image_vector", vec, k, where, self.settings, space.ann).to_list()
         terms = fts_terms(query)
         if terms:
             q = table.search(terms, query_type="fts", fts_columns="words")
@@ -186,20 +194,20 @@ class Searcher:
         found = self.index.find(ref, run)
         if found is None:
             where = f" in run {run!r}" if run else ""
-            raise SearchError(f"{ref!r} is not in the search index{where}: give an indexed image's path or event_id "
-                              "(an image that failed has no vectors; see imgflow search --failed)")
+            raise SearchError(
+                f"{ref!r} is not in the search index{where}: give an indexed image's path or event_id "
+                "(an image that failed has no vectors; see imgflow search --failed)"
+            )
         space, row = found
         self._check_filters(space.run_id, filters)
         table = self.index.table(space.name)
         where = filters.where()
         not_itself = f"event_id != {sql_text(row['event_id'])}"
         where = f"{where} AND {not_itself}" if where else not_itself
-        rows = vector_query(table, "image_vector", row["image_vector"], limit, where, self.settings,
-                            space.ann).to_list()
+        rows = vector_query(table, "image_vector", row["image_vector"], limit, where, self.settings, space.ann).to_list()
         return [_hit(r, i, 1.0 - float(r["_distance"]), ["image"]) for i, r in enumerate(rows, 1)]
 
-    def browse(self, limit: int = 60, offset: int = 0, run: str | None = None,
-               filters: Filters | None = None) -> list[Hit]:
+    def browse(self, limit: int = 60, offset: int = 0, run: str | None = None, filters: Filters | None = None) -> list[Hit]:
         """The newest images first (the results page with no query). Rows are appended as
         the sink's batches complete, so the newest are the last: a page is read from the end,
         never the whole table (memory: one page)."""

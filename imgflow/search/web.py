@@ -29,7 +29,7 @@ import threading
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -47,21 +47,20 @@ VECTOR_HEAD = 6  # values of a vector shown on an image's page
 # in /thumb/ or /image/ is refused before any lookup.
 EVENT_ID = re.compile(r"[0-9a-f]{16,64}")
 # What a browser shows as it is; other formats Pillow reads are sent re-encoded as JPEG.
-BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp",
-                   "BMP": "image/bmp"}
+BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp"}
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
-                               "base-uri 'none'; frame-ancestors 'none'",
+    "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
 PLACEHOLDER_SVG = (
-    '<svg xmlns="http://www.w3.org/2000/svg" width="256" height="192" viewBox="0 0 256 192">'
-    '<rect width="256" height="192" fill="#e4e4e7"/>'
-    '<path d="M88 124l28-36 22 26 14-16 22 26z" fill="#a1a1aa"/><circle cx="160" cy="74" r="10" fill="#a1a1aa"/>'
-    '<text x="128" y="168" font-family="sans-serif" font-size="14" fill="#52525b" text-anchor="middle">'
-    'image not available</text></svg>').encode()
+    b'<svg xmlns="http://www.w3.org/2000/svg" width="256" height="192" viewBox="0 0 256 192">'
+    b'<rect width="256" height="192" fill="#e4e4e7"/>'
+    b'<path d="M88 124l28-36 22 26 14-16 22 26z" fill="#a1a1aa"/><circle cx="160" cy="74" r="10" fill="#a1a1aa"/>'
+    b'<text x="128" y="168" font-family="sans-serif" font-size="14" fill="#52525b" text-anchor="middle">'
+    b"image not available</text></svg>"
+)
 
 
 class ImageUnavailable(Exception):
@@ -118,8 +117,7 @@ class WebState:
                 log.warning("search index: %s (trying again in %.0f s)", exc, self.settings.search.sync_interval_s)
             except Exception as exc:  # noqa: BLE001 - logged, never fatal: the page serves what it has
                 self.sync_error = f"{type(exc).__name__}: {exc}"
-                log.exception("search index: sync failed (trying again in %.0f s)",
-                              self.settings.search.sync_interval_s)
+                log.exception("search index: sync failed (trying again in %.0f s)", self.settings.search.sync_interval_s)
 
     def _warm_if_needed(self) -> None:
         """Once there is something to search (an empty output loads no model until it fills)."""
@@ -169,8 +167,7 @@ class WebState:
                 table = self.index.failed_table(run)
                 if table is None:
                     continue
-                rows = table.search().where(f"event_id = {sql_text(event_id)}").select(["source_uri"]) \
-                    .limit(1).to_list()
+                rows = table.search().where(f"event_id = {sql_text(event_id)}").select(["source_uri"]).limit(1).to_list()
                 if rows:
                     return rows[0]["source_uri"]
         return None
@@ -254,8 +251,7 @@ def _when(value) -> str:
 
 def vector_summary(values) -> dict:
     values = [float(v) for v in values or []]
-    return {"dim": len(values), "head": [f"{v:.4f}" for v in values[:VECTOR_HEAD]],
-            "norm": f"{math.sqrt(sum(v * v for v in values)):.4f}"}
+    return {"dim": len(values), "head": [f"{v:.4f}" for v in values[:VECTOR_HEAD]], "norm": f"{math.sqrt(sum(v * v for v in values)):.4f}"}
 
 
 def row_fields(row: dict) -> list[dict]:
@@ -288,7 +284,8 @@ def _templates():
         loader=jinja2.PackageLoader("imgflow.search", "templates"),
         autoescape=True,  # every value is text unless a template says otherwise (none does)
         undefined=jinja2.StrictUndefined,
-        trim_blocks=True, lstrip_blocks=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
     env.filters["when"] = _when
     env.filters["basename"] = lambda p: (p or "").rstrip("/").rsplit("/", 1)[-1]
@@ -320,9 +317,17 @@ def create_app(state: WebState):
         index = state.index
         runs = index.runs()
         base = {
-            "runs": runs, "run": context.pop("run", None) or default_run(runs), "categories": {},
-            "category": "", "q": "", "total": 0, "failed_total": 0, "images_allowed": state.images_allowed,
-            "sync_error": state.sync_error, "out": str(state.out), "empty": not runs,
+            "runs": runs,
+            "run": context.pop("run", None) or default_run(runs),
+            "categories": {},
+            "category": "",
+            "q": "",
+            "total": 0,
+            "failed_total": 0,
+            "images_allowed": state.images_allowed,
+            "sync_error": state.sync_error,
+            "out": str(state.out),
+            "empty": not runs,
         }
         base["categories"] = {c: n for c, n in index.categories(base["run"]).items() if c}
         base["total"] = index.count(base["run"])
@@ -352,15 +357,23 @@ def create_app(state: WebState):
         return None
 
     @app.get("/", response_class=HTMLResponse)
-    def home(q: Optional[str] = None, like: Optional[str] = None, run: Optional[str] = None,
-             category: Optional[str] = None, offset: Annotated[int, Query(ge=0)] = 0):
+    def home(q: str | None = None, like: str | None = None, run: str | None = None, category: str | None = None, offset: Annotated[int, Query(ge=0)] = 0):
         q = (q or "").strip()
         started = time.perf_counter()
         model_error = models_for(q)  # before the lock: a first query may wait for them, pages go on
         with state.lock:
             run = run or default_run(state.index.runs())
-            context = {"run": run, "q": q, "category": category or "", "hits": [], "mode": "browse",
-                       "like_row": None, "newer": None, "older": None, "error": None}
+            context = {
+                "run": run,
+                "q": q,
+                "category": category or "",
+                "hits": [],
+                "mode": "browse",
+                "like_row": None,
+                "newer": None,
+                "older": None,
+                "error": None,
+            }
             if not state.index.runs():
                 return page("grid.html", **context)
             try:
@@ -370,18 +383,18 @@ def create_app(state: WebState):
                     if not EVENT_ID.fullmatch(like):
                         raise SearchError("more like this takes an image's event_id")
                     found = state.index.find(like)
-                    context.update(mode="like", like_row=found[1] if found else None,
-                                   hits=state.searcher.like(like, SEARCH_LIMIT, run, filters_of(category)))
+                    context.update(mode="like", like_row=found[1] if found else None, hits=state.searcher.like(like, SEARCH_LIMIT, run, filters_of(category)))
                 elif q:
-                    context.update(mode="search", hits=state.searcher.search(q, SEARCH_LIMIT, run,
-                                                                              filters_of(category)))
+                    context.update(mode="search", hits=state.searcher.search(q, SEARCH_LIMIT, run, filters_of(category)))
                 else:
                     hits = state.searcher.browse(PAGE_SIZE + 1, offset, run, filters_of(category))
                     more, hits = len(hits) > PAGE_SIZE, hits[:PAGE_SIZE]
-                    context.update(hits=hits, newer=link(run=run, category=category,
-                                                         offset=max(0, offset - PAGE_SIZE)) if offset else None,
-                                   older=link(run=run, category=category, offset=offset + PAGE_SIZE) if more else None,
-                                   offset=offset)
+                    context.update(
+                        hits=hits,
+                        newer=link(run=run, category=category, offset=max(0, offset - PAGE_SIZE)) if offset else None,
+                        older=link(run=run, category=category, offset=offset + PAGE_SIZE) if more else None,
+                        offset=offset,
+                    )
             except SearchError as exc:
                 context["error"] = str(exc)
                 return page("grid.html", status=400, **context)
@@ -393,25 +406,26 @@ def create_app(state: WebState):
         with state.lock:
             row = state.searcher.row(event_id) if EVENT_ID.fullmatch(event_id) else None
             if row is None:
-                return page("message.html", status=404, title="not found",
-                            message=f"no image with event_id {event_id!r} in the index")
-            return page("item.html", run=row.get("run_id"), row=row, fields=row_fields(row),
-                        failed=bool(row.get("error")))
+                return page("message.html", status=404, title="not found", message=f"no image with event_id {event_id!r} in the index")
+            return page("item.html", run=row.get("run_id"), row=row, fields=row_fields(row), failed=bool(row.get("error")))
 
     @app.get("/failed", response_class=HTMLResponse)
-    def failed(run: Optional[str] = None, offset: Annotated[int, Query(ge=0)] = 0):
+    def failed(run: str | None = None, offset: Annotated[int, Query(ge=0)] = 0):
         with state.lock:
             run = run or default_run(state.index.runs())
             rows = state.index.failed_rows(run, FAILED_PAGE + 1, offset)
             more, rows = len(rows) > FAILED_PAGE, rows[:FAILED_PAGE]
-            return page("failed.html", run=run, rows=rows, offset=offset,
-                        newer=f"/failed?{urlencode({'run': run, 'offset': max(0, offset - FAILED_PAGE)})}"
-                        if offset else None,
-                        older=f"/failed?{urlencode({'run': run, 'offset': offset + FAILED_PAGE})}" if more else None)
+            return page(
+                "failed.html",
+                run=run,
+                rows=rows,
+                offset=offset,
+                newer=f"/failed?{urlencode({'run': run, 'offset': max(0, offset - FAILED_PAGE)})}" if offset else None,
+                older=f"/failed?{urlencode({'run': run, 'offset': offset + FAILED_PAGE})}" if more else None,
+            )
 
     def placeholder(reason: str) -> Response:
-        return Response(PLACEHOLDER_SVG, media_type="image/svg+xml",
-                        headers={"Cache-Control": "no-store", "X-Imgflow-Placeholder": _header_text(reason)})
+        return Response(PLACEHOLDER_SVG, media_type="image/svg+xml", headers={"Cache-Control": "no-store", "X-Imgflow-Placeholder": _header_text(reason)})
 
     def from_source(event_id: str, what: str, respond) -> Response:
         """``respond(uri)`` for an indexed image; 404 for an unknown id, a placeholder when its
@@ -427,16 +441,17 @@ def create_app(state: WebState):
 
     @app.get("/thumb/{event_id}")
     def thumb(event_id: str):
-        return from_source(event_id, "thumbnail", lambda uri: Response(
-            state.thumbnail(event_id, uri), media_type="image/jpeg",
-            headers={"Cache-Control": "private, max-age=86400"}))
+        return from_source(
+            event_id,
+            "thumbnail",
+            lambda uri: Response(state.thumbnail(event_id, uri), media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"}),
+        )
 
     @app.get("/image/{event_id}")
     def image(event_id: str):
         def respond(uri: str) -> Response:
             data, mime = state.image(uri)
-            return Response(data, media_type=mime, headers={"Cache-Control": "private, max-age=3600",
-                                                            "Content-Disposition": "inline"})
+            return Response(data, media_type=mime, headers={"Cache-Control": "private, max-age=3600", "Content-Disposition": "inline"})
 
         return from_source(event_id, "image", respond)
 
@@ -446,9 +461,14 @@ def create_app(state: WebState):
 
     # -- JSON
     @app.get("/api/search")
-    def api_search(q: Optional[str] = None, like: Optional[str] = None, run: Optional[str] = None,
-                   category: Optional[str] = None, keyword: Optional[str] = None,
-                   limit: Annotated[int, Query(ge=1, le=1000)] = 10):
+    def api_search(
+        q: str | None = None,
+        like: str | None = None,
+        run: str | None = None,
+        category: str | None = None,
+        keyword: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 10,
+    ):
         if bool((q or "").strip()) == bool(like):
             return JSONResponse({"error": "give one of q (words) or like (an event_id)"}, status_code=400)
         started = time.perf_counter()
@@ -458,12 +478,16 @@ def create_app(state: WebState):
             try:
                 if model_error:
                     raise model_error
-                hits = state.searcher.like(like, limit, run, filters) if like else \
-                    state.searcher.search(q, limit, run, filters)
+                hits = state.searcher.like(like, limit, run, filters) if like else state.searcher.search(q, limit, run, filters)
             except SearchError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=400)
-        return {"query": q, "like": like, "run": run or default_run(state.index.runs()),
-                "seconds": round(time.perf_counter() - started, 4), "hits": [h.to_json() for h in hits]}
+        return {
+            "query": q,
+            "like": like,
+            "run": run or default_run(state.index.runs()),
+            "seconds": round(time.perf_counter() - started, 4),
+            "hits": [h.to_json() for h in hits],
+        }
 
     @app.get("/api/row/{event_id}")
     def api_row(event_id: str):
@@ -477,10 +501,14 @@ def create_app(state: WebState):
     def api_status():
         with state.lock:
             index = state.index
-            return {"output": str(state.out), "index": str(index.dir), "synced_at": state.synced_at,
-                    "sync_error": state.sync_error, "images_shown": state.images_allowed,
-                    "runs": {r: {"images": index.count(r), "failed": index.failed_count(r),
-                                 "categories": index.categories(r)} for r in index.runs()}}
+            return {
+                "output": str(state.out),
+                "index": str(index.dir),
+                "synced_at": state.synced_at,
+                "sync_error": state.sync_error,
+                "images_shown": state.images_allowed,
+                "runs": {r: {"images": index.count(r), "failed": index.failed_count(r), "categories": index.categories(r)} for r in index.runs()},
+            }
 
     return app
 
@@ -501,8 +529,7 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == 98:  # EADDRINUSE
-            exit_with_error(f"port {port} on {host} is in use (another imgflow serve?): choose another with --port, "
-                            "or --port 0 for any free one")
+            exit_with_error(f"port {port} on {host} is in use (another imgflow serve?): choose another with --port, or --port 0 for any free one")
         exit_with_error(f"cannot listen on {host}:{port}: {exc.strerror or exc} (--host, --port)")
     sock.set_inheritable(True)
     return sock
@@ -527,16 +554,24 @@ def _allow(settings, allow: list[str]) -> None:
 
 
 def serve(
-    out: Annotated[Optional[str], typer.Option(
-        "--out", help="The sink output: a folder or s3://BUCKET/PREFIX/ (default: sink.out_dir, ./out).")] = None,
-    host: Annotated[str, typer.Option(
-        "--host", help="Address to listen on. The page has no login: keep 127.0.0.1 unless everyone who can "
-                       "reach the address may see the results.")] = "127.0.0.1",
+    out: Annotated[str | None, typer.Option("--out", help="The sink output: a folder or s3://BUCKET/PREFIX/ (default: sink.out_dir, ./out).")] = None,
+    host: Annotated[
+        str,
+        typer.Option(
+            "--host", help="Address to listen on. The page has no login: keep 127.0.0.1 unless everyone who can reach the address may see the results."
+        ),
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")] = 8080,
-    allow: Annotated[Optional[list[str]], typer.Option(
-        "--allow", metavar="DIR_OR_PREFIX", help="Show the images below this folder or s3://BUCKET/PREFIX/ (repeatable; added to "
-                        "allowed_roots / s3.allowed_prefixes). Images outside every allowed place are shown "
-                        "as a placeholder, and with none at all no image is read.")] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            metavar="DIR_OR_PREFIX",
+            help="Show the images below this folder or s3://BUCKET/PREFIX/ (repeatable; added to "
+            "allowed_roots / s3.allowed_prefixes). Images outside every allowed place are shown "
+            "as a placeholder, and with none at all no image is read.",
+        ),
+    ] = None,
 ) -> None:
     """Browse and search the results in a web browser: thumbnails with description, category,
     keywords and read text; search by meaning and words; more like this; filters by run and
@@ -575,22 +610,21 @@ def serve(
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     index = state.index
     runs = index.runs()
-    held = "; ".join(f"run {r}: {index.count(r)} image(s), {index.failed_count(r)} failed" for r in runs) \
-        or "no results yet"
+    held = "; ".join(f"run {r}: {index.count(r)} image(s), {index.failed_count(r)} failed" for r in runs) or "no results yet"
     typer.echo(f"serving {where} ({held}) on http://{shown}:{bound_port}/  (Ctrl-C to stop)")
     if not state.images_allowed:
-        typer.echo("note: no allowed folder or prefix (allowed_roots, s3.allowed_prefixes): images are shown as "
-                   "placeholders; give --allow FOLDER or --allow s3://BUCKET/PREFIX/", err=True)
+        typer.echo(
+            "note: no allowed folder or prefix (allowed_roots, s3.allowed_prefixes): images are shown as "
+            "placeholders; give --allow FOLDER or --allow s3://BUCKET/PREFIX/",
+            err=True,
+        )
     if host not in ("127.0.0.1", "localhost", "::1"):
-        typer.echo(f"note: listening on {host}: anyone who can reach it sees the results (there is no login)",
-                   err=True)
+        typer.echo(f"note: listening on {host}: anyone who can reach it sees the results (there is no login)", err=True)
     state.start()
-    config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None,
-                            timeout_graceful_shutdown=3)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None, timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])
     finally:
         state.stop()
         sock.close()
-

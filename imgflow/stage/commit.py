@@ -50,8 +50,9 @@ class TransactionalCommit:
     """The transactional producers of the partitions this process owns, and the commit of a
     batch's outputs together with its input offsets."""
 
-    def __init__(self, settings: Settings, group_id: str, stage: str, codec: Codec, crash: CrashPoints,
-                 handled: HandledIds, dead_letter: Callable[..., OutputRecord]) -> None:
+    def __init__(
+        self, settings: Settings, group_id: str, stage: str, codec: Codec, crash: CrashPoints, handled: HandledIds, dead_letter: Callable[..., OutputRecord]
+    ) -> None:
         self.settings = settings
         self.group_id = group_id
         self.stage = stage
@@ -68,8 +69,7 @@ class TransactionalCommit:
         for tp in partitions:
             self._committed_next.pop((tp.topic, tp.partition), None)
             txn_id = f"{self.group_id}.{tp.topic}.{tp.partition}"
-            producer = Producer(producer_config(self.settings, txn_id,
-                                                **{"linger.ms": self.settings.kafka.txn_linger_ms}))
+            producer = Producer(producer_config(self.settings, txn_id, **{"linger.ms": self.settings.kafka.txn_linger_ms}))
             # Fences the previous owner of this partition and aborts its open transaction.
             producer.init_transactions(60)
             self.producers[(tp.topic, tp.partition)] = producer
@@ -87,8 +87,7 @@ class TransactionalCommit:
 
     def watch(self, stopping: Callable[[], bool]) -> None:
         """Start the watchdog thread (until ``stopping()``)."""
-        threading.Thread(target=self._watch_transactions, args=(stopping,), daemon=True,
-                         name="txn-watchdog").start()
+        threading.Thread(target=self._watch_transactions, args=(stopping,), daemon=True, name="txn-watchdog").start()
 
     def _watch_transactions(self, stopping: Callable[[], bool]) -> None:
         """Exit the process if one transaction hangs: a crash is always safe here (that is
@@ -103,8 +102,7 @@ class TransactionalCommit:
             time.sleep(1)
 
     # ---- the commit, written once ----------------------------------------------------------
-    def commit(self, consumer: Consumer, tp: TP, records: list[InputRecord],
-               outputs: dict[int, list[OutputRecord]], oversize_retry: bool = True) -> Outcome:
+    def commit(self, consumer: Consumer, tp: TP, records: list[InputRecord], outputs: dict[int, list[OutputRecord]], oversize_retry: bool = True) -> Outcome:
         producer = self.producers.get(tp)
         if producer is None:  # revoked while we worked: the new owner redoes these records
             log.warning("partition %s[%d] no longer ours: batch dropped, the new owner redoes it", *tp)
@@ -120,8 +118,7 @@ class TransactionalCommit:
                 for out in outputs.get(id(rec), []):
                     value = self.codec.encode(out.schema, out.value)
                     try:
-                        producer.produce(out.topic, key=out.key, value=value,
-                                         on_delivery=_size_watch(rec, out, len(value), oversized))
+                        producer.produce(out.topic, key=out.key, value=value, on_delivery=_size_watch(rec, out, len(value), oversized))
                     except KafkaException as exc:
                         if exc.args[0].code() in TOO_LARGE:
                             oversized[id(rec)] = _too_large(out, len(value), exc.args[0])
@@ -171,9 +168,14 @@ class TransactionalCommit:
         for rec in records:
             self.handled.add(rec.dedupe_key)
             # One line per image and stage: `grep <event_id>` over the logs shows its path.
-            log.info("committed %s[%d]@%d -> %s", rec.topic, rec.partition, rec.offset,
-                     ", ".join(out.topic for out in outputs.get(id(rec), [])) or "nothing (duplicate)",
-                     extra={"event_id": rec.event_id, "stage": self.stage})
+            log.info(
+                "committed %s[%d]@%d -> %s",
+                rec.topic,
+                rec.partition,
+                rec.offset,
+                ", ".join(out.topic for out in outputs.get(id(rec), [])) or "nothing (duplicate)",
+                extra={"event_id": rec.event_id, "stage": self.stage},
+            )
         return Outcome.COMMITTED
 
     @staticmethod
@@ -191,14 +193,18 @@ class TransactionalCommit:
 
 
 def _too_large(out: OutputRecord, size: int, err: KafkaError) -> str:
-    return (f"its {out.schema} record for {out.topic} is {size:,} bytes, more than Kafka accepts "
-            f"(the producer's or the broker's message.max.bytes, or the topic's max.message.bytes): {err.str()}")
+    return (
+        f"its {out.schema} record for {out.topic} is {size:,} bytes, more than Kafka accepts "
+        f"(the producer's or the broker's message.max.bytes, or the topic's max.message.bytes): {err.str()}"
+    )
 
 
 def _size_watch(rec: InputRecord, out: OutputRecord, size: int, oversized: dict[int, str]):
     """A delivery callback noting an output the broker refused for its size (the commit then
     fails as a whole; the caller turns that image into a dead letter and commits again)."""
+
     def on_delivery(err: KafkaError | None, _msg) -> None:
         if err is not None and err.code() in TOO_LARGE:
             oversized[id(rec)] = _too_large(out, size, err)
+
     return on_delivery

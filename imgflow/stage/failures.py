@@ -34,11 +34,15 @@ class Failures:
                 decodable.append(rec)
         for rec, result in self._process_halving(decodable):
             attempts = 1
-            while isinstance(result, BaseException) and not isinstance(result, BadInput) \
-                    and attempts < self.settings.stage.max_attempts:
+            while isinstance(result, BaseException) and not isinstance(result, BadInput) and attempts < self.settings.stage.max_attempts:
                 metrics.RETRIES.labels(self.transform.name).inc()
-                log.warning("attempt %d failed, retrying: %s: %s", attempts, type(result).__name__, result,
-                            extra={"event_id": rec.event_id, "stage": self.transform.name})
+                log.warning(
+                    "attempt %d failed, retrying: %s: %s",
+                    attempts,
+                    type(result).__name__,
+                    result,
+                    extra={"event_id": rec.event_id, "stage": self.transform.name},
+                )
                 time.sleep(self.settings.stage.retry_backoff_s * 2 ** (attempts - 1))
                 attempts += 1
                 result = self._process_one(rec)
@@ -55,8 +59,7 @@ class Failures:
         except Exception as exc:  # the transform's own failure for this one record
             return exc
 
-    def _process_halving(self, records: list[InputRecord]
-                         ) -> Iterator[tuple[InputRecord, list[OutputRecord] | BaseException]]:
+    def _process_halving(self, records: list[InputRecord]) -> Iterator[tuple[InputRecord, list[OutputRecord] | BaseException]]:
         if not records:
             return
         start = time.monotonic()
@@ -67,23 +70,20 @@ class Failures:
                 yield records[0], exc
                 return
             half = len(records) // 2
-            log.warning("batch of %d failed (%s: %s): halving", len(records), type(exc).__name__, exc,
-                        extra={"stage": self.transform.name})
+            log.warning("batch of %d failed (%s: %s): halving", len(records), type(exc).__name__, exc, extra={"stage": self.transform.name})
             yield from self._process_halving(records[:half])
             yield from self._process_halving(records[half:])
             return
         seconds = time.monotonic() - start
         metrics.BATCH_SIZE.labels(self.transform.name).observe(len(records))
         metrics.STAGE_SECONDS.labels(self.transform.name).observe(seconds)
-        log.info("transformed %d record(s) in %.2fs (%.2fs each)", len(records), seconds, seconds / len(records),
-                 extra={"stage": self.transform.name})
+        log.info("transformed %d record(s) in %.2fs (%.2fs each)", len(records), seconds, seconds / len(records), extra={"stage": self.transform.name})
         yield from zip(records, results)
 
     def dead_letter(self, rec: InputRecord, error: str, attempts: int, keep_vision: bool = True) -> OutputRecord:
         metrics.MESSAGES_FAILED.labels(self.transform.name).inc()
         # The one log line of a dead letter says exactly what the dead letter says.
-        log.error("dead-lettered after %d attempt(s): %s", attempts, error,
-                  extra={"event_id": rec.event_id, "stage": self.transform.name})
+        log.error("dead-lettered after %d attempt(s): %s", attempts, error, extra={"event_id": rec.event_id, "stage": self.transform.name})
         value = {
             "event_id": rec.event_id,
             "stage": self.transform.name,

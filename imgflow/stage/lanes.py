@@ -25,8 +25,7 @@ def usable(msg: Message) -> bool:
 class PriorityLanes:
     """Takes each batch from the consumer, the first of ``topics`` first."""
 
-    def __init__(self, transform: Transform, settings: Settings, topics: list[str],
-                 range_: RangeTracker | None) -> None:
+    def __init__(self, transform: Transform, settings: Settings, topics: list[str], range_: RangeTracker | None) -> None:
         self.transform = transform
         self.settings = settings
         self.topics = topics
@@ -49,8 +48,7 @@ class PriorityLanes:
         if len(self.topics) < 2:
             return consumer.consume(size, wait)
         finished = self.range.finished if self.range is not None else set()
-        lower = [tp for tp in consumer.assignment()
-                 if tp.topic != self.topics[0] and (tp.topic, tp.partition) not in finished]
+        lower = [tp for tp in consumer.assignment() if tp.topic != self.topics[0] and (tp.topic, tp.partition) not in finished]
         if not lower:
             return consumer.consume(size, wait)
         drained = self.first_topic_drained(consumer)

@@ -27,9 +27,7 @@ class RangeBounds:
         A bounded run assigns them itself (one process per stage of a run: no group join to
         wait for); its transactional producers fence an earlier process as after a rebalance."""
         committed = consumer.committed([TopicPartition(t, p) for t, p in self.end], timeout=30)
-        return [TopicPartition(tp.topic, tp.partition,
-                               tp.offset if tp.offset >= 0 else self.start[(tp.topic, tp.partition)])
-                for tp in committed]
+        return [TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else self.start[(tp.topic, tp.partition)]) for tp in committed]
 
 
 class RangeTracker:

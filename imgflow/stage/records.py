@@ -135,8 +135,7 @@ def scope_to_run(rec: InputRecord, transform: Transform, run_id: str | None) -> 
         rec.run_id = event.get("run_id", "")
 
 
-def drop_handled(records: list[InputRecord], handled: HandledIds, reread: set[tuple[str, int, int]],
-                 stage: str) -> tuple[list[InputRecord], list[InputRecord]]:
+def drop_handled(records: list[InputRecord], handled: HandledIds, reread: set[tuple[str, int, int]], stage: str) -> tuple[list[InputRecord], list[InputRecord]]:
     """(to transform, to commit) of a batch: a record already handled (by this process, or
     earlier in the batch) is committed without a result; one ``reread`` at an idle point
     (topic, partition, offset) and handled, or undecodable, is left out altogether."""
@@ -152,8 +151,13 @@ def drop_handled(records: list[InputRecord], handled: HandledIds, reread: set[tu
             continue  # an undecodable record read again: it was dead-lettered the first time
         else:
             if again:
-                log.warning("a record first stepped over was found when read again: %s[%d]@%d", rec.topic,
-                            rec.partition, rec.offset, extra={"event_id": rec.event_id, "stage": stage})
+                log.warning(
+                    "a record first stepped over was found when read again: %s[%d]@%d",
+                    rec.topic,
+                    rec.partition,
+                    rec.offset,
+                    extra={"event_id": rec.event_id, "stage": stage},
+                )
             seen.add(rec.dedupe_key)
             todo.append(rec)
         kept.append(rec)

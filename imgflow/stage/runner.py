@@ -44,8 +44,9 @@ RESCAN_LIMIT = 5_000  # offsets per partition re-read at an idle point (within H
 
 
 class StageRunner:
-    def __init__(self, transform: Transform, settings: Settings, group_id: str | None = None,
-                 run_id: str | None = None, bounds: RangeBounds | None = None) -> None:
+    def __init__(
+        self, transform: Transform, settings: Settings, group_id: str | None = None, run_id: str | None = None, bounds: RangeBounds | None = None
+    ) -> None:
         self.transform = transform
         self.settings = settings
         self.group_id = group_id or f"{settings.kafka.group_prefix}-{transform.name}"
@@ -61,8 +62,9 @@ class StageRunner:
         self.consumer: Consumer | None = None
         self.lanes = PriorityLanes(transform, settings, self.topics, self.range)
         self.failures = Failures(transform, settings)
-        self.commits = TransactionalCommit(settings, self.group_id, transform.name, self.codec,
-                                           CrashPoints(transform.name), self.handled, self.failures.dead_letter)
+        self.commits = TransactionalCommit(
+            settings, self.group_id, transform.name, self.codec, CrashPoints(transform.name), self.handled, self.failures.dead_letter
+        )
         # A live stage reads again, once idle, what it consumed since it was last idle
         # (imgflow.rescan: tansu was seen to step over a committed transaction; on Kafka only
         # a safety net). Re-read records it has handled are dropped without a trace.
@@ -78,11 +80,9 @@ class StageRunner:
             # with offsets in it is open.
             try:
                 committed = consumer.committed(partitions, timeout=10)
-                self.rescan.assigned({(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None
-                                      for tp in committed})
+                self.rescan.assigned({(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None for tp in committed})
             except KafkaException as exc:
-                log.warning("committed offsets of the new partitions not read (%s): the idle re-read "
-                            "starts where consuming does", exc)
+                log.warning("committed offsets of the new partitions not read (%s): the idle re-read starts where consuming does", exc)
         log.info("assigned %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -106,17 +106,14 @@ class StageRunner:
         extra = {"fetch.wait.max.ms": 20} if len(self.topics) > 1 else {}
         if self.bounds is None:
             self.consumer = Consumer(consumer_config(self.settings, self.group_id, **extra))
-            self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                    on_lost=self._on_revoke)
+            self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke)
         else:
-            self.consumer = Consumer(consumer_config(self.settings, self.group_id, **extra,
-                                                     **{"enable.partition.eof": True}))
+            self.consumer = Consumer(consumer_config(self.settings, self.group_id, **extra, **{"enable.partition.eof": True}))
             partitions = self.bounds.assignment(self.consumer)
             self._on_assign(self.consumer, partitions)
             self.consumer.assign(partitions)
         log.info("stage %s consuming %s as group %s", self.transform.name, self.topics, self.group_id)
-        lag = LagReader(self.settings, self.transform.name, self.group_id, self.topics).start() \
-            if metrics.serving() else None
+        lag = LagReader(self.settings, self.transform.name, self.group_id, self.topics).start() if metrics.serving() else None
         batches = 0
         try:
             while not self.stopping and (max_batches is None or batches < max_batches):

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from imgflow.models import categories
-from imgflow.models.base import Description, Describer
+from imgflow.models.base import Describer, Description
 from imgflow.models.common import to_rgb
 from imgflow.models.embedded.efficientnet import EfficientNetClassifier
 from imgflow.models.embedded.faces import MtcnnFaceDetector
@@ -61,8 +61,7 @@ def colour_names(img: Image.Image, top: int = 2) -> list[str]:
     names[v < 0.2] = "black"
     names[(v >= 0.8) & (s < 0.15)] = "white"
     chroma = (v >= 0.2) & (s >= 0.25)
-    hue_bins = [(15, "red"), (40, "orange"), (70, "yellow"), (170, "green"), (260, "blue"),
-                (300, "purple"), (345, "pink"), (361, "red")]
+    hue_bins = [(15, "red"), (40, "orange"), (70, "yellow"), (170, "green"), (260, "blue"), (300, "purple"), (345, "pink"), (361, "red")]
     lower = 0.0
     for upper, name in hue_bins:
         names[chroma & (h >= lower) & (h < upper)] = name
@@ -78,15 +77,14 @@ def colour_names(img: Image.Image, top: int = 2) -> list[str]:
 
 
 def people_phrase(count: int) -> str:
-    """"a person", "two people", "three people", "a group of people" (no digits: a number in
+    """ "a person", "two people", "three people", "a group of people" (no digits: a number in
     a description must be one the image shows)."""
     if count <= 1:
         return "a person"
     return f"{_COUNT_WORDS[count]} people" if count in _COUNT_WORDS else "a group of people"
 
 
-def compose(labels: list[tuple[str, float]], seen_text: str, colours: list[str] | None = None,
-            people: int = 1) -> str:
+def compose(labels: list[tuple[str, float]], seen_text: str, colours: list[str] | None = None, people: int = 1) -> str:
     """The full description (the CSV's `text`): one to three short sentences. ``labels`` may
     include the ``categories.TEXT_LABEL`` pseudo-label (its score: the text's area share) and,
     first, ``categories.PERSON_LABEL`` (``people``: how many faces were found)."""
@@ -120,8 +118,7 @@ def compose(labels: list[tuple[str, float]], seen_text: str, colours: list[str] 
         if text:
             parts.append(f'The text "{text}" is visible in it.')
     if colours:
-        parts.append(f"The main colours are {join_words(colours)}." if len(colours) > 1
-                     else f"It is mostly {colours[0]}.")
+        parts.append(f"The main colours are {join_words(colours)}." if len(colours) > 1 else f"It is mostly {colours[0]}.")
     return " ".join(parts)
 
 
@@ -148,8 +145,7 @@ class ComposedDescriber(Describer):
         if self.faces is not None:
             self.faces.load()
 
-    def describe(self, images: list[Image.Image], seen_text: list[str],
-                 text_areas: list[float | None] | None = None) -> list[Description]:
+    def describe(self, images: list[Image.Image], seen_text: list[str], text_areas: list[float | None] | None = None) -> list[Description]:
         """Labels: ("person", the best face's score) first when the face detector found a
         person (``MtcnnFaceDetector.people``), the classifier's (score >= LABEL_MIN), plus
         ("text", area share) when text was read and its area is known (the category rules use
@@ -161,8 +157,7 @@ class ComposedDescriber(Describer):
             raise ValueError("text_areas must have one entry per image")
         people = self.faces.people(images) if self.faces is not None else [[] for _ in images]
         out = []
-        for img, labels, text, area, faces in zip(images, self.classifier.classify(images), seen_text,
-                                                  areas, people):
+        for img, labels, text, area, faces in zip(images, self.classifier.classify(images), seen_text, areas, people):
             kept = [(n, p) for n, p in labels if p >= LABEL_MIN]
             if faces:
                 kept.insert(0, (categories.PERSON_LABEL, float(faces[0].score)))

@@ -98,9 +98,7 @@ class EfficientNetLite0:
             return np.zeros((0, 1000), np.float32), np.zeros((0, 1280), np.float32)
         with self._lock:
             last = self._last
-            if last is not None and len(last[0]) == len(images) and all(
-                a is b for a, b in zip(last[0], images)
-            ):
+            if last is not None and len(last[0]) == len(images) and all(a is b for a, b in zip(last[0], images)):
                 return last[1], last[2]
             probs, feats = [], []
             torch = self._torch
@@ -111,9 +109,7 @@ class EfficientNetLite0:
                     pooled = self.model._avg_pooling(f).flatten(1)  # no public method
                     logits = self.model._fc(pooled)  # dropout is a no-op in eval()
                     probs.append(torch.softmax(logits, dim=1).float().cpu().numpy())
-                    feats.append(
-                        torch.nn.functional.normalize(pooled, dim=1).float().cpu().numpy()
-                    )
+                    feats.append(torch.nn.functional.normalize(pooled, dim=1).float().cpu().numpy())
             p, e = np.concatenate(probs), np.concatenate(feats)
             self._last = (list(images), p, e)  # keeps one batch of images alive
             return p, e
@@ -153,8 +149,7 @@ class EfficientNetClassifier(_EfficientNetAdapter):
     job = "classify"
     setting = "describe"
 
-    def __init__(self, cache: ModelCache, device: str = "auto", path: Path | None = None,
-                 top_k: int = 5):
+    def __init__(self, cache: ModelCache, device: str = "auto", path: Path | None = None, top_k: int = 5):
         super().__init__(cache, device, path)
         self.top_k = top_k
 

@@ -84,8 +84,7 @@ class _Mtcnn:
         torch = self._torch
         with self._lock, torch.inference_mode():
             arr = torch.as_tensor(np.asarray(img, dtype=np.uint8).copy(), device=self.device)
-            boxes, _ = self._detect_face(arr.unsqueeze(0), min_face, self.pnet, self.rnet, self.onet,
-                                         list(STAGE_THRESHOLDS), PYRAMID_FACTOR, self.device)
+            boxes, _ = self._detect_face(arr.unsqueeze(0), min_face, self.pnet, self.rnet, self.onet, list(STAGE_THRESHOLDS), PYRAMID_FACTOR, self.device)
         rows = np.asarray(boxes[0], dtype=np.float64).reshape(-1, 5) if len(boxes) else np.zeros((0, 5))
         out = [((float(r[0]), float(r[1]), float(r[2]), float(r[3])), float(r[4])) for r in rows]
         return sorted(out, key=lambda f: -f[1])
@@ -103,9 +102,14 @@ class MtcnnFaceDetector(FilesModelId, ModelAdapter):
     job = "detect_faces"
     setting = "faces"  # the settings field that turns it on and off
 
-    def __init__(self, cache: ModelCache, device: str = "auto",
-                 min_score: float = DEFAULT_MIN_SCORE, min_height: float = DEFAULT_MIN_HEIGHT,
-                 files: dict[str, Path] | None = None) -> None:
+    def __init__(
+        self,
+        cache: ModelCache,
+        device: str = "auto",
+        min_score: float = DEFAULT_MIN_SCORE,
+        min_height: float = DEFAULT_MIN_HEIGHT,
+        files: dict[str, Path] | None = None,
+    ) -> None:
         self._cache = cache
         self._device = device
         self.min_score = float(min_score)
@@ -148,5 +152,4 @@ class MtcnnFaceDetector(FilesModelId, ModelAdapter):
     def people(self, images: list[Image.Image]) -> list[list[Face]]:
         """Per image, the faces that make it a picture of people: score >= ``min_score`` and
         height >= ``min_height`` of the image's, best first."""
-        return [[f for f in faces if f.score >= self.min_score and f.height >= self.min_height]
-                for faces in self.detect(images)]
+        return [[f for f in faces if f.score >= self.min_score and f.height >= self.min_height] for faces in self.detect(images)]

@@ -49,8 +49,7 @@ class GloveWordVectorizer(WordVectorizer):
         return f"{NAME}@{short_hash([self.path / 'glove_6B_50d_emb.npy'])}"
 
     def check(self) -> None:
-        require_files(self.job, "word_vectors",
-                      [self.path / "glove_6B_50d_emb.npy", self.path / "glove_6B_index.parquet"])
+        require_files(self.job, "word_vectors", [self.path / "glove_6B_50d_emb.npy", self.path / "glove_6B_index.parquet"])
 
     def _kv(self):
         return self._cache.get(NAME if self.path == data_dir() else f"{NAME}:{self.path}", lambda: _load(self.path))

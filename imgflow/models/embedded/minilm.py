@@ -34,8 +34,7 @@ def _load(path: Path, device: str):
 class MiniLmTextEmbedder(TextEmbedder):
     dim = 384
 
-    def __init__(self, cache: ModelCache, device: str = "auto", path: Path | None = None,
-                 batch_size: int = 32) -> None:
+    def __init__(self, cache: ModelCache, device: str = "auto", path: Path | None = None, batch_size: int = 32) -> None:
         self._cache = cache
         self._device = device
         self.path = Path(path) if path is not None else model_dir()
@@ -46,13 +45,10 @@ class MiniLmTextEmbedder(TextEmbedder):
         return f"{NAME}@{short_hash([self.path / 'model.safetensors'])}"
 
     def check(self) -> None:
-        require_files(self.job, "embed_text",
-                      [self.path / "model.safetensors", self.path / "modules.json",
-                       self.path / "tokenizer.json"])
+        require_files(self.job, "embed_text", [self.path / "model.safetensors", self.path / "modules.json", self.path / "tokenizer.json"])
 
     def _model(self):
-        return self._cache.get(NAME if self.path == model_dir() else f"{NAME}:{self.path}",
-                               lambda: _load(self.path, resolve_device(self._device)))
+        return self._cache.get(NAME if self.path == model_dir() else f"{NAME}:{self.path}", lambda: _load(self.path, resolve_device(self._device)))
 
     def load(self) -> None:
         self._model()
@@ -60,7 +56,5 @@ class MiniLmTextEmbedder(TextEmbedder):
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        vecs = self._model().encode(list(texts), batch_size=self.batch_size,
-                                    normalize_embeddings=True, convert_to_numpy=True,
-                                    show_progress_bar=False)
+        vecs = self._model().encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
         return np.ascontiguousarray(vecs, dtype=np.float32)

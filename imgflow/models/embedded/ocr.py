@@ -142,10 +142,12 @@ _MIXED = re.compile(r"\b(?=[A-Za-z0-9]*[A-Za-z])(?=[A-Za-z0-9]*\d)[A-Za-z0-9]{3,
 def fix_lookalikes(text: str, vocabulary: frozenset[str]) -> str:
     """Replace look-alike digits in a word of letters when that makes a known word
     (``T0TAL`` -> ``TOTAL``); codes such as ``A7`` or ``B12`` stay as read."""
+
     def fix(m: re.Match) -> str:
         word = m.group(0)
         fixed = word.translate(_LOOKALIKE)
         return fixed if fixed.isalpha() and fixed.lower() in vocabulary else word
+
     return _MIXED.sub(fix, text)
 
 
@@ -160,26 +162,22 @@ class RapidOcrReader(FilesModelId, TextReader):
     On a photo (little text area) only confident text: see PHOTO_MIN_SCORE and the constants
     above it. Rendered text (signs, tickets, pages) is kept as read."""
 
-    def __init__(self, cache: ModelCache, threads: int = 0, min_score: float = MIN_SCORE,
-                 files: dict[str, Path] | None = None) -> None:
+    def __init__(self, cache: ModelCache, threads: int = 0, min_score: float = MIN_SCORE, files: dict[str, Path] | None = None) -> None:
         self._cache = cache
         # Default: the process's thread budget (OMP_NUM_THREADS, which `imgflow run` sets for the
         # vision stage so that it and the LLM do not oversubscribe the cores), else every core.
-        self.threads = threads if threads > 0 else (int(os.environ.get("OMP_NUM_THREADS") or 0)
-                                                    or os.cpu_count() or 1)
+        self.threads = threads if threads > 0 else (int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
         self.min_score = min_score
         self.files = files or model_files()
         self._id: str | None = None
 
     def check(self) -> None:
         if package_dir("rapidocr") is None:
-            raise ModelConfigError("read_text: the rapidocr package is not installed "
-                                   "(setting models.read_text / IMGFLOW_MODELS__READ_TEXT)")
+            raise ModelConfigError("read_text: the rapidocr package is not installed (setting models.read_text / IMGFLOW_MODELS__READ_TEXT)")
         require_files(self.job, "read_text", self.files.values())
 
     def _engine(self) -> _RapidOcrEngine:
-        return self._cache.get(NAME if self.files == model_files() else f"{NAME}:{self.files['Rec']}",
-                               lambda: _RapidOcrEngine(self.files, self.threads))
+        return self._cache.get(NAME if self.files == model_files() else f"{NAME}:{self.files['Rec']}", lambda: _RapidOcrEngine(self.files, self.threads))
 
     def load(self) -> None:
         self._engine()
@@ -208,8 +206,7 @@ class RapidOcrReader(FilesModelId, TextReader):
         res = self._engine()(img)
         if res.boxes is None or res.txts is None or len(res.txts) == 0:
             return []
-        return [(np.asarray(b, np.float32), t.strip(), float(s))
-                for b, t, s in zip(res.boxes, res.txts, res.scores)]
+        return [(np.asarray(b, np.float32), t.strip(), float(s)) for b, t, s in zip(res.boxes, res.txts, res.scores)]
 
     def select(self, boxes: list[tuple[np.ndarray, str, float]], size: tuple[int, int]) -> ReadText:
         """The kept boxes' text in reading order, and the share of the image it covers (the

@@ -16,18 +16,17 @@ def required(name: str, value: str, what: str) -> str:
     if not value:
         raise ModelConfigError(
             f"{setting(name)} is empty: the gpu profile loads {what} from a path you configure "
-            f"(or name an embedded implementation for this job to mix profiles)")
+            f"(or name an embedded implementation for this job to mix profiles)"
+        )
     return value
 
 
 def existing(name: str, path: Path, kind: str = "path") -> Path:
     path = Path(path).expanduser()
     if kind == "dir" and not path.is_dir():
-        raise ModelConfigError(f"{setting(name)} = {str(path)!r}: "
-                               f"{'not a folder' if path.exists() else 'no such folder'}")
+        raise ModelConfigError(f"{setting(name)} = {str(path)!r}: {'not a folder' if path.exists() else 'no such folder'}")
     if kind == "file" and not path.is_file():
-        raise ModelConfigError(f"{setting(name)} = {str(path)!r}: "
-                               f"{'not a file' if path.exists() else 'no such file'}")
+        raise ModelConfigError(f"{setting(name)} = {str(path)!r}: {'not a file' if path.exists() else 'no such file'}")
     if not path.exists():
         raise ModelConfigError(f"{setting(name)} = {str(path)!r}: no such file or folder")
     return path

@@ -30,8 +30,9 @@ def parse_spec(spec: str) -> tuple[str, Path | None, Path]:
     spec = required(SETTING, spec, 'CLIP ("<open_clip model name>:<weights file>")')
     name, sep, weights = spec.partition(":")
     if not sep or not name.strip() or not weights.strip():
-        raise invalid(SETTING, spec, 'expected "<open_clip model name or config .json>:<weights file>", '
-                      'e.g. "ViT-L-14:/models/clip/open_clip_pytorch_model.bin"')
+        raise invalid(
+            SETTING, spec, 'expected "<open_clip model name or config .json>:<weights file>", e.g. "ViT-L-14:/models/clip/open_clip_pytorch_model.bin"'
+        )
     name, weights_path = name.strip(), Path(weights.strip()).expanduser()
     if name.endswith(".json"):
         cfg = Path(name).expanduser()
@@ -54,8 +55,7 @@ class _LoadedClip:
 
         self.torch = torch
         self.device = device
-        model, _, self.preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=str(weights), device=device, load_weights=True)
+        model, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=str(weights), device=device, load_weights=True)
         self.model = model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)
         self.lock = threading.Lock()
@@ -98,8 +98,7 @@ class OpenClipImageEmbedder(ImageEmbedder):
 
         self._register_config()
         if open_clip.get_model_config(self.name) is None:
-            raise invalid(SETTING, self.name, "not an open_clip model name (see open_clip.list_models()) "
-                          "nor a model config .json")
+            raise invalid(SETTING, self.name, "not an open_clip model name (see open_clip.list_models()) nor a model config .json")
         existing(SETTING, self.path, "file")
         if not _weights_look_valid(self.path):
             raise invalid(SETTING, self.path, "not a torch checkpoint or safetensors file")
@@ -119,8 +118,7 @@ class OpenClipImageEmbedder(ImageEmbedder):
             return np.zeros((0, self.dim), np.float32)
         m = self._model()
         torch = m.torch
-        with m.lock, oom_guard("open_clip"), torch.inference_mode(), \
-                torch.autocast("cuda", dtype=torch.bfloat16, enabled=m.device == "cuda"):
+        with m.lock, oom_guard("open_clip"), torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=m.device == "cuda"):
             x = torch.stack([m.preprocess(to_rgb(img)) for img in images]).to(m.device)
             vecs = m.model.encode_image(x, normalize=True).float().cpu().numpy()
         return np.ascontiguousarray(vecs, dtype=np.float32)

@@ -21,13 +21,29 @@ SETTING = "llm"
 
 
 class GgufStructurer(LlamaCppStructurer):
-    def __init__(self, cache: ModelCache, spec: str, n_ctx: int = 4096, n_threads: int = 0,
-                 max_tokens: int = 256, device: str = "cpu", n_parallel: int = 8,
-                 description: str = "auto") -> None:
+    def __init__(
+        self,
+        cache: ModelCache,
+        spec: str,
+        n_ctx: int = 4096,
+        n_threads: int = 0,
+        max_tokens: int = 256,
+        device: str = "cpu",
+        n_parallel: int = 8,
+        description: str = "auto",
+    ) -> None:
         path = Path(required(SETTING, spec, "Llama-3.1-8B-Instruct (a .gguf file)")).expanduser()
-        super().__init__(cache, str(path), path.parent, n_ctx=n_ctx, n_threads=n_threads,
-                         max_tokens=max_tokens, device=device, n_parallel=n_parallel,
-                         description=description)
+        super().__init__(
+            cache,
+            str(path),
+            path.parent,
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            max_tokens=max_tokens,
+            device=device,
+            n_parallel=n_parallel,
+            description=description,
+        )
 
     def make_model_id(self) -> str:
         return f"llama.cpp:{self.path.stem}@{quick_hash([self.path])}"

@@ -64,6 +64,5 @@ class SentenceTransformerEmbedder(TextEmbedder):
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         with oom_guard("sentence-transformers"):
-            vecs = self._model().encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-                                        convert_to_numpy=True, show_progress_bar=False)
+            vecs = self._model().encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
         return np.ascontiguousarray(vecs, dtype=np.float32)

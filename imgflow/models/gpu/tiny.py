@@ -21,8 +21,13 @@ import json
 from pathlib import Path
 
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 
 # The Qwen2-VL-Instruct chat template (images and text parts, system prompt by default).
@@ -60,47 +65,64 @@ def tiny_tokenizer(vocab_size: int = 400):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator(_CORPUS * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", padding_side="left")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left")
     return fast
 
 
 def qwen2vl_7b_config(**overrides) -> dict:
     """The architecture of Qwen2-VL-7B-Instruct (its config.json), as kwargs for
     ``Qwen2VLConfig``; ``overrides`` go into ``text_config`` / ``vision_config``."""
-    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-                rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
-                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                 "mrope_section": [16, 24, 24]})
-    vision = dict(depth=32, embed_dim=1280, hidden_size=3584, mlp_ratio=4, num_heads=16,
-                  in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    text = dict(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    )
+    vision = dict(
+        depth=32, embed_dim=1280, hidden_size=3584, mlp_ratio=4, num_heads=16, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2
+    )
     text.update(overrides.get("text", {}))
     vision.update(overrides.get("vision", {}))
-    return dict(text_config=text, vision_config=vision, image_token_id=151655,
-                video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+    return dict(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 
 
 def tiny_qwen2vl_config(tokenizer=None) -> dict:
-    ids = {t: (tokenizer.convert_tokens_to_ids(t) if tokenizer is not None else i)
-           for i, t in enumerate(SPECIAL_TOKENS)}
+    ids = {t: (tokenizer.convert_tokens_to_ids(t) if tokenizer is not None else i) for i, t in enumerate(SPECIAL_TOKENS)}
     vocab = len(tokenizer) if tokenizer is not None else 400
     cfg = qwen2vl_7b_config(
-        text=dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                  bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                  pad_token_id=ids["<|endoftext|>"],
-                  # head_dim 16 -> mrope sections sum to 8
-                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                   "mrope_section": [2, 3, 3]}),
+        text=dict(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            # head_dim 16 -> mrope sections sum to 8
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        ),
         vision=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
     )
-    cfg.update(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-               vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    cfg.update(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
     return cfg
 
 
@@ -125,9 +147,9 @@ def build_tiny_qwen2vl(folder: str | Path, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.save_pretrained(folder)
     image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
-    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 video_processor=Qwen2VLVideoProcessor(),
-                                 chat_template=QWEN2VL_CHAT_TEMPLATE)
+    processor = Qwen2VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2VL_CHAT_TEMPLATE
+    )
     processor.save_pretrained(folder)
     return folder
 
@@ -163,8 +185,7 @@ def build_tiny_fasttext(path: str | Path, seed: int = 0) -> Path:
     from gensim.models.fasttext import save_facebook_model
 
     sentences = [s.lower().replace(".", "").replace(";", "").replace(",", "").split() for s in _CORPUS]
-    model = FastText(vector_size=16, window=3, min_count=1, min_n=3, max_n=5, bucket=2000,
-                     seed=seed, workers=1)
+    model = FastText(vector_size=16, window=3, min_count=1, min_n=3, max_n=5, bucket=2000, seed=seed, workers=1)
     model.build_vocab(corpus_iterable=sentences)
     model.train(corpus_iterable=sentences, total_examples=len(sentences), epochs=5)
     path = Path(path)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from imgflow.models.base import Description, Describer, TextReader
+from imgflow.models.base import Describer, Description, TextReader
 from imgflow.models.cache import ModelCache
 from imgflow.models.common import oom_guard, quick_hash, resolve_device, to_rgb
 from imgflow.models.gpu._paths import existing, invalid, required
@@ -32,10 +32,9 @@ log = logging.getLogger(__name__)
 SETTING = "vlm"
 DESCRIBE_PROMPT = (
     "Describe this image in detail: the main subject, what it is doing, the setting, the "
-    "colours and any other objects or people. Mention any text written in the image.")
-READ_TEXT_PROMPT = (
-    "Transcribe all the text visible in this image exactly as written, line by line. "
-    "If there is no text in the image, answer with exactly: NONE")
+    "colours and any other objects or people. Mention any text written in the image."
+)
+READ_TEXT_PROMPT = "Transcribe all the text visible in this image exactly as written, line by line. If there is no text in the image, answer with exactly: NONE"
 _NONE = re.compile(r"^\W*(none|no text\b.*|there is no text\b.*)\W*$", re.I | re.S)
 
 
@@ -94,9 +93,13 @@ class LoadedVlm:
         self.device = device
         self.processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
         self.processor.tokenizer.padding_side = "left"  # batched generation
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(
-            str(folder), dtype=torch_dtype(dtype, device), attn_implementation=attn or None,
-            local_files_only=True).to(device).eval()
+        self.model = (
+            Qwen2VLForConditionalGeneration.from_pretrained(
+                str(folder), dtype=torch_dtype(dtype, device), attn_implementation=attn or None, local_files_only=True
+            )
+            .to(device)
+            .eval()
+        )
         self.lock = threading.Lock()
 
     def generate(self, images: list[Image.Image], prompt: str, max_new_tokens: int) -> list[str]:
@@ -106,10 +109,9 @@ class LoadedVlm:
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         torch = self.torch
         with self.lock, oom_guard("qwen2-vl"), torch.inference_mode():
-            inputs = self.processor(text=[text] * len(images), images=[to_rgb(i) for i in images],
-                                    padding=True, return_tensors="pt").to(self.device)
+            inputs = self.processor(text=[text] * len(images), images=[to_rgb(i) for i in images], padding=True, return_tensors="pt").to(self.device)
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            new = out[:, inputs["input_ids"].shape[1]:]
+            new = out[:, inputs["input_ids"].shape[1] :]
             del inputs, out
             return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
 
@@ -119,8 +121,9 @@ class LoadedVlm:
 
 
 class _Qwen2Vl:
-    def __init__(self, cache: ModelCache, spec: str, device: str = "auto", dtype: str = "auto",
-                 attn_implementation: str = "sdpa", max_new_tokens: int = 256) -> None:
+    def __init__(
+        self, cache: ModelCache, spec: str, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa", max_new_tokens: int = 256
+    ) -> None:
         self._cache = cache
         self.path = Path(required(SETTING, spec, "Qwen2-VL-7B-Instruct (a transformers folder)")).expanduser()
         self._device = device
@@ -130,8 +133,7 @@ class _Qwen2Vl:
         self._id: str | None = None
 
     def make_model_id(self) -> str:
-        return f"qwen2-vl:{self.path.name}@" + quick_hash(
-            [self.path / "config.json"] + weight_files(self.path))
+        return f"qwen2-vl:{self.path.name}@" + quick_hash([self.path / "config.json"] + weight_files(self.path))
 
     def check(self) -> None:
         check_folder(self.path)
@@ -151,8 +153,7 @@ class Qwen2VlDescriber(_Qwen2Vl, Describer):
     """``describe(images, seen_text)``: the VLM reads the image itself, so ``seen_text`` is
     not used; labels are [] (no classifier)."""
 
-    def describe(self, images: list[Image.Image], seen_text: list[str],
-                 text_areas: list[float | None] | None = None) -> list[Description]:
+    def describe(self, images: list[Image.Image], seen_text: list[str], text_areas: list[float | None] | None = None) -> list[Description]:
         if len(seen_text) != len(images):
             raise ValueError("seen_text must have one entry per image")
         texts = self._model().generate(images, DESCRIBE_PROMPT, self.max_new_tokens)
