@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from benchmarks.perf_common import print_table, write_result
+from imgflow.process import free_port
 
 VECTOR_DIMS = {"text_vector": 384, "word2vec_vector": 50, "image_vector": 1280}  # embedded profile
 IDLE_S = 10.0
@@ -249,7 +250,7 @@ def run_variant(variant: str, events: int, batch: int, timeout: float, avro_code
         image.parent.mkdir(parents=True)
         render_text_image(["BENCH"]).save(image)
         out = tmp / "out"
-        stack = EmbeddedStack(tmp / "broker", port=_free_port(), log_file=tmp / "broker.log", engine=engine)
+        stack = EmbeddedStack(tmp / "broker", port=free_port(), log_file=tmp / "broker.log", engine=engine)
         print(f"[{engine} {variant}] starting the {engine} broker ...", flush=True)
         stack.start()
         procs: dict[str, subprocess.Popen] = {}
@@ -429,12 +430,6 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     return 0
-
-
-def _free_port() -> int:
-    from imgflow.stack import free_port
-
-    return free_port()
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from imgflow.kafka import consumer_config
 from imgflow.metrics import ChildMetrics, serve_children
-from imgflow.process import own_session_dying_with_parent
+from imgflow.process import free_port, own_session_dying_with_parent, port_is_free
 from imgflow.results import CommittedResults, is_s3_output
 from imgflow.s3 import S3Location
 from imgflow.settings import Settings
-from imgflow.stack import EmbeddedStack, StackError, free_port
+from imgflow.stack import EmbeddedStack, StackError
 from watchers.local import current_event_ids
 from watchers.s3 import current_event_ids as s3_event_ids
 
@@ -227,7 +227,7 @@ class Pipeline:
             print(f"using the Kafka cluster at {self.external_bootstrap}", flush=True)
             return self.external_bootstrap
         port = self.port
-        if port and not _port_free(port):
+        if port and not port_is_free("127.0.0.1", port):
             new = free_port()
             print(f"port {port} is in use: the embedded broker takes port {new} instead", flush=True)
             port = new
@@ -283,7 +283,7 @@ class Pipeline:
         port = self.metrics_port
         if not port:
             return
-        if not _port_free(port, self.settings.metrics_addr):
+        if not port_is_free(self.settings.metrics_addr, port):
             port = free_port()
             print(f"metrics port {self.metrics_port} is in use: metrics are served on port {port} instead", flush=True)
         serve_children(port, self.child_metrics, self.settings.metrics_addr)
@@ -461,18 +461,6 @@ def wait_for_earlier_stack(broker_dir: Path, timeout: float = 120) -> None:
         if time.monotonic() > deadline:
             raise StackError(f"the earlier stack on {broker_dir} did not stop within {timeout:.0f} s")
         time.sleep(0.5)
-
-
-def _port_free(port: int, addr: str = "127.0.0.1") -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((addr, port))
-            return True
-        except OSError:
-            return False
 
 
 class Progress:

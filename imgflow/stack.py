@@ -19,7 +19,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import imgflow
 from imgflow.errors import ImgflowError
+from imgflow.process import tail
 
 DEFAULT_PORT = 19092
 READY_PREFIX = "ready bootstrap="
@@ -36,26 +36,6 @@ EXIT_USAGE = 2
 
 class StackError(ImgflowError, RuntimeError):
     """The embedded stack failed to start, or the broker did not answer in time."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: Path | None, lines: int = 40) -> str:
-    if path is None:
-        return ""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            data = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(data.splitlines()[-lines:])
 
 
 def _repo_root() -> Path:
@@ -114,7 +94,7 @@ class EmbeddedStack:
             raise StackError(f"cannot read {self.stack_file}: {e}") from e
 
     def log_tail(self, lines: int = 40) -> str:
-        return _tail(self.log_file, lines)
+        return tail(self.log_file, lines)
 
     # -- lifecycle
     def start(self, timeout: float | None = None) -> EmbeddedStack:

@@ -29,7 +29,8 @@ import signal
 import sys
 from pathlib import Path
 
-from infra.procs import EXIT_FAILED, EXIT_OK, EXIT_USAGE, StartupError, Stopping, free_ports, port_is_free
+from imgflow.process import free_ports, port_is_free
+from infra.procs import EXIT_FAILED, EXIT_OK, EXIT_USAGE, StartupError, Stopping
 from infra.supervisor import Supervisor
 
 log = logging.getLogger("infra.embedded")

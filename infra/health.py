@@ -8,7 +8,8 @@ import logging
 import socket
 import time
 
-from infra.procs import StartupError, raise_if_exited, tail
+from imgflow.process import tail
+from infra.procs import StartupError, raise_if_exited
 
 log = logging.getLogger("infra.embedded")
 

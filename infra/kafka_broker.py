@@ -32,7 +32,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.procs import StartupError, back_off_if_crash_looping, child_env, free_ports, port_is_free, reopen_log, spawn_child, stop_process, write_json_atomic
+from imgflow.process import free_ports, port_is_free
+from infra.procs import StartupError, back_off_if_crash_looping, child_env, reopen_log, spawn_child, stop_process, write_json_atomic
 
 log = logging.getLogger("infra.embedded")
 

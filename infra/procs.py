@@ -1,19 +1,18 @@
-"""Process plumbing shared by every engine of the embedded stack: free ports, child
-processes that die with their supervisor, log tails, atomic state files."""
+"""Process plumbing shared by every engine of the embedded stack: starting, stopping and
+restarting children, atomic state files (ports, pre-exec and log tails: ``imgflow.process``)."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
-import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from imgflow.process import own_session_dying_with_parent, tail
 
 log = logging.getLogger("infra.embedded")
 
@@ -30,47 +29,6 @@ class Stopping(Exception):
     """Raised inside waits when a stop was requested (signal or parent gone)."""
 
 
-def port_is_free(host: str, port: int) -> bool:
-    """True when a listener could bind ``host:port`` now (SO_REUSEADDR, as the brokers use)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct ports that are free right now (held open together while chosen)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 16384))
-            data = f.read().decode("utf-8", "replace")
-    except OSError:
-        return f"(no log at {path})"
-    data = _ANSI.sub("", data)
-    return "\n".join(data.splitlines()[-lines:])
-
-
 def write_json_atomic(path: Path, data: dict, mode: int = 0o644) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -80,21 +38,6 @@ def write_json_atomic(path: Path, data: dict, mode: int = 0o644) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-_libc = None
-with contextlib.suppress(OSError):
-    _libc = ctypes.CDLL(None, use_errno=True)
-_PR_SET_PDEATHSIG = 1
-
-
-def _child_preexec() -> None:  # runs in the forked child, before exec
-    # Own session: a Ctrl-C in the terminal reaches only the supervisor, which stops the
-    # children in order.
-    os.setsid()
-    # If the supervisor is killed outright, the kernel sends SIGTERM to the child.
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def child_env(drop: tuple[str, ...], **values: str) -> dict:
@@ -116,7 +59,7 @@ def reopen_log(out, path: Path, name: str):
 
 
 def spawn_child(cmd: list[str], out, env: dict, cwd: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, preexec_fn=_child_preexec)
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, preexec_fn=own_session_dying_with_parent)
 
 
 def raise_if_exited(proc: subprocess.Popen | None, name: str, log_path: Path) -> None:

@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.procs import StartupError, child_env, free_ports, port_is_free, raise_if_exited, reopen_log, spawn_child, stop_process, tail, write_json_atomic
+from imgflow.process import free_ports, port_is_free, tail
+from infra.procs import StartupError, child_env, raise_if_exited, reopen_log, spawn_child, stop_process, write_json_atomic
 
 log = logging.getLogger("infra.embedded")
 

@@ -12,7 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from infra.procs import StartupError, back_off_if_crash_looping, child_env, port_is_free, reopen_log, spawn_child, stop_process, tail, write_json_atomic
+from imgflow.process import port_is_free, tail
+from infra.procs import StartupError, back_off_if_crash_looping, child_env, reopen_log, spawn_child, stop_process, write_json_atomic
 from infra.seaweedfs import GRPC_SOCKET_SERVICES, REGION, WEED_PORT_NAMES, Credentials, Weed, choose_weed_ports, load_credentials
 
 log = logging.getLogger("infra.embedded")

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from skimage import data
 
 from imgflow.kafka import consumer_config, producer_config
 from imgflow.lag import LagReader
+from imgflow.process import free_port
 from tests.kafka_helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,17 +108,11 @@ def test_dashboard_json_is_what_its_generator_writes():
 
 
 # ---- a real Prometheus scraping a running `imgflow run` -----------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PrometheusServer:
     """The Debian prometheus binary on loopback, with its own data dir."""
 
     def __init__(self, work: Path, target: str, rules: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         work.mkdir(parents=True, exist_ok=True)
         config = work / "prometheus.yml"
@@ -220,7 +214,7 @@ def test_live_prometheus_answers_every_panel_and_alert_about_a_running_pipeline(
     images.mkdir()
     Image.fromarray(data.coffee()).save(images / "coffee.jpg")
     (images / "planted-bad.jpg").write_text("this is a text file, not a JPEG")
-    out, data_dir, metrics_port = tmp_path / "out", tmp_path / "data", _free_port()
+    out, data_dir, metrics_port = tmp_path / "out", tmp_path / "data", free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGFLOW_")}
     env.update(
         {
@@ -361,7 +355,7 @@ def test_run_endpoint_labels_each_child_and_reports_one_that_is_down():
 
     child_registry = CollectorRegistry()
     Counter("imgflow_messages_in_total", "in", ["stage", "topic"], registry=child_registry).labels("enrich", "t").inc(7)
-    child_port, dead_port = _free_port(), _free_port()
+    child_port, dead_port = free_port(), free_port()
     server, thread = start_http_server(child_port, addr="127.0.0.1", registry=child_registry)
     try:
         children = ChildMetrics()
