@@ -42,13 +42,14 @@ class EnrichTransform(Transform):
 
     def process(self, records: list[InputRecord]) -> list[list[OutputRecord] | BaseException]:
         started = time.monotonic()
+        assert self.models is not None, "setup() loads the models"
         structurer = self.models.structurer
         items = [
             StructureInput(
-                description=r.value["text"],
-                image_text=r.value["image_text"],
-                labels=[label["label"] for label in r.value["labels"]],
-                scores=[label["score"] for label in r.value["labels"]],
+                description=r.decoded["text"],
+                image_text=r.decoded["image_text"],
+                labels=[label["label"] for label in r.decoded["labels"]],
+                scores=[label["score"] for label in r.decoded["labels"]],
             )
             for r in records
         ]
@@ -62,7 +63,7 @@ class EnrichTransform(Transform):
                 results.append(data)
                 continue
             value = {
-                "vision": rec.value,
+                "vision": rec.decoded,
                 "description": data["description"],
                 "category": data["category"],
                 "keywords": list(data["keywords"]),

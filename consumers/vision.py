@@ -62,13 +62,14 @@ class VisionTransform(Transform):
         ready: list[tuple[int, PreparedImage]] = []
         for i, rec in enumerate(records):
             try:
-                ready.append((i, self._read(rec.value)))
+                ready.append((i, self._read(rec.decoded)))
             except BadInput as exc:
                 # Kept without its frames: a traceback holds the decoder's locals, a half
                 # decoded image among them, and the batch would hold one per bad file.
                 results[i] = _without_frames(exc)
         if ready:
             m = self.models
+            assert m is not None, "setup() loads the models"
             images = [p.image for _, p in ready]
             with model_timer("read_text", m.reader.model_id):
                 reads = m.reader.read(images)
@@ -95,7 +96,7 @@ class VisionTransform(Transform):
             seconds = (time.monotonic() - started) / len(ready)
             now = int(time.time() * 1000)
             for j, (i, prepared) in enumerate(ready):
-                event = records[i].value
+                event = records[i].decoded
                 value = {
                     "event": event,
                     "text": descriptions[j].text,

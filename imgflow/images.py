@@ -93,9 +93,8 @@ def prepare_image(data: bytes, max_size: int, max_pixels: int = DEFAULT_MAX_PIXE
                 scaled = f", {img.size[0]}x{img.size[1]} at the smallest scale it decodes at" if img.size != (width, height) else ""
                 raise BadImage(f"image too large: {width}x{height} pixels{scaled} (limit {max_pixels} pixels, models.image_max_pixels): refused undecoded")
             img.load()
-            img = _shrink(img, max_size)
-            img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
+            upright = ImageOps.exif_transpose(_shrink(img, max_size))
+            rgb = _to_rgb(upright)
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -104,11 +103,11 @@ def prepare_image(data: bytes, max_size: int, max_pixels: int = DEFAULT_MAX_PIXE
         raise BadImage(f"not an image or unsupported format ({len(data)} bytes)") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImage(f"corrupt or truncated image: {exc}") from exc
-    if max(img.size) > max_size:
-        img.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
-    if min(img.size) < 1:
+    if max(rgb.size) > max_size:
+        rgb.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
+    if min(rgb.size) < 1:
         raise BadImage("image has no pixels")
-    return PreparedImage(image=img, original_size=(width, height), format=fmt)
+    return PreparedImage(image=rgb, original_size=(width, height), format=fmt)
 
 
 class ImageSource:

@@ -11,7 +11,7 @@ import logging
 import re
 import time
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from imgflow.errors import ImgflowError
@@ -210,6 +210,24 @@ def publish_schemas(settings: Settings, codec: Codec, names: list[str]) -> None:
         raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"could not publish {remaining} schemas"))
 
 
+def position(msg: Message) -> tuple[str, int, int]:
+    """(topic, partition, offset) of a consumed record or partition event: the client's types
+    allow None for produced messages only."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None, "not a consumed message"
+    return topic, partition, offset
+
+
+def end_of_partition(msg: Message) -> bool:
+    """True for the PARTITION_EOF event; raises for any other consume error."""
+    err = msg.error()
+    if err is None:
+        return False
+    if err.code() == KafkaError._PARTITION_EOF:
+        return True
+    raise KafkaException(err)
+
+
 def fetch_schemas(settings: Settings, codec: Codec, timeout: float = 20) -> int:
     """Read the whole schema topic and register every writer schema in it."""
     consumer = Consumer(consumer_config(settings, "imgflow-schema-reader", **{"enable.partition.eof": True, "isolation.level": "read_uncommitted"}))
@@ -220,11 +238,9 @@ def fetch_schemas(settings: Settings, codec: Codec, timeout: float = 20) -> int:
             msg = consumer.poll(1.0)
             if msg is None:
                 continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    break
-                raise KafkaException(msg.error())
-            codec.register_writer_schema(msg.value().decode())
+            if end_of_partition(msg):
+                break
+            codec.register_writer_schema((msg.value() or b"").decode())
             count += 1
         return count
     finally:
@@ -247,11 +263,13 @@ def read_latest_by_key(settings: Settings, topic: str, timeout: float = 30) -> d
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for msg in consumer.consume(10_000, 0.05):
-                if msg.error():
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        return latest
-                    raise KafkaException(msg.error())
-                latest[msg.key().decode()] = msg.value()
+                if end_of_partition(msg):
+                    return latest
+                key, value = (msg.key() or b"").decode(), msg.value()
+                if value is None:
+                    latest.pop(key, None)  # a tombstone: the key is gone
+                else:
+                    latest[key] = value
         raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"could not read {topic} to its end in {timeout:.0f}s"))
     finally:
         consumer.close()

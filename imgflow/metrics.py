@@ -87,7 +87,7 @@ CHILD_UP = Gauge("imgflow_process_up", "1 while a child process of `imgflow run`
 MODEL_CACHE_RESULTS = ("hit", "miss", "evicted")
 
 
-def init_stage(stage: str, input_topics: list[str], output_topics: list[str] = ()) -> None:
+def init_stage(stage: str, input_topics: list[str], output_topics: tuple[str, ...] | list[str] = ()) -> None:
     """Create a stage's series at 0, so that dashboards and alerts see "none yet" rather
     than "no data" (e.g. retries in a run that had none)."""
     for topic in input_topics:

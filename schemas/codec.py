@@ -174,9 +174,12 @@ class Codec:
             except Decline:
                 pass  # fastavro decodes it or says what is wrong with it
         try:
-            return fastavro.schemaless_reader(io.BytesIO(data[10:]), writer, self._parsed[name])
+            value = fastavro.schemaless_reader(io.BytesIO(data[10:]), writer, self._parsed[name])
         except Exception as exc:  # fastavro raises many types on corrupt bodies
             raise SchemaError(f"cannot decode {name}: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(value, dict):  # every schema here is a record
+            raise SchemaError(f"cannot decode {name}: not a record")
+        return value
 
 
 def _inline(node: Any, raw: dict[str, dict], seen: set[str], namespace: str) -> Any:

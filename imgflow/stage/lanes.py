@@ -15,9 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def usable(msg: Message) -> bool:
-    if msg.error():
-        if msg.error().code() != KafkaError._PARTITION_EOF:
-            log.warning("consume error: %s", msg.error())
+    err = msg.error()
+    if err is not None:
+        if err.code() != KafkaError._PARTITION_EOF:
+            log.warning("consume error: %s", err)
         return False
     return True
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
+from imgflow.kafka import position
+
 TP = tuple[str, int]
 
 
@@ -47,13 +49,15 @@ class RangeTracker:
         its end is paused, so nothing more of it is fetched."""
         kept, past = [], set()
         for msg in msgs:
-            tp = (msg.topic(), msg.partition())
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    self.reached(tp, msg.offset())
+            topic, partition, offset = position(msg)
+            tp = (topic, partition)
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    self.reached(tp, offset)
                 continue
             end = self.bounds.end.get(tp)
-            if end is None or msg.offset() >= end:
+            if end is None or offset >= end:
                 self.finished.add(tp)
                 past.add(tp)
             else:

@@ -11,7 +11,7 @@ from confluent_kafka import Message
 
 from imgflow import metrics
 from imgflow.events import dedupe_key
-from imgflow.kafka import fetch_schemas
+from imgflow.kafka import fetch_schemas, position
 from imgflow.settings import Settings
 from schemas.codec import MAGIC, Codec, SchemaError
 
@@ -28,6 +28,13 @@ class InputRecord:
     raw: bytes | None
     error: str | None = None  # why the value could not be decoded
     run_id: str = ""  # the run this record belongs to (its event's run_id)
+
+    @property
+    def decoded(self) -> dict:
+        """The value, for a transform: the loop dead-letters records that did not decode
+        before ``process`` sees a batch."""
+        assert self.value is not None, f"{self.topic}[{self.partition}]@{self.offset} did not decode"
+        return self.value
 
     @property
     def dedupe_key(self) -> str:
@@ -57,7 +64,7 @@ class Transform(ABC):
     def input_topics(self, settings: Settings) -> list[str]:
         """Topics to consume, highest priority first."""
 
-    def setup(self) -> None:
+    def setup(self) -> None:  # noqa: B027 - an optional hook, not every transform loads models
         """Load or check models before the first message is consumed."""
 
     def batch_size(self, settings: Settings) -> int:
@@ -103,6 +110,7 @@ def decode_messages(msgs: list[Message], transform: Transform, codec: Codec, set
     records: list[InputRecord] = []
     refreshed = False
     for msg in msgs:
+        topic, partition, offset = position(msg)
         raw, key = msg.value(), msg.key()
         key_id = key.decode("utf-8", "replace") if key else ""
         try:
@@ -116,10 +124,10 @@ def decode_messages(msgs: list[Message], transform: Transform, codec: Codec, set
                 fetch_schemas(settings, codec)
                 value = codec.decode(transform.input_schema, raw)
             event_id = transform.event_id_of(value) or key_id
-            records.append(InputRecord(msg.topic(), msg.partition(), msg.offset(), event_id, value, raw))
+            records.append(InputRecord(topic, partition, offset, event_id, value, raw))
         except SchemaError as exc:
-            event_id = key_id or f"malformed-{msg.topic()}-{msg.partition()}-{msg.offset()}"
-            records.append(InputRecord(msg.topic(), msg.partition(), msg.offset(), event_id, None, raw, str(exc)))
+            event_id = key_id or f"malformed-{topic}-{partition}-{offset}"
+            records.append(InputRecord(topic, partition, offset, event_id, None, raw, str(exc)))
     return records
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from imgflow import metrics
-from imgflow.kafka import consumer_config, publish_schemas
+from imgflow.kafka import consumer_config, position, publish_schemas
 from imgflow.lag import LagReader
 from imgflow.rescan import IdleRescan
 from imgflow.settings import Settings
@@ -137,13 +137,17 @@ class StageRunner:
             self.commits.close()
             log.info("stage %s stopped", self.transform.name)
 
+    def _active_consumer(self) -> Consumer:
+        assert self.consumer is not None, "the consumer exists from run() on"
+        return self.consumer
+
     def _consume(self) -> list[Message]:
-        return self.lanes.consume(self.consumer)
+        return self.lanes.consume(self._active_consumer())
 
     def _handle_batch(self, msgs: list[Message]) -> None:
         fresh = self.rescan.saw(msgs) if self.rescan is not None else msgs
         fresh_ids = {id(m) for m in fresh}
-        reread = {(m.topic(), m.partition(), m.offset()) for m in msgs if id(m) not in fresh_ids}
+        reread = {position(m) for m in msgs if id(m) not in fresh_ids}
         for topic, n in Counter(m.topic() for m in fresh).items():  # a count per batch, not per record
             metrics.MESSAGES_IN.labels(self.transform.name, topic).inc(n)
         records = decode_messages(msgs, self.transform, self.codec, self.settings)
@@ -159,10 +163,11 @@ class StageRunner:
             self._commit_partition(tp, by_partition[tp], outputs)
 
     def _commit_partition(self, tp: TP, records: list[InputRecord], outputs: dict[int, list[OutputRecord]]) -> None:
-        outcome = self.commits.commit(self.consumer, tp, records, outputs)
+        consumer = self._active_consumer()
+        outcome = self.commits.commit(consumer, tp, records, outputs)
         if outcome is Outcome.ABORTED:
             # Redo these records: rewind to the first offset of the batch.
-            self.consumer.seek(TopicPartition(tp[0], tp[1], records[0].offset))
+            consumer.seek(TopicPartition(tp[0], tp[1], records[0].offset))
             if self.rescan is not None:
                 self.rescan.rewound(tp, records[0].offset)
             if self.range is not None:
