@@ -28,6 +28,14 @@ class S3Server:
     def settings_section(self) -> dict:
         return {"endpoint_url": self.endpoint, "access_key_id": self.access_key_id, "secret_access_key": self.secret_access_key, "region": "us-east-1"}
 
+    def client(self):
+        """A boto3 S3 client of this server."""
+        import boto3
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key_id, aws_secret_access_key=self.secret_access_key, region_name="us-east-1"
+        )
+
     def env(self) -> dict:
         """The same as IMGFLOW_S3__* variables, for child processes."""
         return {
@@ -107,13 +115,8 @@ def s3_server(tansu_stack) -> S3Server:
 
 def new_bucket(s3: S3Server) -> str:
     """A fresh, empty bucket on the test S3 server."""
-    import boto3
-
     name = f"t{uuid.uuid4().hex[:12]}"
-    client = boto3.client(
-        "s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key_id, aws_secret_access_key=s3.secret_access_key, region_name="us-east-1"
-    )
-    client.create_bucket(Bucket=name)
+    s3.client().create_bucket(Bucket=name)
     return name
 
 

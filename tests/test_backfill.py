@@ -9,12 +9,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
-
 from consumers.sink import PendingRow, ResultStore
 from imgflow.results import row_from_enriched
 from tests.conftest import settings_env
 from tests.kafka_helpers import decoded
+from tests.records import vision_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,20 +60,7 @@ def make_folder(root: Path, n: int) -> list[Path]:
 
 def result_row(event: dict, offset: int) -> PendingRow:
     """A final record of ``event`` as the sink takes it."""
-    vision = {
-        "event": event,
-        "text": "t",
-        "image_text": "",
-        "labels": [],
-        "text_vector": [0.0],
-        "word2vec_vector": [0.0],
-        "image_vector": [0.0],
-        "width": 1,
-        "height": 1,
-        "models": {},
-        "seconds": 0.0,
-        "processed_at": 0,
-    }
+    vision = vision_result(event)
     enriched = {
         "vision": vision,
         "description": "d",
@@ -146,13 +132,7 @@ def test_folder_skip_interrupt_resume_force_high(settings, tmp_path):
 
 
 def test_bucket_prefix(settings, s3_server, s3_bucket, tmp_path):
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint,
-        aws_access_key_id=s3_server.access_key_id,
-        aws_secret_access_key=s3_server.secret_access_key,
-        region_name="us-east-1",
-    )
+    client = s3_server.client()
     keys = ["p/a.jpg", "p/sub/b é.png", "p/sub/deeper/c.JPG", "p/readme.md", "p/sub/", "other/d.jpg"]
     for key in keys:
         client.put_object(Bucket=s3_bucket, Key=key, Body=b"" if key.endswith("/") else b"\xff\xd8data")

@@ -25,6 +25,7 @@ from schemas.codec import get_codec
 from tests.chaos import Processes, committed_rows
 from tests.conftest import make_settings, settings_env
 from tests.kafka_helpers import decoded, produce, produce_events, wait_until
+from tests.records import vision_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,20 +183,17 @@ def test_llm_failure_keeps_the_vision_fields(broker, tmp_path):
     and unusable. The image still gets a row: error set, vision fields kept."""
     settings = make_settings(broker, tmp_path, models={"llm": "smollm2-135m", "llm_max_tokens": 16}, stage={"max_attempts": 2})
     event = local_image_event(Path(__file__), Path(__file__).stat(), source="test", run_id="t")
-    vision = {
-        "event": event,
-        "text": "A photo most likely showing an espresso (79%); it may also show a cup.",
-        "image_text": "",
-        "labels": [{"label": "espresso", "score": 0.79}],
-        "text_vector": [0.5] * 384,
-        "word2vec_vector": [0.25] * 50,
-        "image_vector": [0.125] * 1280,
-        "width": 10,
-        "height": 10,
-        "models": {"describe": "composed"},
-        "seconds": 0.1,
-        "processed_at": 0,
-    }
+    vision = vision_result(
+        event,
+        text="A photo most likely showing an espresso (79%); it may also show a cup.",
+        labels=[{"label": "espresso", "score": 0.79}],
+        text_vector=[0.5] * 384,
+        word_vector=[0.25] * 50,
+        image_vector=[0.125] * 1280,
+        size=10,
+        models={"describe": "composed"},
+        seconds=0.1,
+    )
     produce(settings, settings.topics.vision, [(event["event_id"], get_codec().encode("VisionResult", vision))])
     env = {**settings_env(settings), "IMGFLOW_MODELS__LLM": "smollm2-135m", "IMGFLOW_MODELS__LLM_MAX_TOKENS": "16", "IMGFLOW_STAGE__MAX_ATTEMPTS": "2"}
     procs = Processes(tmp_path, env, tmp_path)

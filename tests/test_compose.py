@@ -222,7 +222,7 @@ def test_every_port_prometheus_scrapes_is_served(monkeypatch):
 def test_dockerfile_imgflow_variables_are_valid_settings(monkeypatch):
     env = dict(re.findall(r"(IMGFLOW_\w+)=(\S+)", (ROOT / "Dockerfile").read_text()))
     assert env
-    for key, value in env.items():
+    for key in env:
         assert _is_setting(key), key
     settings = _settings_of({"environment": env}, monkeypatch)
     assert settings.metrics_port == 9100 and settings.metrics_addr == "0.0.0.0"

@@ -21,45 +21,23 @@ from imgflow.replay import PartitionReader, Point, ReplayError, RunRegistry, par
 from schemas.codec import get_codec
 from tests.conftest import settings_env
 from tests.kafka_helpers import read_topic, wait_until
+from tests.records import image_event, vision_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def event(i: int) -> dict:
-    return {
-        "event_id": f"r{i:04d}",
-        "uri": f"file:///imgs/{i}.jpg",
-        "image_path": f"/imgs/{i}.jpg",
-        "size": 1,
-        "version": "1",
-        "source": "test",
-        "priority": "NORMAL",
-        "run_id": "live",
-        "published_at": 0,
-        "force": False,
-    }
+    return image_event(f"r{i:04d}", f"{i}.jpg", run_id="live")
 
 
-def vision_result(i: int) -> dict:
-    return {
-        "event": event(i),
-        "text": f"A red bicycle leaning on a wall, photo {i}",
-        "image_text": "",
-        "labels": [{"label": "bicycle", "score": 0.9}],
-        "text_vector": [0.1] * 4,
-        "word2vec_vector": [0.2] * 4,
-        "image_vector": [0.3] * 4,
-        "width": 8,
-        "height": 8,
-        "models": {"describe": "d@1"},
-        "seconds": 0.1,
-        "processed_at": 0,
-    }
+def bicycle(i: int) -> dict:
+    labels = [{"label": "bicycle", "score": 0.9}]
+    return vision_result(event(i), text=f"A red bicycle leaning on a wall, photo {i}", labels=labels, size=8, models={"describe": "d@1"})
 
 
 def enriched(i: int) -> dict:
     return {
-        "vision": vision_result(i),
+        "vision": bicycle(i),
         "description": f"bicycle {i}",
         "category": "vehicle",
         "keywords": ["bike"],
@@ -222,7 +200,7 @@ def test_enrich_replay_killed_and_rerun(settings):
     env["IMGFLOW_MODELS__LLM"] = "smollm2-135m"
     env["IMGFLOW_STAGE__BATCH_SIZE"] = "1"  # a kill between batches leaves some done, some not
     t = settings.topics
-    produce_at(settings, t.vision, "VisionResult", [vision_result(i) for i in range(3)], int(time.time() * 1000))
+    produce_at(settings, t.vision, "VisionResult", [bicycle(i) for i in range(3)], int(time.time() * 1000))
     live = Consumer(consumer_config(settings, f"{settings.kafka.group_prefix}-enrich"))
     live.commit(offsets=[TopicPartition(t.vision, p, 1) for p in range(3)], asynchronous=False)
     live.close()

@@ -18,38 +18,24 @@ from imgflow.stage import CrashPoints
 from schemas.codec import get_codec
 from tests.conftest import settings_env
 from tests.kafka_helpers import produce, wait_until
+from tests.records import image_event, vision_result
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_HEADER = ("image_path,text,description,categories,keywords,image_text,text_vector,word2vec_vector,image_vector,timestamp,error,llama_extracted").split(",")
 
 
 def enriched(i: int) -> dict:
-    event = {
-        "event_id": f"e{i:04d}",
-        "uri": f"file:///imgs/{i}.jpg",
-        "image_path": f"/imgs/{i}.jpg",
-        "size": 1,
-        "version": "1",
-        "source": "test",
-        "priority": "NORMAL",
-        "run_id": "t",
-        "published_at": 0,
-        "force": False,
-    }
-    vision = {
-        "event": event,
-        "text": f"A photo, number {i},\nwith a comma and a newline",
-        "image_text": f"TEXT {i}",
-        "labels": [],
-        "text_vector": [0.5, -0.25, i / 7],
-        "word2vec_vector": [0.1] * 5,
-        "image_vector": [1.0] * 4,
-        "width": 1,
-        "height": 1,
-        "models": {"describe": "d@1"},
-        "seconds": 0.1,
-        "processed_at": 0,
-    }
+    event = image_event(f"e{i:04d}", f"{i}.jpg")
+    vision = vision_result(
+        event,
+        text=f"A photo, number {i},\nwith a comma and a newline",
+        image_text=f"TEXT {i}",
+        text_vector=[0.5, -0.25, i / 7],
+        word_vector=[0.1] * 5,
+        image_vector=[1.0] * 4,
+        models={"describe": "d@1"},
+        seconds=0.1,
+    )
     return {
         "vision": vision,
         "description": f"photo {i}",

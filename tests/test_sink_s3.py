@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import boto3
 import pytest
 
 from consumers.sink import ResultStore
@@ -147,19 +146,13 @@ def test_sink_process_s3_faults_then_exactly_once(s3_settings, s3_server, tmp_pa
                 cmd, cwd=ROOT, env={**env, **override, "IMGFLOW_S3__TIMEOUT_S": "2", "IMGFLOW_S3__MAX_ATTEMPTS": "1"}, stdout=f, stderr=subprocess.STDOUT
             )
         try:
-            wait_until(lambda: log.read_text().count(error) >= 2, 60, what=f"{error} retried")
+            wait_until(lambda log=log, error=error: log.read_text().count(error) >= 2, 60, what=f"{error} retried")
             assert proc.poll() is None, log.read_text()[-2000:]
             text = log.read_text()
             assert setting in text and s3_server.secret_access_key not in text and "wrong-secret" not in text
             if n < len(cases) - 1:
                 continue
-            s3 = boto3.client(
-                "s3",
-                endpoint_url=s3_server.endpoint,
-                aws_access_key_id=s3_server.access_key_id,
-                aws_secret_access_key=s3_server.secret_access_key,
-                region_name="us-east-1",
-            )
+            s3 = s3_server.client()
             s3.create_bucket(Bucket=bucket)
             wait_until(
                 lambda: len(ResultIndex(f"s3://{bucket}/out/", settings).existing([f"e{i:04d}" for i in range(20)])) == 20, 60, what="20 rows in the bucket"
@@ -225,7 +218,7 @@ def test_kill_sink_mid_upload_and_kill_s3_server_exactly_once(tmp_path):
                 proc.wait(30)
                 started = log.read_text().count("sink writing to")
                 proc = start()
-                wait_until(lambda: log.read_text().count("sink writing to") > started, 60, what="the restart")
+                wait_until(lambda started=started: log.read_text().count("sink writing to") > started, 60, what="the restart")
             if chunk == 70:
                 stack.kill_s3()  # the runner restarts SeaweedFS on the same data
         expected = [f"e{i:04d}" for i in range(90)]
@@ -244,23 +237,13 @@ def test_kill_sink_mid_upload_and_kill_s3_server_exactly_once(tmp_path):
         stack.stop()
 
 
-def _s3_client(s3_server):
-    return boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint,
-        aws_access_key_id=s3_server.access_key_id,
-        aws_secret_access_key=s3_server.secret_access_key,
-        region_name="us-east-1",
-    )
-
-
 def test_the_lease_is_conditional_and_a_holder_that_stops_renewing_loses_it(s3_server, s3_bucket):
     """The store's conditional writes decide: a second lease cannot be created while one is
     held; once the holder (on another machine, so it cannot be seen to be gone) has not
     renewed for its ttl, it is taken over, and the old holder's next renewal finds that out."""
     from imgflow.s3lease import Holder, LeaseHeld, LeaseLost, S3Lease
 
-    client, key = _s3_client(s3_server), "runs/r1/_sink.lease"
+    client, key = s3_server.client(), "runs/r1/_sink.lease"
     first = S3Lease(client, s3_bucket, key, "sink of group g1", ttl_s=3)
     first.me = Holder("another-machine", 4242, "sink of group g1", "t1")  # as written from elsewhere
     first.acquire()
@@ -306,7 +289,7 @@ def test_a_second_sink_on_the_same_prefix_refuses_to_start_and_a_killed_sinks_le
         first.send_signal(signal.SIGKILL)
         first.wait(30)
     # The lease outlives its killed holder (nothing deleted it) ...
-    assert _s3_client(s3_server).get_object(Bucket=s3_bucket, Key="shared/_sink.lease")["Body"].read()
+    assert s3_server.client().get_object(Bucket=s3_bucket, Key="shared/_sink.lease")["Body"].read()
     produce(settings, settings.topics.enriched, [(f"e{i:04d}", codec.encode("EnrichedRecord", enriched(i))) for i in range(10, 15)])
     log = tmp_path / "third.log"
     with log.open("wb") as f:  # ... and is taken over: its holder is gone
@@ -319,4 +302,4 @@ def test_a_second_sink_on_the_same_prefix_refuses_to_start_and_a_killed_sinks_le
     assert "took over the lease" in log.read_text()
     assert sorted(output_ids(out, settings)) == [f"e{i:04d}" for i in range(15)]
     # A clean stop deletes the lease: the next sink, of any group, starts at once.
-    assert "Contents" not in _s3_client(s3_server).list_objects_v2(Bucket=s3_bucket, Prefix="shared/_sink.lease")
+    assert "Contents" not in s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="shared/_sink.lease")

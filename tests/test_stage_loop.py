@@ -19,6 +19,7 @@ from imgflow.stage import CrashPoints, HandledIds, StageRunner
 from schemas.codec import get_codec
 from tests.conftest import settings_env
 from tests.kafka_helpers import decoded, produce, produce_events, read_topic, wait_until
+from tests.records import image_event
 from tests.toy_stage import ToyTransform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,20 +29,7 @@ def events(names: list[str]) -> list[dict]:
     out = []
     for i, name in enumerate(names):
         uri = f"file:///imgs/{name}"
-        out.append(
-            {
-                "event_id": event_id_for(uri, str(i)),
-                "uri": uri,
-                "image_path": f"/imgs/{name}",
-                "size": 1,
-                "version": str(i),
-                "source": "test",
-                "priority": "NORMAL",
-                "run_id": "t",
-                "published_at": 0,
-                "force": False,
-            }
-        )
+        out.append(image_event(event_id_for(uri, str(i)), name, version=str(i)))
     return out
 
 

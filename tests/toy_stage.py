@@ -31,7 +31,7 @@ class ToyTransform(Transform):
     def process(self, records: list[InputRecord]):
         self.batch_sizes.append(len(records))
         if len(records) > 1 and any("oom" in r.value["image_path"] for r in records):
-            raise MemoryError("simulated out of memory for a batch of %d" % len(records))
+            raise MemoryError(f"simulated out of memory for a batch of {len(records)}")
         out: list = []
         for rec in records:
             path = rec.value["image_path"]
