@@ -155,7 +155,7 @@ class WebState:
     # -- images
     def source_uri(self, event_id: str) -> str | None:
         """The source URI of an indexed row (image or error row), None if there is none."""
-        from imgflow.search.index import sql_text
+        from imgflow.search.schema import sql_text
 
         if not EVENT_ID.fullmatch(event_id):
             return None
