@@ -6,7 +6,7 @@
   ``sync.py`` (taking in new batches) and ``ann.py`` (the approximate vector index);
 - ``query.py``: ``Searcher``, search by meaning, by look-alike, and browsing, with filters;
 - ``commands.py``: ``imgflow search`` and ``imgflow index``;
-- ``web.py``: ``imgflow serve``, the results as a web page.
+- ``web/``: ``imgflow serve``, the results as a web page.
 """
 
 from __future__ import annotations
