@@ -156,7 +156,7 @@ def evaluate_split(split: str, rows: list[dict], labels: list[dict], settings, t
     for lab in labels:
         if lab["kind"] in ("photo", "photo_text"):
             groups.setdefault(photo_name(lab), []).append(lab)
-    for name, copies in sorted(groups.items()):
+    for _name, copies in sorted(groups.items()):
         if len(copies) < 2:
             continue
         ids = {lab["id"] for lab in copies}
