@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imgflow.search.store import IndexStore
-from imgflow.search.sync import IndexSync, Progress, SyncSummary
+from imgflow.search.sync import IndexSync, OnProgress, SyncSummary
 from imgflow.settings import Settings
 
 
@@ -21,11 +21,11 @@ class SearchIndex(IndexStore):
         super().__init__(out, settings, index_dir)
         self._sync = IndexSync(self)
 
-    def sync(self, progress: Progress | None = None) -> SyncSummary:
+    def sync(self, progress: OnProgress | None = None) -> SyncSummary:
         """Take in the batches the sink completed since the last sync."""
         return self._sync.sync(progress)
 
-    def rebuild(self, progress: Progress | None = None) -> SyncSummary:
+    def rebuild(self, progress: OnProgress | None = None) -> SyncSummary:
         """Drop the index and build it again from the output."""
         return self._sync.rebuild(progress)
 

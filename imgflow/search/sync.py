@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 50  # Avro files read and appended together (bounded memory)
 
-Progress = Callable[[int, int], None]
+OnProgress = Callable[[int, int], None]
 
 
 @dataclass
@@ -58,7 +58,7 @@ class IndexSync:
     def write_meta(self) -> None:
         LocalOutput(self.store.dir).put(META, json.dumps(self.meta).encode())
 
-    def rebuild(self, progress: Progress | None = None) -> SyncSummary:
+    def rebuild(self, progress: OnProgress | None = None) -> SyncSummary:
         """Drop the index and build it again from the output."""
         with self._locked():
             self.store.clear()
@@ -94,7 +94,7 @@ class IndexSync:
             raise SearchError(f"{output.root} has a results.csv but no Avro files: the index is made from the Avro files (sink.avro = true, the default)")
         return sorted(ready), len(avro) - len(ready)
 
-    def sync(self, progress: Progress | None = None) -> SyncSummary:
+    def sync(self, progress: OnProgress | None = None) -> SyncSummary:
         """Take in the batches the sink completed since the last sync."""
         t0 = time.monotonic()
         with self._locked():
