@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,8 +104,8 @@ class TopK:
     """Exact top-K (cosine = dot product of unit vectors) merged over chunks."""
 
     def __init__(self, nq: int):
-        self.sims = np.full((nq, K), -np.inf, np.float32)
-        self.ids = np.full((nq, K), -1, np.int64)
+        self.sims: np.ndarray = np.full((nq, K), -np.inf, np.float32)
+        self.ids: np.ndarray = np.full((nq, K), -1, np.int64)
 
     def add(self, sims: np.ndarray, start: int) -> None:
         ids = np.broadcast_to(np.arange(start, start + sims.shape[1]), sims.shape)
@@ -159,7 +160,7 @@ def child_lance(spec: dict) -> dict:
     q = np.load(spec["queries"])
     qcats = np.load(spec["qcats"])
     table = lancedb.connect(spec["db"]).open_table(spec["table"])
-    out = {"runs": []}
+    out: dict[str, Any] = {"runs": []}
     for run in spec["runs"]:
         settings = settings_for(run["index_type"] if run["ann"] else "IVF_PQ", max(1, run["nprobes"]), max(1, run["refine"]))
         ann = run["ann"]
@@ -195,7 +196,7 @@ def child_usearch(spec: dict) -> dict:
     cats = np.load(spec["cats"], mmap_mode="r")
     index = Index.restore(spec["path"])
     index.search(q[0], K, threads=1)
-    out = {"open_s": time.time() - t0, "runs": []}
+    out: dict[str, Any] = {"open_s": time.time() - t0, "runs": []}
     for ef in spec["efs"]:
         index.expansion_search = ef
         for filtered in (False, True):
@@ -251,7 +252,7 @@ def run_case(rows: int, dim: int, args, work: Path, results: list[dict]) -> None
     np.save(case / "q.npy", queries)
     np.save(case / "qc.npy", qcats)
     compare = rows in args.compare_rows and dim in args.compare_dims
-    cats_all = np.empty(rows, np.int8)
+    cats_all: np.ndarray = np.empty(rows, np.int8)
     truth, truth_f = TopK(nq), TopK(nq)
     db = lancedb.connect(str(case / "lance"))
     table = None

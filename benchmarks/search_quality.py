@@ -253,7 +253,9 @@ def rows_of_output(out: Path) -> list[dict]:
     rows = []
     for key in all_keys(output, AVRO):
         if sibling_key(key, INDEX) in complete:
-            rows += read_avro(output.get(key))
+            data = output.get(key)
+            assert data is not None  # listed a moment ago, and the sink never deletes
+            rows += read_avro(data)
     return rows
 
 
