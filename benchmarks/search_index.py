@@ -1,5 +1,5 @@
 """Search index: build rate, query latency (p50 / p99), recall@10 and memory of the LanceDB
-index (imgflow/search/index.py), against exact search, and against a plain ANN library (usearch).
+index (imgflow/search/ann.py), against exact search, and against a plain ANN library (usearch).
 
     .venv/bin/python -m benchmarks.search_index --rows 10000,1000000 --dims 384,1280 \\
         [--out benchmarks/results/search_index.md]
@@ -16,7 +16,7 @@ independent of the vector: the hard case for a filtered IVF search).
 
 Ground truth: exact cosine top-10 by numpy over the same vectors, without and with the filter
 ``category = <one of the 10>`` (the query's category). LanceDB is driven through the real
-code: the table is built as ``SearchIndex`` builds it (a FixedSizeList<float32> column, rows
+code: the table is built as ``SearchIndex`` builds it (imgflow/search/schema.py) (a FixedSizeList<float32> column, rows
 appended in batches), the index by ``create_vector_index`` and every query by
 ``vector_query(...).to_list()`` as ``imgflow search`` runs it. Below ``--ann-from`` rows only the
 exact flat scan is measured (what the product does below ``search.ann_min_rows``); the flat
@@ -30,7 +30,7 @@ f16 vectors, M=16, ef_construction=128, as it would be used without a database) 
 ``--compare-rows`` sizes in the same run; it has no filter, so its filtered case is a
 post-filter of 200 candidates.
 
-Results: tables on stdout and ``--out`` (Markdown, rewritten after each case).
+Results: tables on stdout and ``--out`` (Markdown, rewritten after each case; benchmarks/search_index_report.py).
 """
 
 from __future__ import annotations
@@ -45,10 +45,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from benchmarks.perf_common import machine, print_table, rss_mb
+from benchmarks.perf_common import rss_mb
+from benchmarks.search_index_report import percentiles, print_summary, recall, write_md
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 50_000
@@ -102,8 +104,8 @@ class TopK:
     """Exact top-K (cosine = dot product of unit vectors) merged over chunks."""
 
     def __init__(self, nq: int):
-        self.sims = np.full((nq, K), -np.inf, np.float32)
-        self.ids = np.full((nq, K), -1, np.int64)
+        self.sims: np.ndarray = np.full((nq, K), -np.inf, np.float32)
+        self.ids: np.ndarray = np.full((nq, K), -1, np.int64)
 
     def add(self, sims: np.ndarray, start: int) -> None:
         ids = np.broadcast_to(np.arange(start, start + sims.shape[1]), sims.shape)
@@ -116,7 +118,7 @@ class TopK:
 
 
 def lance_batch(vectors: np.ndarray, cats: np.ndarray, start: int, column: str):
-    """The columns a query touches, laid out as ``SearchIndex._image_table`` does."""
+    """The columns a query touches, laid out as ``imgflow.search.schema.image_table`` does."""
     import pyarrow as pa
 
     dim = vectors.shape[1]
@@ -143,15 +145,6 @@ def settings_for(index_type: str, nprobes: int, refine: int):
     return Settings(search=SearchSettings(**base))
 
 
-def percentiles(ms: list[float]) -> tuple[float, float]:
-    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
-
-
-def recall(found: list[list[int]], truth: np.ndarray) -> float:
-    hits = sum(len(set(f) & set(t[t >= 0])) for f, t in zip(found, truth))
-    return hits / max(1, int((truth >= 0).sum()))
-
-
 def self_rss() -> tuple[float, float]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return rss_mb(os.getpid()) or 0.0, peak
@@ -162,17 +155,17 @@ def child_lance(spec: dict) -> dict:
     t0 = spec["t0"]
     import lancedb
 
-    from imgflow.search.index import vector_query
+    from imgflow.search.ann import vector_query
 
     q = np.load(spec["queries"])
     qcats = np.load(spec["qcats"])
     table = lancedb.connect(spec["db"]).open_table(spec["table"])
-    out = {"runs": []}
+    out: dict[str, Any] = {"runs": []}
     for run in spec["runs"]:
         settings = settings_for(run["index_type"] if run["ann"] else "IVF_PQ", max(1, run["nprobes"]), max(1, run["refine"]))
         ann = run["ann"]
 
-        def one(i, filtered):
+        def one(i, filtered, settings=settings, ann=ann):
             where = f"category = '{CATEGORIES[qcats[i]]}'" if filtered else None
             rows = vector_query(table, spec["column"], q[i], K, where, settings, ann).to_list()
             return [r["i"] for r in rows]
@@ -203,14 +196,14 @@ def child_usearch(spec: dict) -> dict:
     cats = np.load(spec["cats"], mmap_mode="r")
     index = Index.restore(spec["path"])
     index.search(q[0], K, threads=1)
-    out = {"open_s": time.time() - t0, "runs": []}
+    out: dict[str, Any] = {"open_s": time.time() - t0, "runs": []}
     for ef in spec["efs"]:
         index.expansion_search = ef
         for filtered in (False, True):
             want = 200 if filtered else K
             n = spec["queries_n"]
 
-            def one(i):
+            def one(i, want=want, filtered=filtered):
                 m = index.search(q[i], want, threads=1)
                 keys = m.keys
                 if filtered:
@@ -247,7 +240,7 @@ def run_child(kind: str, spec: dict, timeout: float = 7200) -> dict:
 def run_case(rows: int, dim: int, args, work: Path, results: list[dict]) -> None:
     import lancedb
 
-    from imgflow.search.index import create_vector_index
+    from imgflow.search.ann import create_vector_index
 
     col = column_of(dim)
     data = Data(dim, args.seed)
@@ -259,7 +252,7 @@ def run_case(rows: int, dim: int, args, work: Path, results: list[dict]) -> None
     np.save(case / "q.npy", queries)
     np.save(case / "qc.npy", qcats)
     compare = rows in args.compare_rows and dim in args.compare_dims
-    cats_all = np.empty(rows, np.int8)
+    cats_all: np.ndarray = np.empty(rows, np.int8)
     truth, truth_f = TopK(nq), TopK(nq)
     db = lancedb.connect(str(case / "lance"))
     table = None
@@ -384,55 +377,6 @@ def run_case(rows: int, dim: int, args, work: Path, results: list[dict]) -> None
         shutil.rmtree(case, ignore_errors=True)
 
 
-# -- output
-def _f(v, digits=1):
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:,.{digits}f}"
-    return f"{v:,}"
-
-
-def write_md(args, results: list[dict]) -> None:
-    if not args.out:
-        return
-    m = machine()
-    lines = [
-        "# Search index benchmark (issue 17, part 1)",
-        "",
-        f"- when: {m['when']}; machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, load (1 min) {m['load_avg_1m']}",
-        f"- command: `{' '.join(['python -m benchmarks.search_index', *sys.argv[1:]])}`",
-        f"- {args.queries} queries per case after {args.warmup} warm-up queries (flat scan at more "
-        "than 200,000 rows: 30), k = 10; data: see `benchmarks/search_index.py` (docstring)",
-        "",
-        "| rows | dim | engine | config | filter | build s | build rows/s | p50 ms | p99 ms | recall@10 | open s | RSS MB (peak) |",
-        "|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['rows']:,} | {r['dim']} | {r['engine']} | {r['config']} | "
-            f"{'category' if r['filtered'] else '-'} | {_f(r['build_s'])} | {_f(r['build_rows_s'], 0)} | "
-            f"{_f(r['p50_ms'], 2)} | {_f(r['p99_ms'], 2)} | {_f(r['recall'], 3)} | {_f(r['open_s'], 2)} | "
-            f"{_f(r['rss_mb'], 0)} ({_f(r['peak_mb'], 0)}) |"
-        )
-    seen = {}
-    for r in results:
-        seen[(r["rows"], r["dim"])] = r
-    lines += ["", "Data per case (exact cosine of the queries' 1st and 10th neighbour, of a random pair; Lance table write rate):", ""]
-    lines += [
-        f"- {k[0]:,} x {k[1]}: top-1 {r['top1']:.3f}, 10th {r['top10']:.3f}, random {r['random']:.3f}; write {r['write_rows_s']:,.0f} rows/s"
-        for k, r in seen.items()
-    ]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    body = "\n".join(lines) + "\n"
-    path = Path(args.out)
-    old = path.read_text() if path.exists() else ""
-    marker = "<!-- figures end -->"
-    if marker in old:  # keep the hand-written part (defaults, comparison) below the marker
-        body += "\n" + old[old.index(marker) :]
-    path.write_text(body)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--rows", default="10000,1000000", help="row counts, comma-separated (default 10000,1000000)")
@@ -471,26 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.work and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print_table(
-        "search index",
-        ["rows", "dim", "engine", "config", "filter", "build s", "p50 ms", "p99 ms", "recall@10", "open s", "RSS MB"],
-        [
-            [
-                r["rows"],
-                r["dim"],
-                r["engine"],
-                r["config"],
-                "cat" if r["filtered"] else "-",
-                r["build_s"] or 0.0,
-                r["p50_ms"],
-                r["p99_ms"],
-                r["recall"],
-                r["open_s"],
-                r["rss_mb"],
-            ]
-            for r in results
-        ],
-    )
+    print_summary(results)
     write_md(args, results)
     return 0
 

@@ -156,7 +156,7 @@ def evaluate_split(split: str, rows: list[dict], labels: list[dict], settings, t
     for lab in labels:
         if lab["kind"] in ("photo", "photo_text"):
             groups.setdefault(photo_name(lab), []).append(lab)
-    for name, copies in sorted(groups.items()):
+    for _name, copies in sorted(groups.items()):
         if len(copies) < 2:
             continue
         ids = {lab["id"] for lab in copies}
@@ -253,7 +253,9 @@ def rows_of_output(out: Path) -> list[dict]:
     rows = []
     for key in all_keys(output, AVRO):
         if sibling_key(key, INDEX) in complete:
-            rows += read_avro(output.get(key))
+            data = output.get(key)
+            assert data is not None  # listed a moment ago, and the sink never deletes
+            rows += read_avro(data)
     return rows
 
 

@@ -441,7 +441,7 @@ def export_csv(
 
 # ---- finding results (imgflow/search/)
 from imgflow.search import commands as search_commands  # noqa: E402 - registered after the pipeline's
-from imgflow.search import web as search_web  # noqa: E402
+from imgflow.search.web import command as search_web  # noqa: E402
 
 app.command("search")(search_commands.search)
 app.command("index")(search_commands.index)

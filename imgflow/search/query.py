@@ -22,7 +22,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
 from imgflow.search import SearchError
-from imgflow.search.index import SHOWN, SearchIndex, Space, sql_text, vector_query
+from imgflow.search.ann import vector_query
+from imgflow.search.index import SearchIndex
+from imgflow.search.schema import SHOWN, sql_text
+from imgflow.search.store import Space
 from imgflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,7 +86,7 @@ def _hit(row: dict, rank: int, score: float, matched: list[str]) -> Hit:
         description=row["description"],
         keywords=list(row["keywords"] or []),
         image_text=row["image_text"],
-        timestamp=ts.isoformat() if hasattr(ts, "isoformat") else str(ts),
+        timestamp=ts.isoformat() if isinstance(ts, datetime) else str(ts),
         matched=matched,
     )
 
@@ -193,9 +196,9 @@ class Searcher:
             self._run(run)
         found = self.index.find(ref, run)
         if found is None:
-            where = f" in run {run!r}" if run else ""
+            in_run = f" in run {run!r}" if run else ""
             raise SearchError(
-                f"{ref!r} is not in the search index{where}: give an indexed image's path or event_id "
+                f"{ref!r} is not in the search index{in_run}: give an indexed image's path or event_id "
                 "(an image that failed has no vectors; see imgflow search --failed)"
             )
         space, row = found
@@ -240,18 +243,10 @@ class Searcher:
     def row(self, event_id: str) -> dict | None:
         """An image's full row (a result or an error row), vectors as lists."""
         found = self.index.find(event_id, by_id_only=True)
-        if found is not None:
-            row = dict(found[1])
-        else:
-            row = None
-            for run in self.index.runs():
-                table = self.index.failed_table(run)
-                rows = table.search().where(f"event_id = {sql_text(event_id)}").limit(1).to_list() if table else []
-                if rows:
-                    row = dict(rows[0])
-                    break
-            if row is None:
-                return None
+        stored = found[1] if found is not None else self.index.find_failed(event_id)
+        if stored is None:
+            return None
+        row = dict(stored)
         row.pop("words", None)
         row.pop("batch", None)
         row["models"] = json.loads(row.get("models") or "{}")
