@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 from pathlib import Path
 
 _libc = None
@@ -71,3 +72,16 @@ def tail(path: Path | None, lines: int = 40) -> str:
     except OSError:
         return f"(no log at {path})"
     return "\n".join(_ANSI.sub("", data).splitlines()[-lines:])
+
+
+def terminate(proc: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM, then SIGKILL if ``proc`` has not exited within ``timeout`` s; its exit code."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+    return proc.wait()

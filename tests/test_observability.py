@@ -25,7 +25,7 @@ from skimage import data
 
 from imgflow.kafka import consumer_config, producer_config
 from imgflow.lag import LagReader
-from imgflow.process import free_port
+from imgflow.process import free_port, terminate
 from tests.kafka_helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,12 +158,7 @@ class PrometheusServer:
         return float(result[0]["value"][1]) if result else None
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc, 15)
         self.log.close()
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from imgflow.process import terminate
 from tests.search_fixtures import IMGFLOW, ROOT
 
 CHROMIUM = "/usr/bin/chromium"
@@ -57,12 +58,7 @@ class Server:
             conn.close()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc, 20)
 
 
 def start_server(search_run, log: Path, *args: str, **env: str) -> Server:
