@@ -16,7 +16,7 @@ order (wide, narrow, ...) so that load from other processes hits them alike:
   a caption only when ``--description`` / the model says so);
 - ``batch N, today's request``: the batched engine on the old request (the engine's gain
   alone, without the shorter answers);
-- ``batch N``: ``imgflow.models.llama_batch.BatchGenerator`` with N sequences on the current
+- ``batch N``: ``imgflow.models.llm.engine.BatchGenerator`` with N sequences on the current
   request, as the enrich stage runs it (shared prefix, slot refill, greedy grammar check).
 
 Per variant: images/s (wall), CPU seconds per image (this process; robust to other load when
@@ -80,7 +80,7 @@ def structure_inputs(values: list[dict]):
 
 
 def run_per_image(llm, grammar_of, items, messages_of, max_tokens: int) -> dict:
-    from imgflow.models.embedded.llm import SEED
+    from imgflow.models.llm.structurer import SEED
 
     texts, tin, tout = [], 0, 0
     for item in items:
@@ -94,7 +94,8 @@ def run_per_image(llm, grammar_of, items, messages_of, max_tokens: int) -> dict:
 def run_engine(llm, grammar_of, items, messages_of, prefix, n_parallel: int, n_ctx: int, threads: int, max_tokens: int) -> dict:
     from dataclasses import replace
 
-    from imgflow.models.llama_batch import BatchGenerator, render_chat
+    from imgflow.models.llm.chat import render_chat
+    from imgflow.models.llm.engine import BatchGenerator
 
     gen = BatchGenerator(llm, grammar_of(items[0]), n_parallel, n_ctx, threads, threads, prefix=prefix)
     try:
@@ -132,28 +133,32 @@ def main(argv: list[str] | None = None) -> int:
 
     from llama_cpp import Llama, LlamaGrammar
 
-    from imgflow.models.embedded import llm as L
-    from imgflow.models.llama_batch import common_prefix, render_chat
+    from imgflow.models.llm.answer import validate
+    from imgflow.models.llm.chat import common_prefix, render_chat
+    from imgflow.models.llm.embedded import LlamaCppStructurer
+    from imgflow.models.llm.prompt import Grammars, messages
+    from imgflow.models.llm.shipped import ensure_qwen_gguf, resolve_llm
+    from imgflow.models.llm.structurer import SEED
     from imgflow.settings import Settings, default_models_dir
 
-    spec = L.resolve_llm(args.llm, default_models_dir())
-    path = L.ensure_qwen_gguf(spec.path.parent) if spec.joined else spec.path
+    spec = resolve_llm(args.llm, default_models_dir())
+    path = ensure_qwen_gguf(spec.path.parent) if spec.joined else spec.path
     with tempfile.TemporaryDirectory() as tmp:
         print(f"vision stage on {args.images} images (not timed) ...", flush=True)
         values = vision_values(mixed_images(Path(tmp) / "images", args.images), Settings())
     items = structure_inputs(values)
 
-    llm = Llama(model_path=str(path), n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads, seed=L.SEED, verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads, seed=SEED, verbose=False)
     today_grammar = LlamaGrammar.from_json_schema(json.dumps(TODAY_SCHEMA), verbose=False)
     # The request the enrich stage makes now (as LlamaCppStructurer builds it for this model).
-    describe = L.LlamaCppStructurer(None, args.llm, default_models_dir(), description=args.description).writes_description
-    grammars = L.Grammars(describe)
+    describe = LlamaCppStructurer(None, args.llm, default_models_dir(), description=args.description).writes_description
+    grammars = Grammars(describe)
 
     def today_messages(item):
         return [{"role": "system", "content": TODAY_SYSTEM}, {"role": "user", "content": today_prompt(item)}]
 
     def current_messages(item):
-        return L.messages(L.LlamaCppStructurer.prompt(item), describe)
+        return messages(LlamaCppStructurer.prompt(item), describe)
 
     def prefix_of(messages_of) -> list[int]:
         from imgflow.models.base import StructureInput
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 if "today" in name:
                     json.loads(text)
                 else:
-                    L.validate(text, item, describe=describe)
+                    validate(text, item, describe=describe)
                 valid += 1
             except Exception:
                 pass

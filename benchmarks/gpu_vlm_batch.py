@@ -3,7 +3,7 @@ at batch sizes 1, 4, 16, 32, all in one run so every number is compared with bat
 the same card.
 
 The model is Qwen2-VL-7B-Instruct-sized with random weights built from the real
-architecture (``imgflow.models.gpu.tiny.qwen2vl_7b_config``, or ``--config`` a real
+architecture (``tests.tiny_models.qwen2vl_7b_config``, or ``--config`` a real
 ``config.json``), in bf16, on 384-px images (the pipeline's IMAGE_MAX_SIZE), prefill plus
 ``--new-tokens`` greedy tokens per image (``min_new_tokens`` fixes the length, so random
 weights cost what real ones do). No weights are downloaded. ``--model FOLDER`` benchmarks a
@@ -75,7 +75,7 @@ class RandomQwen2Vl:
     def __init__(self, args, device: str, dtype) -> None:
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
 
-        from imgflow.models.gpu.tiny import qwen2vl_7b_config, tiny_qwen2vl_config
+        from tests.tiny_models import qwen2vl_7b_config, tiny_qwen2vl_config
 
         if args.config:
             config = Qwen2VLConfig.from_pretrained(str(args.config))
@@ -161,7 +161,7 @@ def sync(device: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from imgflow.models.common import free_cuda_cache, is_cuda_oom, resolve_device
+    from imgflow.models.cuda import free_cuda_cache, is_cuda_oom, resolve_device
     from imgflow.models.gpu.vlm import torch_dtype
 
     device = resolve_device(args.device)

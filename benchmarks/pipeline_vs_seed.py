@@ -64,7 +64,8 @@ def seed_loop(images: Path, out_csv: Path) -> dict:
     from benchmarks.enrich_batch import TODAY_SCHEMA, TODAY_SYSTEM, today_prompt
     from imgflow.images import prepare_image
     from imgflow.models.base import StructureInput
-    from imgflow.models.embedded import llm as L
+    from imgflow.models.llm.shipped import ensure_qwen_gguf, resolve_llm
+    from imgflow.models.llm.structurer import SEED
     from imgflow.models.registry import build_vision_models
     from imgflow.settings import Settings, default_models_dir
 
@@ -79,9 +80,9 @@ def seed_loop(images: Path, out_csv: Path) -> dict:
     vm = build_vision_models(settings)
     for m in (vm.reader, vm.describer, vm.image_embedder, vm.text_embedder, vm.word_vectorizer):
         m.load()
-    spec = L.resolve_llm(settings.models.llm, default_models_dir())
-    path = L.ensure_qwen_gguf(spec.path.parent) if spec.joined else spec.path
-    llm = Llama(model_path=str(path), n_ctx=2048, seed=L.SEED, verbose=False, **({"n_threads": threads, "n_threads_batch": threads} if threads else {}))
+    spec = resolve_llm(settings.models.llm, default_models_dir())
+    path = ensure_qwen_gguf(spec.path.parent) if spec.joined else spec.path
+    llm = Llama(model_path=str(path), n_ctx=2048, seed=SEED, verbose=False, **({"n_threads": threads, "n_threads_batch": threads} if threads else {}))
     grammar = LlamaGrammar.from_json_schema(json.dumps(TODAY_SCHEMA), verbose=False)
     parts["load"] = time.perf_counter() - t0
 
@@ -121,7 +122,7 @@ def seed_loop(images: Path, out_csv: Path) -> dict:
             grammar=grammar,
             temperature=0.0,
             top_k=1,
-            seed=L.SEED,
+            seed=SEED,
             max_tokens=256,
         )
         raw = resp["choices"][0]["message"]["content"] or ""

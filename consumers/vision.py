@@ -8,7 +8,7 @@ import time
 from imgflow.errors import BadInput
 from imgflow.images import ImageSource, PreparedImage, prepare_image
 from imgflow.metrics import model_timer
-from imgflow.models.common import release_gpu_memory_if_low
+from imgflow.models.cuda import release_gpu_memory_if_low
 from imgflow.models.registry import VisionModels, build_vision_models, warm_up
 from imgflow.settings import Settings
 from imgflow.stage import InputRecord, OutputRecord, Transform

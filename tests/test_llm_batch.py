@@ -1,4 +1,4 @@
-"""The batched LLM engine (imgflow/models/llama_batch.py) on the shipped SmolLM2 GGUF.
+"""The batched LLM engine (imgflow/models/llm/engine.py) on the shipped SmolLM2 GGUF.
 
 - One slot gives exactly the text of ``Llama.create_chat_completion`` (greedy, same grammar)
   when both start from the same evaluated prefix: the engine's KV copy, greedy check,
@@ -18,9 +18,14 @@ import pytest
 from consumers.enrich import EnrichTransform
 from imgflow.models.base import StructureInput
 from imgflow.models.cache import ModelCache
-from imgflow.models.common import package_dir
-from imgflow.models.embedded import llm as L
-from imgflow.models.llama_batch import BatchGenerator, Prompt, common_prefix, render_chat
+from imgflow.models.llm.answer import StructuringError, validate
+from imgflow.models.llm.chat import Prompt, common_prefix, render_chat
+from imgflow.models.llm.embedded import LlamaCppStructurer
+from imgflow.models.llm.engine import BatchGenerator
+from imgflow.models.llm.prompt import GENERATION_SCHEMA, messages
+from imgflow.models.llm.shipped import SMOLLM2_NAME, resolve_llm
+from imgflow.models.llm.structurer import SEED
+from imgflow.models.packages import package_dir
 from imgflow.models.registry import EnrichModels
 from imgflow.settings import Settings
 from imgflow.stage import InputRecord
@@ -38,16 +43,16 @@ ITEMS = [
 def smol():
     from llama_cpp import Llama, LlamaGrammar
 
-    path = L.resolve_llm(L.SMOLLM2_NAME, Path(".")).path
-    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=1, n_threads_batch=1, seed=L.SEED, verbose=False)
-    grammar = LlamaGrammar.from_json_schema(json.dumps(L.GENERATION_SCHEMA), verbose=False)
-    a, b = render_chat(llm, L.messages("a")).tokens, render_chat(llm, L.messages("b")).tokens
+    path = resolve_llm(SMOLLM2_NAME, Path(".")).path
+    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=1, n_threads_batch=1, seed=SEED, verbose=False)
+    grammar = LlamaGrammar.from_json_schema(json.dumps(GENERATION_SCHEMA), verbose=False)
+    a, b = render_chat(llm, messages("a")).tokens, render_chat(llm, messages("b")).tokens
     yield llm, grammar, a[: common_prefix(a, b)]
     llm.close()
 
 
 def _messages(item: StructureInput) -> list[dict]:
-    return L.messages(L.LlamaCppStructurer.prompt(item))
+    return messages(LlamaCppStructurer.prompt(item))
 
 
 def test_one_slot_matches_create_chat_completion(smol):
@@ -57,7 +62,7 @@ def test_one_slot_matches_create_chat_completion(smol):
     reference = []
     for item in ITEMS:
         llm.n_tokens = len(prefix)  # start each item from the evaluated prefix, as the engine does
-        choice = llm.create_chat_completion(messages=_messages(item), grammar=grammar, temperature=0.0, top_k=1, seed=L.SEED, max_tokens=200)["choices"][0]
+        choice = llm.create_chat_completion(messages=_messages(item), grammar=grammar, temperature=0.0, top_k=1, seed=SEED, max_tokens=200)["choices"][0]
         reference.append((choice["message"]["content"], choice["finish_reason"]))
     gen = BatchGenerator(llm, grammar, 1, 1024, 1, 1, prefix=prefix)
     try:
@@ -87,7 +92,7 @@ def test_many_slots_refill_keep_order_and_fail_alone(smol):
     answers = [g for i, g in enumerate(out) if i != 2]
     assert len(answers) == len(items)
     for item, g in zip(items, answers):
-        rec = L.validate(g.text, item, truncated=g.finish_reason == "length")
+        rec = validate(g.text, item, truncated=g.finish_reason == "length")
         assert rec["image_text"] == item.image_text.strip()
     # the same item in two places decodes the same way (the engine keeps them apart)
     assert answers[0].text == answers[3].text
@@ -95,8 +100,8 @@ def test_many_slots_refill_keep_order_and_fail_alone(smol):
 
 
 def test_enrich_stage_fails_only_the_bad_record():
-    settings = Settings(models={"llm": L.SMOLLM2_NAME, "llm_batch": 2, "llm_ctx": 512, "llm_threads": 1})
-    structurer = L.LlamaCppStructurer(ModelCache(1), L.SMOLLM2_NAME, ".", n_ctx=512, n_threads=1, max_tokens=200, n_parallel=2)
+    settings = Settings(models={"llm": SMOLLM2_NAME, "llm_batch": 2, "llm_ctx": 512, "llm_threads": 1})
+    structurer = LlamaCppStructurer(ModelCache(1), SMOLLM2_NAME, ".", n_ctx=512, n_threads=1, max_tokens=200, n_parallel=2)
     transform = EnrichTransform(settings, EnrichModels(structurer=structurer))
     assert transform.batch_size(settings) == max(settings.stage.batch_size, 2)
 
@@ -115,7 +120,7 @@ def test_enrich_stage_fails_only_the_bad_record():
         )
     finally:
         structurer._cache.clear()
-    assert isinstance(results[1], L.StructuringError) and "models.llm_ctx" in str(results[1])
+    assert isinstance(results[1], StructuringError) and "models.llm_ctx" in str(results[1])
     for i in (0, 2):
         (out,) = results[i]
         assert out.key == f"e{i}" and out.value["description"] and out.value["keywords"]
@@ -128,7 +133,7 @@ def test_idle_cores_are_given_back_to_a_busy_process():
     import sys
     import time
 
-    from imgflow.models.llama_batch import IdleCores
+    from imgflow.models.llm.idle_cores import IdleCores
 
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:

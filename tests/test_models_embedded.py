@@ -21,13 +21,10 @@ from imgflow.models.base import (
     StructureInput,
 )
 from imgflow.models.cache import ModelCache
-from imgflow.models.common import package_dir
 from imgflow.models.embedded.describe import compose
-from imgflow.models.embedded.llm import (
-    LlamaCppStructurer,
-    StructuringError,
-    validate,
-)
+from imgflow.models.llm.answer import StructuringError, validate
+from imgflow.models.llm.embedded import LlamaCppStructurer
+from imgflow.models.packages import package_dir
 from imgflow.models.registry import (
     EnrichModels,
     VisionModels,

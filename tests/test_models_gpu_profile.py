@@ -1,7 +1,7 @@
 """The production (GPU) profile's adapters, on CPU, through their real code paths.
 
 No VLM or CLIP weights ship anywhere, so the production loaders run on tiny random models
-built from configs and written to a folder once per module (``imgflow.models.gpu.tiny``):
+built from configs and written to a folder once per module (``tests.tiny_models``):
 a tiny ``Qwen2VLForConditionalGeneration`` + processor, an open_clip model from a small
 config (``create_model(..., pretrained=None)``), a FastText model trained by gensim. The
 SentenceTransformer folder is the shipped all-MiniLM-L6-v2 and the GGUF the shipped
@@ -29,25 +29,21 @@ from imgflow.models.base import (
     StructureInput,
 )
 from imgflow.models.cache import ModelCache
-from imgflow.models.common import (
-    configure_cuda_allocator,
-    oom_guard,
-    package_dir,
-    release_gpu_memory_if_low,
-)
+from imgflow.models.cuda import configure_cuda_allocator, oom_guard, release_gpu_memory_if_low
 from imgflow.models.embedded.minilm import model_dir as minilm_dir
 from imgflow.models.gpu.clip import OpenClipImageEmbedder
-from imgflow.models.gpu.llm import GgufStructurer
 from imgflow.models.gpu.sentence import SentenceTransformerEmbedder
-from imgflow.models.gpu.tiny import build_tiny_clip, build_tiny_fasttext, build_tiny_qwen2vl
 from imgflow.models.gpu.vlm import Qwen2VlDescriber, Qwen2VlTextReader
 from imgflow.models.gpu.word_vectors import GensimWordVectorizer
+from imgflow.models.llm.production import GgufStructurer
+from imgflow.models.packages import package_dir
 from imgflow.models.registry import (
     build_enrich_models,
     build_vision_models,
     check_models,
 )
 from imgflow.settings import Settings
+from tests.tiny_models import build_tiny_clip, build_tiny_fasttext, build_tiny_qwen2vl
 
 ROOT = Path(__file__).resolve().parents[1]
 HEX12 = r"[0-9a-f]{12}"
@@ -169,9 +165,9 @@ def test_mixing_profiles_per_job(tiny):
     from imgflow.models.embedded.describe import ComposedDescriber
     from imgflow.models.embedded.efficientnet import EfficientNetImageEmbedder
     from imgflow.models.embedded.glove import GloveWordVectorizer
-    from imgflow.models.embedded.llm import LlamaCppStructurer
     from imgflow.models.embedded.minilm import MiniLmTextEmbedder
     from imgflow.models.embedded.ocr import RapidOcrReader
+    from imgflow.models.llm.embedded import LlamaCppStructurer
 
     # gpu profile, embedded implementations named per job; no vlm needed then
     s = gpu_settings(tiny, vlm="", describe="composed", read_text="rapidocr", embed_text="all-minilm-l6-v2", word_vectors="glove-6b-50d", llm="smollm2-135m")

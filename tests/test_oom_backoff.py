@@ -26,13 +26,13 @@ from consumers.vision import VisionTransform
 from imgflow.events import local_image_event
 from imgflow.models.base import Describer
 from imgflow.models.cache import ModelCache
-from imgflow.models.common import oom_guard
+from imgflow.models.cuda import oom_guard
 from imgflow.models.embedded.minilm import model_dir as minilm_dir
-from imgflow.models.gpu.tiny import build_tiny_clip, build_tiny_fasttext, build_tiny_qwen2vl
 from imgflow.models.registry import build_vision_models
 from imgflow.stage import StageRunner
 from tests.conftest import make_settings
 from tests.kafka_helpers import decoded, produce_events, wait_until
+from tests.tiny_models import build_tiny_clip, build_tiny_fasttext, build_tiny_qwen2vl
 
 LIMIT = 2
 N_IMAGES = 16

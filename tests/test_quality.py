@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgflow.models import categories, grounding
+from imgflow.models import categories
 from imgflow.models.base import StructureInput
 from imgflow.models.cache import ModelCache
 from imgflow.models.embedded.ocr import RapidOcrReader, fix_lookalikes, reading_order
+from imgflow.models.llm import grounding
 
 ROOT = Path(__file__).resolve().parents[1]
 

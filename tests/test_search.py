@@ -201,7 +201,7 @@ def test_clip_text_tower_ranks_image_vectors(search_run, tmp_path):
 
     from imgflow.models.cache import get_model_cache
     from imgflow.models.gpu.clip import OpenClipImageEmbedder
-    from imgflow.models.gpu.tiny import build_tiny_clip
+    from tests.tiny_models import build_tiny_clip
 
     cfg, weights = build_tiny_clip(tmp_path / "clip")
     settings = Settings(data_dir=tmp_path / "data", models={"clip": f"{cfg}:{weights}", "device": "cpu"})

@@ -8,10 +8,16 @@ lazily through the shared ``ModelCache`` and only from local files.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from imgflow.models.cache import ModelCache
+from imgflow.models.hashing import quick_hash, short_hash
 
 
 class ModelConfigError(ValueError):
@@ -34,9 +40,11 @@ class StructureInput:
     scores: list[float] = field(default_factory=list)  # the labels' scores (same order); [] if unknown
 
 
-class ModelAdapter(ABC):
+class ModelAdapter:
     """One model job. ``model_id`` names the model and its version or file hash, so that
-    output records can say which model produced each field."""
+    output records can say which model produced each field. Not an ABC: a stand-in (a test's,
+    a composed describer) only overrides what it needs; ``CachedModelAdapter`` is the one for
+    a model with weights."""
 
     job: str = ""
     _id: str | None = None  # model_id, once computed
@@ -67,17 +75,61 @@ class ModelAdapter(ABC):
         """Load weights now (normally done lazily on first use)."""
 
 
-class FilesModelId:
-    """``model_id`` = "<id_name>@<hash of the weight files>", computed once: for an adapter
-    whose weights are the files in ``self.files`` (put it before the job's base class)."""
+def require_files(job: str, setting: str, paths: Iterable[Path]) -> None:
+    """ModelConfigError naming the setting when a model file is missing."""
+    for p in paths:
+        if not Path(p).exists():
+            raise ModelConfigError(
+                f"{job}: model file {p} is missing (setting models.{setting} / IMGFLOW_MODELS__{setting.upper()}); reinstall the package that ships it"
+            )
 
-    id_name: str = ""
-    files: dict
+
+class CachedModelAdapter(ModelAdapter, ABC):
+    """An adapter whose model loads lazily, once, through the shared ``ModelCache`` (put it
+    before the job's contract: ``class X(CachedModelAdapter, TextEmbedder)``).
+
+    A subclass says how to load (``_load``) under which ``cache_key``, and how to predict
+    (calling ``_model()`` each time, so an entry the cache evicts is really gone). The rest
+    is here: ``check`` (the ``required_files`` exist), ``model_id`` ("<id_name>@<hash of
+    id_files>") and ``load``; an adapter of user paths overrides ``check``."""
+
+    id_name: str = ""  # the model's name in model_id
+    setting: str = ""  # the settings field that names this model (in error messages)
+    big_files: bool = False  # GBs of weights: model_id hashes name, size, head and tail only
+    cache_key: str  # the cache entry, set by __init__: adapters that share a loaded model share it
+
+    def __init__(self, cache: ModelCache) -> None:
+        self._cache = cache
+        self._id = None
+
+    def required_files(self) -> list[Path]:
+        """The files ``check`` requires."""
+        return []
+
+    def id_files(self) -> list[Path]:
+        """The files whose hash is in model_id."""
+        return self.required_files()
 
     def make_model_id(self) -> str:
-        from imgflow.models.common import short_hash  # common imports this module
+        files = self.id_files()
+        return f"{self.id_name}@{quick_hash(files) if self.big_files else short_hash(files)}"
 
-        return f"{self.id_name}@{short_hash(self.files.values())}"
+    def check(self) -> None:
+        require_files(self.job, self.setting, self.required_files())
+
+    @abstractmethod
+    def _load(self) -> Any:
+        """Build the loaded model (the cache entry: its ``close()`` runs on eviction)."""
+
+    def _model(self) -> Any:
+        def load() -> Any:
+            self.check()  # a file removed after start-up: the clear error, not the library's
+            return self._load()
+
+        return self._cache.get(self.cache_key, load)
+
+    def load(self) -> None:
+        self._model()
 
 
 @dataclass(frozen=True)
@@ -86,7 +138,7 @@ class ReadText:
     area: float | None = None  # share of the image the kept text covers; None if not known
 
 
-class Describer(ModelAdapter):
+class Describer(ModelAdapter, ABC):
     job = "describe"
 
     @abstractmethod
@@ -94,7 +146,7 @@ class Describer(ModelAdapter):
         """``seen_text[i]``/``text_areas[i]``: what the TextReader read in ``images[i]``."""
 
 
-class TextReader(ModelAdapter):
+class TextReader(ModelAdapter, ABC):
     job = "read_text"
 
     @abstractmethod
@@ -105,9 +157,17 @@ class TextReader(ModelAdapter):
         return [ReadText(t) for t in self.read_text(images)]
 
 
-class ImageEmbedder(ModelAdapter):
+class VectorModel(ModelAdapter, ABC):
+    """A job whose answers are vectors of one width."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """The vectors' width."""
+
+
+class ImageEmbedder(VectorModel):
     job = "embed_image"
-    dim: int
 
     @abstractmethod
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
@@ -115,28 +175,26 @@ class ImageEmbedder(ModelAdapter):
 
     # A model with a text tower in the same space (CLIP) overrides this; search then ranks
     # image vectors against the query too (imgflow/search/query.py).
-    embed_query_texts = None
+    embed_query_texts: Callable[[list[str]], np.ndarray] | None = None
 
 
-class TextEmbedder(ModelAdapter):
+class TextEmbedder(VectorModel):
     job = "embed_text"
-    dim: int
 
     @abstractmethod
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """float32 array of shape (len(texts), dim)."""
 
 
-class WordVectorizer(ModelAdapter):
+class WordVectorizer(VectorModel):
     job = "word_vectors"
-    dim: int
 
     @abstractmethod
     def vectorize(self, texts: list[str]) -> np.ndarray:
         """Mean of the vectors of known words; zeros where no word is known. (n, dim)."""
 
 
-class TextStructurer(ModelAdapter):
+class TextStructurer(ModelAdapter, ABC):
     job = "structure_text"
 
     @abstractmethod
@@ -144,7 +202,7 @@ class TextStructurer(ModelAdapter):
         """One dict per item with exactly the keys description (str), category (str: one of
         ``imgflow.models.categories.CATEGORY_NAMES``), keywords (list[str]), image_text (str:
         the OCR text). Output is constrained by a JSON schema, never parsed from free text,
-        and grounded by ``imgflow.models.grounding``."""
+        and grounded by ``imgflow.models.llm.grounding``."""
 
     def structure_each(self, items: list[StructureInput]) -> list[dict | Exception]:
         """Like ``structure``, but an item whose answer is invalid gets its exception in its

@@ -30,6 +30,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 from imgflow.models.base import (
     Describer,
@@ -42,8 +43,11 @@ from imgflow.models.base import (
     WordVectorizer,
 )
 from imgflow.models.cache import ModelCache, get_model_cache
-from imgflow.models.common import configure_cuda_allocator
-from imgflow.settings import Settings
+from imgflow.models.cuda import configure_cuda_allocator
+from imgflow.settings import ModelSettings, Settings
+
+if TYPE_CHECKING:
+    from imgflow.models.llm.structurer import LlmOptions
 
 # job name (ModelAdapter.job) -> the ModelSettings field that overrides it
 JOBS: dict[str, str] = {
@@ -136,19 +140,19 @@ def build_vision_models(settings: Settings, cache: ModelCache | None = None, che
     configure_cuda_allocator(settings.models.cuda_alloc_conf)
     cache = cache if cache is not None else get_model_cache(settings)
     a = _checked({job: build_adapter(settings, job, cache) for job in VISION_JOBS}, check)
-    return VisionModels(
-        describer=a["describe"],
-        reader=a["read_text"],
-        image_embedder=a["embed_image"],
-        text_embedder=a["embed_text"],
-        word_vectorizer=a["word_vectors"],
-    )
+    describer, reader, image_embedder, text_embedder, word_vectorizer = (a[job] for job in VISION_JOBS)
+    # each job's factories make adapters of its contract
+    assert isinstance(describer, Describer) and isinstance(reader, TextReader) and isinstance(image_embedder, ImageEmbedder)
+    assert isinstance(text_embedder, TextEmbedder) and isinstance(word_vectorizer, WordVectorizer)
+    return VisionModels(describer, reader, image_embedder, text_embedder, word_vectorizer)
 
 
 def build_enrich_models(settings: Settings, cache: ModelCache | None = None, check: bool = True) -> EnrichModels:
     cache = cache if cache is not None else get_model_cache(settings)
     a = _checked({"structure_text": build_adapter(settings, "structure_text", cache)}, check)
-    return EnrichModels(structurer=a["structure_text"])
+    structurer = a["structure_text"]
+    assert isinstance(structurer, TextStructurer)  # its factories make structurers
+    return EnrichModels(structurer)
 
 
 def warm_up(models: VisionModels | EnrichModels, settings: Settings) -> threading.Thread:
@@ -262,21 +266,22 @@ def _glove(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter:
     return GloveWordVectorizer(cache)
 
 
-def _llama_cpp(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter:
-    from imgflow.models.embedded.llm import LlamaCppStructurer
+def _llm_options(m: ModelSettings) -> LlmOptions:
+    """The ``models.llm_*`` settings, as both profiles' LLM adapters take them."""
+    return {
+        "n_ctx": m.llm_ctx,
+        "n_threads": m.llm_threads,
+        "max_tokens": m.llm_max_tokens,
+        "device": m.llm_device,
+        "n_parallel": m.llm_batch,
+        "description": m.llm_description,
+    }
 
-    m = settings.models
-    return LlamaCppStructurer(
-        cache,
-        spec,
-        m.models_dir,
-        n_ctx=m.llm_ctx,
-        n_threads=m.llm_threads,
-        max_tokens=m.llm_max_tokens,
-        device=m.llm_device,
-        n_parallel=m.llm_batch,
-        description=m.llm_description,
-    )
+
+def _llama_cpp(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter:
+    from imgflow.models.llm.embedded import LlamaCppStructurer
+
+    return LlamaCppStructurer(cache, spec, settings.models.models_dir, **_llm_options(settings.models))
 
 
 register("embedded", "describe", "composed", _composed, default=True)
@@ -323,22 +328,13 @@ def _gensim(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter:
 
 
 def _gguf(settings: Settings, cache: ModelCache, spec: str) -> ModelAdapter:
-    from imgflow.models.embedded.llm import QWEN_NAME, SMOLLM2_NAME
-    from imgflow.models.gpu.llm import GgufStructurer
+    from imgflow.models.llm.production import GgufStructurer
+    from imgflow.models.llm.shipped import QWEN_NAME, SMOLLM2_NAME
 
     m = settings.models
     if (spec or m.llm).strip() in (QWEN_NAME, SMOLLM2_NAME):  # a shipped GGUF, by name
         return _llama_cpp(settings, cache, (spec or m.llm).strip())
-    return GgufStructurer(
-        cache,
-        spec or m.llm,
-        n_ctx=m.llm_ctx,
-        n_threads=m.llm_threads,
-        max_tokens=m.llm_max_tokens,
-        device=m.llm_device,
-        n_parallel=m.llm_batch,
-        description=m.llm_description,
-    )
+    return GgufStructurer(cache, spec or m.llm, **_llm_options(m))
 
 
 register("gpu", "describe", "qwen2-vl", _qwen2vl("describe"), default=True)

@@ -1,6 +1,7 @@
 """A full description composed from what the models found: the ImageNet classifier's subject
-(or a person, when the face detector found one: ImageNet-1k has no person class), the category (``imgflow.models.categories``), the text read in the image and the image's
-main colours, in plain sentences a person would write (no scores, no percentages).
+(or a person, when the face detector found one: ImageNet-1k has no person class), the category
+(``imgflow.models.categories``), the text read in the image and the image's main colours, in
+plain sentences a person would write (no scores, no percentages).
 
 No captioning model ships in any package, so this does not pretend to caption: it names what
 was recognised, says "may show" when the classifier was unsure, and quotes the text read.
@@ -13,9 +14,9 @@ from PIL import Image
 
 from imgflow.models import categories
 from imgflow.models.base import Describer, Description
-from imgflow.models.common import to_rgb
 from imgflow.models.embedded.efficientnet import EfficientNetClassifier
 from imgflow.models.embedded.faces import MtcnnFaceDetector
+from imgflow.models.rgb import to_rgb
 
 CONFIDENT = 0.30  # top label at or above this: "A photo of a ..."
 POSSIBLE = 0.10  # top label at or above this (but below CONFIDENT): "may show"
@@ -55,7 +56,7 @@ def quoted_text(seen_text: str, limit: int = MAX_QUOTE) -> str:
 def colour_names(img: Image.Image, top: int = 2) -> list[str]:
     """The one or two basic colours covering most of the image (hue/saturation/value bins on
     a 48x48 thumbnail), most common first; only colours covering COLOUR_SHARE or more."""
-    hsv = np.asarray(to_rgb(img).resize((48, 48), Image.BILINEAR).convert("HSV"), np.float32)
+    hsv = np.asarray(to_rgb(img).resize((48, 48), Image.Resampling.BILINEAR).convert("HSV"), np.float32)
     h, s, v = hsv[..., 0] * (360 / 255), hsv[..., 1] / 255, hsv[..., 2] / 255
     names = np.full(h.shape, "grey", dtype=object)
     names[v < 0.2] = "black"

@@ -15,15 +15,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgflow.models.base import ImageEmbedder, ModelAdapter
+from imgflow.models.base import CachedModelAdapter, ImageEmbedder
 from imgflow.models.cache import ModelCache
-from imgflow.models.common import (
-    package_dir,
-    require_files,
-    resolve_device,
-    short_hash,
-    to_rgb,
-)
+from imgflow.models.cuda import resolve_device
+from imgflow.models.packages import package_dir
+from imgflow.models.rgb import to_rgb
 
 NAME = "efficientnet-lite0"
 IMAGE_SIZE = 224
@@ -69,9 +65,9 @@ def centre_crop(img: Image.Image, margin: float = CENTRE_CROP) -> Image.Image:
 def preprocess(images: list[Image.Image]) -> np.ndarray:
     """(n, 3, 224, 224) float32: the whole image resized to 224x224 (no crop, so nothing
     at the edges is lost), ImageNet mean/std."""
-    arr = np.empty((len(images), 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    arr: np.ndarray = np.empty((len(images), 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
     for i, img in enumerate(images):
-        x = np.asarray(to_rgb(img).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC), np.float32)
+        x = np.asarray(to_rgb(img).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC), np.float32)
         arr[i] = ((x / 255.0 - _MEAN) / _STD).transpose(2, 0, 1)
     return arr
 
@@ -119,27 +115,24 @@ class EfficientNetLite0:
         self.model = None
 
 
-class _EfficientNetAdapter(ModelAdapter):
+class _EfficientNetAdapter(CachedModelAdapter):
+    id_name = NAME
     setting = "embed_image"  # the settings field that names this job's model
 
     def __init__(self, cache: ModelCache, device: str = "auto", path: Path | None = None):
-        self._cache = cache
+        super().__init__(cache)
         self._device = device
         self.path = Path(path) if path is not None else weights_path()
-        self._id: str | None = None
+        self.cache_key = NAME if self.path == weights_path() else f"{NAME}:{self.path}"
 
-    def make_model_id(self) -> str:
-        return f"{NAME}@{short_hash([self.path])}"
+    def required_files(self) -> list[Path]:
+        return [self.path]
 
-    def check(self) -> None:
-        require_files(self.job, self.setting, [self.path])
+    def _load(self) -> EfficientNetLite0:
+        return EfficientNetLite0(self.path, resolve_device(self._device))
 
     def _net(self) -> EfficientNetLite0:
-        key = NAME if self.path == weights_path() else f"{NAME}:{self.path}"
-        return self._cache.get(key, lambda: EfficientNetLite0(self.path, resolve_device(self._device)))
-
-    def load(self) -> None:
-        self._net()
+        return self._model()
 
 
 class EfficientNetClassifier(_EfficientNetAdapter):

@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgflow.models.base import FilesModelId, ModelAdapter
+from imgflow.models.base import CachedModelAdapter
 from imgflow.models.cache import ModelCache
-from imgflow.models.common import package_dir, require_files, resolve_device, to_rgb
+from imgflow.models.cuda import resolve_device
+from imgflow.models.packages import package_dir
+from imgflow.models.rgb import to_rgb
 
 NAME = "mtcnn"
 PACKAGE = "facenet_pytorch"
@@ -93,12 +95,11 @@ class _Mtcnn:
         self.pnet = self.rnet = self.onet = None
 
 
-class MtcnnFaceDetector(FilesModelId, ModelAdapter):
-    id_name = NAME
-
+class MtcnnFaceDetector(CachedModelAdapter):
     """Faces in images. Not one of the stage contracts: the embedded describer uses it
     (``models.faces``)."""
 
+    id_name = NAME
     job = "detect_faces"
     setting = "faces"  # the settings field that turns it on and off
 
@@ -110,30 +111,25 @@ class MtcnnFaceDetector(FilesModelId, ModelAdapter):
         min_height: float = DEFAULT_MIN_HEIGHT,
         files: dict[str, Path] | None = None,
     ) -> None:
-        self._cache = cache
+        super().__init__(cache)
         self._device = device
         self.min_score = float(min_score)
         self.min_height = float(min_height)
         self.files = dict(files) if files is not None else model_files()
-        self._id: str | None = None
+        self.cache_key = NAME if self.files == model_files() else f"{NAME}:{self.files['pnet']}"
 
     @property
     def source(self) -> str:
         return str(Path(self.files["pnet"]).parent)
 
-    def check(self) -> None:
-        require_files(self.job, self.setting, self.files.values())
+    def required_files(self) -> list[Path]:
+        return list(self.files.values())
+
+    def _load(self) -> _Mtcnn:
+        return _Mtcnn(self.files, resolve_device(self._device))
 
     def _net(self) -> _Mtcnn:
-        def loader() -> _Mtcnn:
-            self.check()  # a file removed after start-up: the clear error, not torch's
-            return _Mtcnn(self.files, resolve_device(self._device))
-
-        key = NAME if self.files == model_files() else f"{NAME}:{self.files['pnet']}"
-        return self._cache.get(key, loader)
-
-    def load(self) -> None:
-        self._net()
+        return self._model()
 
     def detect(self, images: list[Image.Image]) -> list[list[Face]]:
         """Per image, every face MTCNN finds (its own stage cut-offs) down to ``min_height``

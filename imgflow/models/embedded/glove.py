@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from imgflow.models.base import WordVectorizer
+from imgflow.models.base import CachedModelAdapter, WordVectorizer
 from imgflow.models.cache import ModelCache
-from imgflow.models.common import package_dir, require_files, short_hash
+from imgflow.models.packages import package_dir
+
+if TYPE_CHECKING:
+    from gensim.models import KeyedVectors
 
 NAME = "glove-6b-50d"
 _TOKEN = re.compile(r"[^\W_]+(?:['\-.][^\W_]+)*")
@@ -26,7 +30,7 @@ def tokens(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
-def _load(folder: Path):
+def _load(folder: Path) -> KeyedVectors:
     import pyarrow.parquet as pq
     from gensim.models import KeyedVectors
 
@@ -37,25 +41,27 @@ def _load(folder: Path):
     return kv
 
 
-class GloveWordVectorizer(WordVectorizer):
+class GloveWordVectorizer(CachedModelAdapter, WordVectorizer):
+    id_name = NAME
+    setting = "word_vectors"
     dim = 50
 
     def __init__(self, cache: ModelCache, path: Path | None = None) -> None:
-        self._cache = cache
+        super().__init__(cache)
         self.path = Path(path) if path is not None else data_dir()
-        self._id: str | None = None
+        self.cache_key = NAME if self.path == data_dir() else f"{NAME}:{self.path}"
 
-    def make_model_id(self) -> str:
-        return f"{NAME}@{short_hash([self.path / 'glove_6B_50d_emb.npy'])}"
+    def required_files(self) -> list[Path]:
+        return [self.path / "glove_6B_50d_emb.npy", self.path / "glove_6B_index.parquet"]
 
-    def check(self) -> None:
-        require_files(self.job, "word_vectors", [self.path / "glove_6B_50d_emb.npy", self.path / "glove_6B_index.parquet"])
+    def id_files(self) -> list[Path]:
+        return [self.path / "glove_6B_50d_emb.npy"]
 
-    def _kv(self):
-        return self._cache.get(NAME if self.path == data_dir() else f"{NAME}:{self.path}", lambda: _load(self.path))
+    def _load(self) -> KeyedVectors:
+        return _load(self.path)
 
-    def load(self) -> None:
-        self._kv()
+    def _kv(self) -> KeyedVectors:
+        return self._model()
 
     def known_words(self, text: str) -> list[str]:
         index = self._kv().key_to_index
@@ -69,7 +75,7 @@ class GloveWordVectorizer(WordVectorizer):
 
     def vectorize(self, texts: list[str]) -> np.ndarray:
         kv = self._kv()
-        out = np.zeros((len(texts), self.dim), np.float32)
+        out: np.ndarray = np.zeros((len(texts), self.dim), np.float32)
         for i, text in enumerate(texts):
             words = self.known_words(text)
             if words:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from imgflow.models.base import TextEmbedder
+from imgflow.models.base import CachedModelAdapter, TextEmbedder
 from imgflow.models.cache import ModelCache
-from imgflow.models.common import package_dir, require_files, resolve_device, short_hash
+from imgflow.models.cuda import resolve_device
+from imgflow.models.packages import package_dir
 
 NAME = "all-MiniLM-L6-v2"
 
@@ -31,27 +32,26 @@ def _load(path: Path, device: str):
     return SentenceTransformer(str(path), device=device, local_files_only=True)
 
 
-class MiniLmTextEmbedder(TextEmbedder):
+class MiniLmTextEmbedder(CachedModelAdapter, TextEmbedder):
+    id_name = NAME
+    setting = "embed_text"
     dim = 384
 
     def __init__(self, cache: ModelCache, device: str = "auto", path: Path | None = None, batch_size: int = 32) -> None:
-        self._cache = cache
+        super().__init__(cache)
         self._device = device
         self.path = Path(path) if path is not None else model_dir()
         self.batch_size = batch_size
-        self._id: str | None = None
+        self.cache_key = NAME if self.path == model_dir() else f"{NAME}:{self.path}"
 
-    def make_model_id(self) -> str:
-        return f"{NAME}@{short_hash([self.path / 'model.safetensors'])}"
+    def required_files(self) -> list[Path]:
+        return [self.path / "model.safetensors", self.path / "modules.json", self.path / "tokenizer.json"]
 
-    def check(self) -> None:
-        require_files(self.job, "embed_text", [self.path / "model.safetensors", self.path / "modules.json", self.path / "tokenizer.json"])
+    def id_files(self) -> list[Path]:
+        return [self.path / "model.safetensors"]
 
-    def _model(self):
-        return self._cache.get(NAME if self.path == model_dir() else f"{NAME}:{self.path}", lambda: _load(self.path, resolve_device(self._device)))
-
-    def load(self) -> None:
-        self._model()
+    def _load(self):
+        return _load(self.path, resolve_device(self._device))
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         if not texts:

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgflow.models.base import FilesModelId, ModelConfigError, ReadText, TextReader
+from imgflow.models.base import CachedModelAdapter, ModelConfigError, ReadText, TextReader
 from imgflow.models.cache import ModelCache
-from imgflow.models.common import package_dir, require_files, to_rgb
 from imgflow.models.embedded.glove import data_dir as glove_dir
+from imgflow.models.packages import package_dir
+from imgflow.models.rgb import to_rgb
 
 NAME = "rapidocr-ppocrv6"
 MIN_SCORE = 0.5  # RapidOCR's own cut-off: boxes below it are not even returned
@@ -151,9 +152,7 @@ def fix_lookalikes(text: str, vocabulary: frozenset[str]) -> str:
     return _MIXED.sub(fix, text)
 
 
-class RapidOcrReader(FilesModelId, TextReader):
-    id_name = NAME
-
+class RapidOcrReader(CachedModelAdapter, TextReader):
     """Lines of text read in each image, in reading order; "" when nothing is read.
 
     Kept: boxes at ``min_score`` (0.5) or more with a letter or digit; a single character only
@@ -162,25 +161,31 @@ class RapidOcrReader(FilesModelId, TextReader):
     On a photo (little text area) only confident text: see PHOTO_MIN_SCORE and the constants
     above it. Rendered text (signs, tickets, pages) is kept as read."""
 
+    id_name = NAME
+    setting = "read_text"
+
     def __init__(self, cache: ModelCache, threads: int = 0, min_score: float = MIN_SCORE, files: dict[str, Path] | None = None) -> None:
-        self._cache = cache
+        super().__init__(cache)
         # Default: the process's thread budget (OMP_NUM_THREADS, which `imgflow run` sets for the
         # vision stage so that it and the LLM do not oversubscribe the cores), else every core.
         self.threads = threads if threads > 0 else (int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
         self.min_score = min_score
         self.files = files or model_files()
-        self._id: str | None = None
+        self.cache_key = NAME if self.files == model_files() else f"{NAME}:{self.files['Rec']}"
+
+    def required_files(self) -> list[Path]:
+        return list(self.files.values())
 
     def check(self) -> None:
         if package_dir("rapidocr") is None:
             raise ModelConfigError("read_text: the rapidocr package is not installed (setting models.read_text / IMGFLOW_MODELS__READ_TEXT)")
-        require_files(self.job, "read_text", self.files.values())
+        super().check()
+
+    def _load(self) -> _RapidOcrEngine:
+        return _RapidOcrEngine(self.files, self.threads)
 
     def _engine(self) -> _RapidOcrEngine:
-        return self._cache.get(NAME if self.files == model_files() else f"{NAME}:{self.files['Rec']}", lambda: _RapidOcrEngine(self.files, self.threads))
-
-    def load(self) -> None:
-        self._engine()
+        return self._model()
 
     def _vocabulary(self) -> frozenset[str]:
         return self._cache.get("glove-vocabulary", lambda: _Vocabulary(glove_dir(), VOCAB_SIZE)).words

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgflow.models.base import ImageEmbedder
+from imgflow.models.base import CachedModelAdapter, ImageEmbedder
 from imgflow.models.cache import ModelCache
-from imgflow.models.common import oom_guard, quick_hash, resolve_device, to_rgb
-from imgflow.models.gpu._paths import existing, invalid, required
+from imgflow.models.cuda import oom_guard, resolve_device
+from imgflow.models.rgb import to_rgb
+from imgflow.models.user_paths import existing, invalid, required
 
 SETTING = "clip"
 
@@ -64,13 +65,16 @@ class _LoadedClip:
         self.model = None
 
 
-class OpenClipImageEmbedder(ImageEmbedder):
+class OpenClipImageEmbedder(CachedModelAdapter, ImageEmbedder):
+    big_files = True
+
     def __init__(self, cache: ModelCache, spec: str, device: str = "auto") -> None:
-        self._cache = cache
+        super().__init__(cache)
         self.name, self.config_path, self.path = parse_spec(spec)
+        self.id_name = f"open_clip:{self.name}"
         self._device = device
-        self._id: str | None = None
         self._dim: int | None = None
+        self.cache_key = f"clip:{self.name}:{self.path.resolve()}"
 
     def _register_config(self) -> None:
         if self.config_path is not None:
@@ -90,8 +94,8 @@ class OpenClipImageEmbedder(ImageEmbedder):
                 self._dim = int(open_clip.get_model_config(self.name)["embed_dim"])
         return self._dim
 
-    def make_model_id(self) -> str:
-        return f"open_clip:{self.name}@{quick_hash([self.path])}"
+    def id_files(self) -> list[Path]:
+        return [self.path]
 
     def check(self) -> None:
         import open_clip
@@ -103,20 +107,13 @@ class OpenClipImageEmbedder(ImageEmbedder):
         if not _weights_look_valid(self.path):
             raise invalid(SETTING, self.path, "not a torch checkpoint or safetensors file")
 
-    def _model(self) -> _LoadedClip:
-        def load() -> _LoadedClip:
-            self.check()
-            return _LoadedClip(self.name, self.path, resolve_device(self._device))
-
-        return self._cache.get(f"clip:{self.name}:{self.path.resolve()}", load)
-
-    def load(self) -> None:
-        self._model()
+    def _load(self) -> _LoadedClip:
+        return _LoadedClip(self.name, self.path, resolve_device(self._device))
 
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         if not images:
             return np.zeros((0, self.dim), np.float32)
-        m = self._model()
+        m: _LoadedClip = self._model()
         torch = m.torch
         with m.lock, oom_guard("open_clip"), torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=m.device == "cuda"):
             x = torch.stack([m.preprocess(to_rgb(img)) for img in images]).to(m.device)
@@ -125,7 +122,7 @@ class OpenClipImageEmbedder(ImageEmbedder):
 
     def embed_query_texts(self, texts: list[str]) -> np.ndarray:
         """The text tower: a search query in the space of ``embed_images`` (L2-normalised)."""
-        m = self._model()
+        m: _LoadedClip = self._model()
         torch = m.torch
         with m.lock, oom_guard("open_clip"), torch.inference_mode():
             tokens = m.tokenizer(texts).to(m.device)

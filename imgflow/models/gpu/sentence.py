@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from imgflow.models.base import TextEmbedder
+from imgflow.models.base import CachedModelAdapter, TextEmbedder
 from imgflow.models.cache import ModelCache
-from imgflow.models.common import oom_guard, quick_hash, resolve_device
-from imgflow.models.gpu._paths import existing, invalid, required
+from imgflow.models.cuda import oom_guard, resolve_device
+from imgflow.models.user_paths import existing, invalid, required
 
 SETTING = "sentence"
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -23,13 +23,16 @@ def _load(path: Path, device: str):
     return SentenceTransformer(str(path), device=device, local_files_only=True)
 
 
-class SentenceTransformerEmbedder(TextEmbedder):
+class SentenceTransformerEmbedder(CachedModelAdapter, TextEmbedder):
+    big_files = True
+
     def __init__(self, cache: ModelCache, spec: str, device: str = "auto", batch_size: int = 64) -> None:
-        self._cache = cache
+        super().__init__(cache)
         self.path = Path(required(SETTING, spec, "a SentenceTransformer folder")).expanduser()
+        self.id_name = f"sentence-transformers:{self.path.name}"
         self._device = device
         self.batch_size = batch_size
-        self._id: str | None = None
+        self.cache_key = f"sentence:{self.path.resolve()}"
 
     def _weights(self) -> list[Path]:
         return [self.path / w for w in WEIGHTS if (self.path / w).is_file()]
@@ -40,8 +43,8 @@ class SentenceTransformerEmbedder(TextEmbedder):
         get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return int(get())
 
-    def make_model_id(self) -> str:
-        return f"sentence-transformers:{self.path.name}@{quick_hash([self.path / 'config.json'] + self._weights())}"
+    def id_files(self) -> list[Path]:
+        return [self.path / "config.json"] + self._weights()
 
     def check(self) -> None:
         existing(SETTING, self.path, "dir")
@@ -50,15 +53,8 @@ class SentenceTransformerEmbedder(TextEmbedder):
         if not self._weights():
             raise invalid(SETTING, self.path, f"no weights ({' or '.join(WEIGHTS)})")
 
-    def _model(self):
-        def load():
-            self.check()
-            return _load(self.path, resolve_device(self._device))
-
-        return self._cache.get(f"sentence:{self.path.resolve()}", load)
-
-    def load(self) -> None:
-        self._model()
+    def _load(self):
+        return _load(self.path, resolve_device(self._device))
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         if not texts:

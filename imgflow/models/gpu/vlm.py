@@ -22,10 +22,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from imgflow.models.base import Describer, Description, TextReader
+from imgflow.models.base import CachedModelAdapter, Describer, Description, TextReader
 from imgflow.models.cache import ModelCache
-from imgflow.models.common import oom_guard, quick_hash, resolve_device, to_rgb
-from imgflow.models.gpu._paths import existing, invalid, required
+from imgflow.models.cuda import oom_guard, resolve_device
+from imgflow.models.rgb import to_rgb
+from imgflow.models.user_paths import existing, invalid, required
 
 log = logging.getLogger(__name__)
 
@@ -120,33 +121,29 @@ class LoadedVlm:
         self.processor = None
 
 
-class _Qwen2Vl:
+class _Qwen2Vl(CachedModelAdapter):
+    big_files = True
+
     def __init__(
         self, cache: ModelCache, spec: str, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa", max_new_tokens: int = 256
     ) -> None:
-        self._cache = cache
+        super().__init__(cache)
         self.path = Path(required(SETTING, spec, "Qwen2-VL-7B-Instruct (a transformers folder)")).expanduser()
+        self.id_name = f"qwen2-vl:{self.path.name}"
         self._device = device
         self.dtype = dtype
         self.attn = attn_implementation
         self.max_new_tokens = max_new_tokens
-        self._id: str | None = None
+        self.cache_key = f"vlm:{self.path.resolve()}"  # one load for both jobs
 
-    def make_model_id(self) -> str:
-        return f"qwen2-vl:{self.path.name}@" + quick_hash([self.path / "config.json"] + weight_files(self.path))
+    def id_files(self) -> list[Path]:
+        return [self.path / "config.json"] + weight_files(self.path)
 
     def check(self) -> None:
         check_folder(self.path)
 
-    def _model(self) -> LoadedVlm:
-        def load() -> LoadedVlm:
-            self.check()
-            return LoadedVlm(self.path, resolve_device(self._device), self.dtype, self.attn)
-
-        return self._cache.get(f"vlm:{self.path.resolve()}", load)  # one load for both jobs
-
-    def load(self) -> None:
-        self._model()
+    def _load(self) -> LoadedVlm:
+        return LoadedVlm(self.path, resolve_device(self._device), self.dtype, self.attn)
 
 
 class Qwen2VlDescriber(_Qwen2Vl, Describer):

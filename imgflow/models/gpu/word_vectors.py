@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from imgflow.models.base import WordVectorizer
+from imgflow.models.base import CachedModelAdapter, WordVectorizer
 from imgflow.models.cache import ModelCache
-from imgflow.models.common import quick_hash
 from imgflow.models.embedded.glove import tokens
-from imgflow.models.gpu._paths import existing, invalid, required
+from imgflow.models.user_paths import existing, invalid, required
 
 SETTING = "word_vectors"
 FASTTEXT_MAGIC = 793712314
@@ -56,19 +55,22 @@ def _load(path: Path, fmt: str):
     return KeyedVectors.load_word2vec_format(str(path), binary=fmt == "word2vec-bin")
 
 
-class GensimWordVectorizer(WordVectorizer):
+class GensimWordVectorizer(CachedModelAdapter, WordVectorizer):
+    big_files = True
+
     def __init__(self, cache: ModelCache, spec: str) -> None:
-        self._cache = cache
+        super().__init__(cache)
         self.path = Path(required(SETTING, spec, "FastText / word2vec vectors (a file)")).expanduser()
         self._fmt: str | None = None
         self._dim = 0
-        self._id: str | None = None
+        self.cache_key = f"word_vectors:{self.path.resolve()}"
 
     @property
     def format(self) -> str:
         if self._fmt is None:
             self.check()
-        return self._fmt  # type: ignore[return-value]
+        assert self._fmt is not None  # check() sniffed it or raised
+        return self._fmt
 
     @property
     def dim(self) -> int:
@@ -78,23 +80,19 @@ class GensimWordVectorizer(WordVectorizer):
                 self._dim = int(self._kv().vector_size)
         return self._dim
 
-    def make_model_id(self) -> str:
-        name = "fasttext" if self.format == "fasttext" else "word2vec"
-        return f"{name}:{self.path.stem}@{quick_hash([self.path])}"
+    def id_files(self) -> list[Path]:
+        return [self.path]
 
     def check(self) -> None:
         existing(SETTING, self.path, "file")
         self._fmt, self._dim = sniff(self.path)
+        self.id_name = f"{'fasttext' if self._fmt == 'fasttext' else 'word2vec'}:{self.path.stem}"
+
+    def _load(self):
+        return _load(self.path, self.format)
 
     def _kv(self):
-        def load():
-            self.check()
-            return _load(self.path, self._fmt)
-
-        return self._cache.get(f"word_vectors:{self.path.resolve()}", load)
-
-    def load(self) -> None:
-        self._kv()
+        return self._model()
 
     def known_words(self, kv, text: str) -> list[str]:
         if self.format == "fasttext":  # every word has a vector (n-grams)
@@ -109,7 +107,7 @@ class GensimWordVectorizer(WordVectorizer):
 
     def vectorize(self, texts: list[str]) -> np.ndarray:
         kv = self._kv()
-        out = np.zeros((len(texts), int(kv.vector_size)), np.float32)
+        out: np.ndarray = np.zeros((len(texts), int(kv.vector_size)), np.float32)
         for i, text in enumerate(texts):
             words = self.known_words(kv, text)
             if words:

@@ -1,4 +1,5 @@
-"""Tiny random-initialised models in the production formats, built from configs.
+"""Tiny random-initialised models in the production formats, built from configs (a test
+fixture; ``benchmarks/gpu_vlm_batch.py`` borrows the Qwen2-VL configs).
 
 No VLM or CLIP weights ship anywhere, so the production (GPU-profile) code paths are tested
 (and ``benchmarks/gpu_vlm_batch.py --tiny`` runs) on models written here to a folder and then
@@ -100,22 +101,11 @@ def qwen2vl_7b_config(**overrides) -> dict:
 def tiny_qwen2vl_config(tokenizer=None) -> dict:
     ids = {t: (tokenizer.convert_tokens_to_ids(t) if tokenizer is not None else i) for i, t in enumerate(SPECIAL_TOKENS)}
     vocab = len(tokenizer) if tokenizer is not None else 400
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    special = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}  # head_dim 16 -> mrope sections sum to 8
     cfg = qwen2vl_7b_config(
-        text=dict(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-            # head_dim 16 -> mrope sections sum to 8
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
-        ),
-        vision=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+        text=dict(vocab_size=vocab, **sizes, **special, rope_parameters=rope), vision=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
     )
     cfg.update(
         image_token_id=ids["<|image_pad|>"],

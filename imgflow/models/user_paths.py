@@ -1,4 +1,4 @@
-"""Setting names and the clear start-up errors shared by the production adapters."""
+"""Paths the user configures (the production models): setting names and clear start-up errors."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Grounding rules for the structured record, shared by both profiles (the LLM adapter is
-shared: ``embedded.llm.LlamaCppStructurer``, and ``gpu.llm.GgufStructurer`` extends it).
+"""Grounding rules for the structured record, shared by both profiles (both LLM adapters
+derive from ``imgflow.models.llm.structurer.LlamaStructurer``).
 
 The LLM sees only text (the notes built by ``notes``), never the image. What it may decide:
 - ``category``: one of the candidates from ``imgflow.models.categories.candidates`` (on the
@@ -42,89 +42,15 @@ _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
 _QUOTED = re.compile(r"[\"“”]([^\"“”]+)[\"“”]")
 # Words a caption may use besides the notes' own (when the notes are facts only).
 CAPTION_WORDS = frozenset(
-    {
-        "a",
-        "an",
-        "the",
-        "of",
-        "and",
-        "or",
-        "in",
-        "on",
-        "with",
-        "at",
-        "to",
-        "by",
-        "its",
-        "it",
-        "is",
-        "are",
-        "this",
-        "that",
-        "which",
-        "showing",
-        "shows",
-        "photo",
-        "picture",
-        "image",
-        "close",
-        "sign",
-        "document",
-        "text",
-        "word",
-        "words",
-        "written",
-        "reads",
-        "reading",
-        "saying",
-        "says",
-        "tones",
-        "tone",
-        "colours",
-        "coloured",
-        "colors",
-        "colored",
-        "probably",
-        "possibly",
-        "maybe",
-        "some",
-        "small",
-        "large",
-        "front",
-        "number",
-        "numbers",
-        "letters",
-    }
+    (
+        "a an the of and or in on with at to by its it is are this that which showing shows photo picture "
+        "image close sign document text word words written reads reading saying says tones tone colours "
+        "coloured colors colored probably possibly maybe some small large front number numbers letters"
+    ).split()
 )
 # Words that claim text is visible.
 TEXT_CLAIMS = frozenset({"text", "word", "words", "written", "reads", "reading", "saying", "says", "number", "numbers", "letters"})
-_STOP = {
-    "a",
-    "an",
-    "the",
-    "of",
-    "and",
-    "or",
-    "in",
-    "on",
-    "with",
-    "for",
-    "to",
-    "it",
-    "is",
-    "its",
-    "this",
-    "that",
-    "at",
-    "by",
-    "from",
-    "as",
-    "be",
-    "are",
-    "photo",
-    "image",
-    "picture",
-}
+_STOP = set("a an the of and or in on with for to it is its this that at by from as be are photo image picture".split())
 
 
 def words(text: str) -> list[str]:
