@@ -11,8 +11,8 @@ from pathlib import Path
 
 import boto3
 
-from consumers.sink import PendingRow, ResultStore
-from imgflow.results import row_from_enriched
+from imgflow.output.rows import row_from_enriched
+from imgflow.output.store import PendingRow, ResultStore
 from tests.conftest import settings_env
 from tests.kafka_helpers import decoded
 
