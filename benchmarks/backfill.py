@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from consumers.sink import ResultStore
 from imgflow.kafka import ensure_topics
+from imgflow.output.store import ResultStore
 from imgflow.settings import Settings
 from imgflow.stack import EmbeddedStack
 from tests.test_backfill import result_row

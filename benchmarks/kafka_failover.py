@@ -41,7 +41,7 @@ from pathlib import Path
 import fastavro
 
 from benchmarks.perf_common import environ
-from imgflow.results import committed_csv_length, read_csv_rows
+from imgflow.output.formats import committed_csv_length, read_csv_rows
 from imgflow.settings import Settings
 from imgflow.stack import EmbeddedStack
 from imgflow.topics import SCHEMA_TOPIC

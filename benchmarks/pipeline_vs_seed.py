@@ -38,21 +38,8 @@ import time
 from pathlib import Path
 
 from benchmarks.perf_common import mixed_images, print_table, write_result
+from imgflow.output.rows import SEED_COLUMNS
 
-COLUMNS = [
-    "image_path",
-    "text",
-    "description",
-    "categories",
-    "keywords",
-    "image_text",
-    "text_vector",
-    "word2vec_vector",
-    "image_vector",
-    "timestamp",
-    "error",
-    "llama_extracted",
-]
 CSV_EVERY = 10  # the original's BATCH/flush cadence: rows appended every 10 images
 ENGINES = ("tansu", "kafka")  # imgflow run --engine
 
@@ -97,7 +84,7 @@ def seed_loop(images: Path, out_csv: Path) -> dict:
         with open(out_csv, "a", newline="") as f:
             w = csv.writer(f)
             if new:
-                w.writerow(COLUMNS)
+                w.writerow(SEED_COLUMNS)
             w.writerows(pending)
         pending.clear()
 

@@ -2,7 +2,7 @@
 ``benchmarks/quality.py`` after the models have made the set's rows.
 
 The rows are written as a real sink output (the Avro + ``_index`` layout of
-``imgflow.results``, rows shaped by the sink's own ``row_from_enriched``, run ``live``), one
+``imgflow.output``, rows shaped by the sink's own ``row_from_enriched``, run ``live``), one
 output per split (``tune``, ``holdout``, and ``all``: both together, the most distractors),
 each indexed by ``SearchIndex.sync`` and queried through ``Searcher``, as ``imgflow search``
 does. Figures (per split):
@@ -71,7 +71,7 @@ def photo_name(label: dict) -> str:
 
 def sink_rows(enriched: list[dict], run_id: str) -> list[dict]:
     """The sink's rows (``ResultRow``) of the stage outputs, as if consumed at offsets 0..n-1."""
-    from imgflow.results import row_from_enriched
+    from imgflow.output.rows import row_from_enriched
 
     rows = []
     for offset, e in enumerate(enriched):
@@ -83,10 +83,12 @@ def sink_rows(enriched: list[dict], run_id: str) -> list[dict]:
 
 def write_output(folder: Path, rows: list[dict]) -> Path:
     """``rows`` as a sink output: per batch its Avro file, then its ``_index`` (the batch is
-    complete), as ``consumers.sink.ResultStore.write`` does. Offsets are renumbered 0..n-1."""
-    from imgflow.results import AVRO, INDEX, LocalOutput, avro_bytes, data_key, index_bytes
+    complete), as ``imgflow.output.store.ResultStore.write`` does. Offsets are renumbered 0..n-1."""
+    from imgflow.output.formats import avro_bytes, index_bytes
+    from imgflow.output.layout import AVRO, INDEX, data_key
+    from imgflow.output.storage import LocalStorage
 
-    out = LocalOutput(folder)
+    out = LocalStorage(folder)
     out.check()
     rows = [{**r, "source_topic": TOPIC, "source_partition": 0, "source_offset": i} for i, r in enumerate(rows)]
     for start in range(0, len(rows), BATCH):
@@ -246,9 +248,11 @@ def print_misses(search: dict) -> None:
 
 
 def rows_of_output(out: Path) -> list[dict]:
-    from imgflow.results import AVRO, INDEX, LocalOutput, all_keys, read_avro, sibling_key
+    from imgflow.output.formats import read_avro
+    from imgflow.output.layout import AVRO, INDEX, all_keys, sibling_key
+    from imgflow.output.storage import LocalStorage
 
-    output = LocalOutput(out)
+    output = LocalStorage(out)
     complete = set(all_keys(output, INDEX))
     rows = []
     for key in all_keys(output, AVRO):

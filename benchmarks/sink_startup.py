@@ -11,7 +11,7 @@ leaves the last batch cut short after its Avro upload (a crash). Then it starts 
 process that does what ``imgflow stage sink`` does before consuming - lock the output, ask
 the broker for the committed offsets, recover - and reports its start-up time (the whole
 process: interpreter, imports, broker round trip, recovery) and peak RSS. It also times the
-backfill skip check (``ResultIndex.existing``: 100,000 ids, half of them present).
+backfill skip check (``ResultReader.existing``: 100,000 ids, half of them present).
 
 Rows carry short vectors (8 floats each) so that a million rows can be generated in minutes:
 start-up reads the ``_index`` objects of the dedupe window and the one cut-short batch,
@@ -41,7 +41,7 @@ def event_id(i: int) -> str:
 
 
 def enriched_row(i: int, topic: str, partition: int, offset: int) -> dict:
-    from imgflow.results import row_from_enriched
+    from imgflow.output.rows import row_from_enriched
 
     event = {
         "event_id": event_id(i),
@@ -98,7 +98,7 @@ def settings_for(bootstrap: str, s3: dict, out, topic: str, dlq: str):
 def write_history(settings, out, rows: int, batch: int, partitions: int = 3) -> dict[tuple[str, int], int]:
     """``rows`` rows through the sink's writer; returns the offsets to commit. The last batch
     is left as a crash after its Avro file (no CSV rows, no index, offsets not committed)."""
-    from consumers.sink import PendingRow, ResultStore
+    from imgflow.output.store import PendingRow, ResultStore
     from imgflow.stage import CrashPoints
 
     topic = settings.topics.enriched
@@ -213,12 +213,12 @@ def measure_startup(settings, s3: dict, out) -> dict:
 
 
 def skip_check(settings, out, rows: int, lookups: int = 100_000) -> float:
-    from imgflow.results import ResultIndex
+    from imgflow.output.reader import ResultReader
 
     present = [event_id(i) for i in range(0, rows, max(1, rows // (lookups // 2)))][: lookups // 2]
     absent = [f"absent{i:026d}" for i in range(lookups - len(present))]
     started = time.monotonic()
-    found = ResultIndex(out, settings).existing(present + absent)
+    found = ResultReader(out, settings).existing(present + absent)
     seconds = time.monotonic() - started
     assert found == set(present), f"skip check found {len(found)} of {len(present)}"
     return seconds

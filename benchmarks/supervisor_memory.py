@@ -1,5 +1,5 @@
 """Memory of `imgflow run`'s supervisor loop alone (progress counting: TopicCounter over the
-five topics, CommittedResults over the sink's output) as the history grows, without models:
+five topics, ResultReader over the sink's output) as the history grows, without models:
 
     .venv/bin/python -m benchmarks.supervisor_memory [--images 4000] [--old COMMIT]
 
@@ -54,10 +54,10 @@ def supervisor(settings_json: str, out: str, old: str, stop_file: str) -> None:
         counter_cls, results_cls = _old_classes(old)
         tail = results_cls(Path(out), settings)
     else:
+        from imgflow.output.reader import ResultReader
         from imgflow.pipeline import TopicCounter as counter_cls
-        from imgflow.results import CommittedResults
 
-        tail = CommittedResults(Path(out), settings, wanted=set())
+        tail = ResultReader(Path(out), settings, wanted=set())
     t = settings.topics
     counter = counter_cls(settings, [t.new, t.new_high, t.vision, t.enriched, t.dlq])
     while not os.path.exists(stop_file):
@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from confluent_kafka import Producer
 
-    from consumers.sink import PendingRow, ResultStore
     from imgflow.kafka import ensure_topics, producer_config
-    from imgflow.results import row_from_enriched
+    from imgflow.output.rows import row_from_enriched
+    from imgflow.output.store import PendingRow, ResultStore
     from imgflow.settings import Settings
     from imgflow.stack import EmbeddedStack
     from imgflow.stage import CrashPoints

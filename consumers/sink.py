@@ -1,5 +1,5 @@
 """Sink stage: final records -> Avro files and the CSV, in a local folder or ``s3://`` prefix
-(layout and formats: ``imgflow/results.py``).
+(layout and formats: ``imgflow/output/``; the writer: ``imgflow.output.store.ResultStore``).
 
 Exactly once
 ------------
@@ -51,7 +51,7 @@ dedupe window, not on the history:
 * Not covered (unlike the unbounded id set this replaced): the same event *published again*
   long after its row was written - beyond the window, e.g. by a watcher whose state was
   deleted - gets a second row. Publishers guard against that (watcher state; ``backfill``
-  checks the output with ``imgflow.results.ResultIndex`` unless forced).
+  checks the output with ``imgflow.output.reader.ResultReader`` unless forced).
 
 Locally ``results.csv`` is one file: a half-written tail is cut back to the committed length,
 and the rows of a file without index are appended unless they are already among the rows
@@ -60,365 +60,35 @@ written since the last offset commit (read from ``.sink-checkpoint``'s position:
 
 from __future__ import annotations
 
-import csv
-import fcntl
+import functools
 import logging
-import os
-import socket
 import time
-from collections import Counter, defaultdict, deque
-from dataclasses import dataclass
-from pathlib import Path
+from collections import Counter
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from imgflow import metrics
-from imgflow.errors import ImgflowError
-from imgflow.events import dedupe_key
 from imgflow.kafka import consumer_config
 from imgflow.lag import LagReader
+from imgflow.output.rows import row_from_dead_letter, row_from_enriched, row_from_malformed
+from imgflow.output.storage import retry_s3
+from imgflow.output.store import PendingRow, ResultStore
 from imgflow.rescan import IdleRescan
-from imgflow.results import (  # noqa: F401 - CSV_COLUMNS, read_csv_rows, row_from_enriched re-exported
-    AVRO,
-    COMMITTED_LENGTH,
-    CSV_COLUMNS,
-    CSV_PARTS,
-    INDEX,
-    RESULTS_CSV,
-    CsvLines,
-    Output,
-    avro_bytes,
-    committed_csv_length,
-    csv_bytes,
-    csv_cell,
-    data_key,
-    fetch_all,
-    file_stem,
-    index_bytes,
-    iso_time,
-    open_output,
-    parse_index,
-    parse_key,
-    partition_prefix,
-    partitions,
-    read_avro,
-    read_csv_rows,
-    retry_s3,
-    row_from_dead_letter,
-    row_from_enriched,
-)
 from imgflow.settings import Settings
 from imgflow.stage import CrashPoints, RangeBounds, RangeTracker
 from schemas.codec import SchemaError, get_codec
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = ".sink-checkpoint"
 
-
-class SinkLockedError(ImgflowError, RuntimeError):
-    """Another sink writes this output (or took over its lease): the message names both."""
-
-
-LEASE_KEY = "_sink.lease"  # on S3, the object whose conditional writes make one sink per prefix
-
-
-@dataclass
-class PendingRow:
-    topic: str
-    partition: int
-    offset: int
-    row: dict
-    published_at: object = None  # the image event's publication time (output lag metric)
-
-
-class RecentIds:
-    """The dedupe keys (``dedupe_key(event_id, run_id)``: one row per image event and run)
-    written from the last ``window`` offsets of each partition."""
-
-    def __init__(self, window: int) -> None:
-        self.window = window
-        self._count: dict[str, int] = {}
-        self._by_tp: dict[tuple[str, int], deque[tuple[int, str]]] = defaultdict(deque)
-        self._high: dict[tuple[str, int], int] = {}
-
-    def __contains__(self, event_id: str) -> bool:
-        return event_id in self._count
-
-    def __len__(self) -> int:
-        return len(self._count)
-
-    def add(self, tp: tuple[str, int], offset: int, event_id: str) -> None:
-        ids = self._by_tp[tp]
-        ids.append((offset, event_id))
-        self._count[event_id] = self._count.get(event_id, 0) + 1
-        high = self._high[tp] = max(offset, self._high.get(tp, offset))
-        while ids and ids[0][0] < high - self.window:
-            _, old = ids.popleft()
-            self._count[old] -= 1
-            if not self._count[old]:
-                del self._count[old]
-
-
-class LocalCsv:
-    """``results.csv``, appended, with the length of its complete part in
-    ``.results.csv.committed`` (a reader reads up to it)."""
-
-    def __init__(self, root: Path) -> None:
-        self.path = root / RESULTS_CSV
-        self.length_path = root / COMMITTED_LENGTH
-        self.checkpoint_path = root / CHECKPOINT
-
-    def committed_length(self) -> int:
-        return committed_csv_length(self.path.parent)
-
-    def cut_unfinished(self) -> None:
-        committed = self.committed_length()
-        if self.path.exists() and self.path.stat().st_size > committed:
-            log.warning("results.csv: cutting an unfinished write (%d -> %d bytes)", self.path.stat().st_size, committed)
-            with self.path.open("r+b") as f:
-                f.truncate(committed)
-
-    def checkpointed(self) -> int:
-        """Where the rows written since the last offset commit begin (0: not known)."""
-        try:
-            return min(int(self.checkpoint_path.read_text()), self.committed_length())
-        except (FileNotFoundError, ValueError):
-            return 0
-
-    def write(self, groups: list[list[dict]], crash: CrashPoints | None = None) -> None:
-        rows = [r for g in groups for r in g]
-        new_file = not self.path.exists() or self.path.stat().st_size == 0
-        with self.path.open("a", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            if new_file:
-                # The header gets its own committed length, so that even the first batch
-                # can be cut back if it is only half written.
-                writer.writerow(CSV_COLUMNS)
-                f.flush()
-                os.fsync(f.fileno())
-                self._set(self.length_path, f.tell())
-            lines = CsvLines()
-            for i, row in enumerate(rows):
-                f.write(lines.line(row))
-                if crash is not None and i == len(rows) // 2:
-                    f.flush()
-                    crash.reach("mid_csv")
-            f.flush()
-            os.fsync(f.fileno())
-            length = f.tell()
-        if crash is not None:
-            crash.reach("after_csv")
-        self._set(self.length_path, length)
-        metrics.SINK_ROWS.labels("csv").inc(len(rows))
-
-    def checkpoint(self) -> None:
-        """After an offset commit: rows before this length are never needed at start-up."""
-        self._set(self.checkpoint_path, self.committed_length(), durable=False)
-
-    @staticmethod
-    def _set(path: Path, value: int, durable: bool = True) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w") as f:
-            f.write(str(value))
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-
-class CsvParts:
-    """S3: one CSV part (header + rows) per Avro file, under ``csv/``; ``imgflow export csv``
-    merges them into one file."""
-
-    def __init__(self, output: Output) -> None:
-        self.output = output
-
-    def write(self, groups: list[list[dict]], crash: CrashPoints | None = None) -> None:
-        for i, rows in enumerate(groups):
-            if crash is not None and i == len(groups) // 2:
-                crash.reach("mid_csv")
-            first = rows[0]
-            self.output.put(data_key(CSV_PARTS, first["source_topic"], first["source_partition"], first["source_offset"]), csv_bytes(rows, header=True))
-        if crash is not None:
-            crash.reach("after_csv")
-        metrics.SINK_ROWS.labels("csv").inc(sum(len(g) for g in groups))
-
-    def checkpoint(self) -> None:
-        pass
-
-
-class ResultStore:
-    """The sink's output: a local folder or an ``s3://`` prefix (see the module docstring)."""
-
-    def __init__(self, out, write_csv: bool = True, write_avro: bool = True, settings: Settings | None = None, dedupe_window: int | None = None) -> None:
-        self.settings = settings or Settings()
-        self.output = open_output(out, self.settings)
-        if self.output.is_s3 and not write_avro:
-            raise ValueError("sink.avro = false needs a local output: on S3 the Avro files are what start-up completes interrupted batches from")
-        self.out = out if self.output.is_s3 else Path(out)
-        self.write_csv, self.write_avro = write_csv, write_avro
-        window = dedupe_window if dedupe_window is not None else self.settings.sink.dedupe_window
-        self.known = RecentIds(window)
-        self.csv = CsvParts(self.output) if self.output.is_s3 else LocalCsv(Path(out))
-        self._lock_file = None
-        self.lease = None
-
-    # ---- start-up -------------------------------------------------------------------------
-    def lock(self, owner: str = "a sink", stopping=lambda: False) -> None:
-        """One sink per output. Locally a flock on ``.sink.lock``; on S3 a lease object under
-        the prefix (``_sink.lease``, imgflow/s3lease.py), renewed while the sink runs. Held by a
-        sink of another group: SinkLockedError at once, naming the prefix and the holder; by
-        one of the same ``owner`` (its predecessor, most likely): wait for it to stop or for
-        its lease to expire (sink.lease_ttl_s)."""
-        self.output.check()
-        if self.output.is_s3:
-            from imgflow.s3lease import LeaseHeld, S3Lease
-
-            lease = S3Lease(self.output.client, self.output.bucket, self.output.prefix + LEASE_KEY, owner, self.settings.sink.lease_ttl_s)
-            try:
-                lease.acquire(wait_for=lambda holder: holder.owner == owner, stopping=stopping)
-            except LeaseHeld as exc:
-                raise SinkLockedError(f"another sink is writing to {self.output}: {exc}") from None
-            lease.start_renewing()
-            self.lease = lease
-            return
-        self._lock_file = open(self.out / ".sink.lock", "a+")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            self._lock_file.seek(0)
-            holder = self._lock_file.read().strip()
-            raise SinkLockedError(f"another sink is writing to {self.out}" + (f": {holder}" if holder else "")) from exc
-        self._lock_file.seek(0)
-        self._lock_file.truncate()
-        self._lock_file.write(f"{owner} (pid {os.getpid()} on {socket.gethostname()})\n")
-        self._lock_file.flush()
-
-    def unlock(self) -> None:
-        """Release the output (the S3 lease is deleted, so the next sink need not wait)."""
-        if self.lease is not None:
-            self.lease.release()
-            self.lease = None
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
-
-    def committed_length(self) -> int:
-        return committed_csv_length(self.out) if not self.output.is_s3 else 0
-
-    def recover(self, committed: dict[tuple[str, int], int | None] | None = None) -> int:
-        """Complete what the last run left unfinished and learn the recent event_ids, reading
-        only the files named at or past ``committed[tp] - window`` (see the module
-        docstring). ``committed``: the group's committed offset (None: none) of each
-        partition the sink consumes; without it, every partition in the output is read
-        whole. Returns the number of CSV rows restored."""
-        if committed is None:
-            committed = {tp: None for tp in set(partitions(self.output, AVRO)) | set(partitions(self.output, INDEX))}
-        self.output.remove_temp_files()
-        tail_ids: set[str] | None = None
-        if not self.output.is_s3:
-            self._move_old_layout()
-            if self.write_csv:
-                self.csv.cut_unfinished()
-                # Rows written since the last offset commit; their batches may lack an index.
-                tail = list(read_csv_rows(self.csv.path, self.csv.committed_length(), start=self.csv.checkpointed()))
-                tail_ids = {dedupe_key(r["event_id"], r["run_id"]) for r in tail}
-                for r in tail:
-                    self.known.add((r["source_topic"], int(r["source_partition"])), int(r["source_offset"]), dedupe_key(r["event_id"], r["run_id"]))
-        restored = 0
-        for (topic, partition), offset in sorted(committed.items()):
-            tp = (topic, partition)
-            start = max(0, offset - self.known.window) if offset is not None else 0
-            after = {kind: partition_prefix(kind, topic, partition) + file_stem(topic, partition, start) if start else "" for kind in (AVRO, INDEX)}
-            indexed = set()
-            index_keys = list(self.output.list(partition_prefix(INDEX, topic, partition), after[INDEX]))
-            for key, data in fetch_all(self.output, index_keys):  # in parallel on S3
-                indexed.add(parse_key(key)[2])
-                for e in parse_index(data or b'{"rows": []}'):
-                    self.known.add(tp, e.offset, dedupe_key(e.event_id, e.run_id))
-            for key in self.output.list(partition_prefix(AVRO, topic, partition), after[AVRO]):
-                first = parse_key(key)[2]
-                if first in indexed:
-                    continue
-                # No index: the batch was cut short after its Avro file was written.
-                rows = read_avro(self.output.get(key) or b"")
-                if self.write_csv:
-                    missing = rows if tail_ids is None else [r for r in rows if dedupe_key(r["event_id"], r["run_id"]) not in tail_ids]
-                    if missing:
-                        self.csv.write([missing])
-                        restored += len(missing)
-                self.output.put(data_key(INDEX, topic, partition, first), index_bytes(rows))
-                for r in rows:
-                    self.known.add(tp, r["source_offset"], dedupe_key(r["event_id"], r["run_id"]))
-        if restored:
-            log.warning("restored %d CSV rows found only in Avro files", restored)
-        return restored
-
-    def _move_old_layout(self) -> None:
-        """Avro files of the earlier flat layout (``avro/<topic>+<p>+<offset>.avro``) move to
-        the partitioned one (a rename each; a crash mid-way just moves the rest next time)."""
-        folder = self.out / AVRO
-        if not folder.is_dir():
-            return
-        for path in sorted(folder.glob("*.avro")):
-            topic, partition, offset = parse_key(path.name)
-            target = self.out / data_key(AVRO, topic, partition, offset)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
-
-    # ---- one batch --------------------------------------------------------------------------
-    def write(self, pending: list[PendingRow], crash: CrashPoints | None = None) -> list[PendingRow]:
-        """Write the rows whose event_id is new; returns those written."""
-        crash = crash or CrashPoints("sink", "")
-        if self.lease is not None:  # still the one sink of this prefix (S3Error: the store is down)
-            from imgflow.s3lease import LeaseLost
-
-            try:
-                self.lease.ensure()
-            except LeaseLost as exc:
-                raise SinkLockedError(str(exc)) from None
-        fresh, seen = [], set()
-        for p in pending:
-            eid = dedupe_key(p.row["event_id"], p.row["run_id"])
-            if eid in self.known or eid in seen:
-                metrics.DUPLICATES_DROPPED.labels("sink").inc()
-                continue
-            seen.add(eid)
-            fresh.append(p)
-        if not fresh:
-            return []
-        by_tp: dict[tuple[str, int], list[PendingRow]] = defaultdict(list)
-        for p in fresh:
-            by_tp[(p.topic, p.partition)].append(p)
-        groups = [[p.row for p in rows] for rows in by_tp.values()]
-        # Step 1. Avro files, whole, named by topic/partition/first offset: after a crash a
-        # file is absent (rows redelivered) or whole (batch completed by recover()).
-        if self.write_avro:
-            for (topic, partition), rows in by_tp.items():
-                self._write_avro(topic, partition, rows)
-        crash.reach("after_avro")
-        # Step 2. CSV rows; a crash in the middle is undone or completed by recover().
-        if self.write_csv:
-            self.csv.write(groups, crash)
-        # Step 3. The index marks each batch whole: recover() completes files without one.
-        for (topic, partition), rows in by_tp.items():
-            self.output.put(data_key(INDEX, topic, partition, rows[0].offset), index_bytes([p.row for p in rows]))
-        crash.reach("after_index")
-        for p in fresh:
-            self.known.add((p.topic, p.partition), p.offset, dedupe_key(p.row["event_id"], p.row["run_id"]))
-        return fresh
-
-    def _write_avro(self, topic: str, partition: int, rows: list[PendingRow]) -> str:
-        key = data_key(AVRO, topic, partition, rows[0].offset)
-        self.output.put(key, avro_bytes([p.row for p in rows], codec=self.settings.sink.avro_codec))
-        metrics.SINK_ROWS.labels("avro").inc(len(rows))
-        return key
-
-    def checkpoint(self) -> None:
-        """Called after the group's offsets are committed."""
-        if self.write_csv:
-            self.csv.checkpoint()
+def last_offsets(msgs: list[Message]) -> dict[tuple[str, int], int]:
+    """The highest offset of each (topic, partition) among delivered messages."""
+    offsets: dict[tuple[str, int], int] = {}
+    for m in msgs:
+        topic, partition, offset = m.topic(), m.partition(), m.offset()
+        assert topic is not None and partition is not None and offset is not None  # set on every delivered message
+        offsets[(topic, partition)] = max(offsets.get((topic, partition), -1), offset)
+    return offsets
 
 
 class SinkRunner:
@@ -453,24 +123,9 @@ class SinkRunner:
                 row = row_from_enriched(value, topic, partition, offset)
                 published = value["vision"]["event"]["published_at"]
         except SchemaError as exc:
-            # A malformed final record still accounts for its image: an error row.
             key = msg.key().decode("utf-8", "replace") if msg.key() else f"malformed-{topic}-{partition}-{offset}"
             log.error("undecodable record on %s[%d]@%d: %s", topic, partition, offset, exc, extra={"event_id": key, "stage": "sink"})
-            row = {
-                "image_path": "",
-                "categories": [],
-                "keywords": [],
-                "timestamp": iso_time(int(time.time() * 1000)),
-                "error": f"sink: malformed record: {exc}",
-                "event_id": key,
-                "failed_stage": "sink",
-                "models": {},
-                "source_topic": topic,
-                "source_partition": partition,
-                "source_offset": offset,
-                "run_id": "",
-                "source_uri": "",
-            }
+            row = row_from_malformed(key, exc, topic, partition, offset)
         if self.run_id is not None:
             row["run_id"] = self.run_id
         return PendingRow(topic, partition, offset, row, published)
@@ -506,7 +161,7 @@ class SinkRunner:
         self.rescan = IdleRescan(self.store.known.window // 2, committed) if self.bounds is None else None
         log.info(
             "sink writing to %s (%d recent results known, %d restored from Avro, start-up %.2fs)",
-            self.store.output,
+            self.store.storage,
             len(self.store.known),
             restored,
             time.monotonic() - t0,
@@ -545,18 +200,17 @@ class SinkRunner:
                 pending = [self._to_pending(m) for m in msgs]
                 # An unwritable output (S3 down, bucket missing, credentials wrong) holds the
                 # batch and retries with back-off; nothing is committed until it is written.
-                written = retry_s3(f"sink: writing {len(pending)} rows", lambda: self.store.write(pending, self.crash), stopping=lambda: self.stopping)
+                write = functools.partial(self.store.write, pending, self.crash)
+                written = retry_s3(f"sink: writing {len(pending)} rows", write, stopping=lambda: self.stopping)
                 if written is None:
                     break  # stopped before the batch was written: it is redelivered next time
                 metrics.sink_wrote([p.published_at for p in written])
                 for p in written:
-                    extra = {"event_id": p.row["event_id"], "stage": "sink"}
-                    log.info("wrote %s%s", p.row["image_path"], " (error row)" if p.row["error"] else "", extra=extra)
+                    log_extra = {"event_id": p.row["event_id"], "stage": "sink"}
+                    log.info("wrote %s%s", p.row["image_path"], " (error row)" if p.row["error"] else "", extra=log_extra)
                 # Step 4. Only now move the group's offsets; redelivered records would be
                 # dropped as known anyway, so a failed commit costs time, not correctness.
-                offsets: dict[tuple[str, int], int] = {}
-                for m in msgs:
-                    offsets[(m.topic(), m.partition())] = max(offsets.get((m.topic(), m.partition()), -1), m.offset())
+                offsets = last_offsets(msgs)
                 t0 = time.monotonic()
                 try:
                     consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in offsets.items()], asynchronous=False)

@@ -111,12 +111,12 @@ def run(
 def _check_output(settings) -> None:
     """An s3:// output must be writable before anything starts (exit 2 naming the setting);
     a sink started on its own retries instead, as a service should."""
-    from imgflow.results import is_s3_output, open_output
+    from imgflow.output.storage import is_s3_output, open_storage
     from imgflow.s3 import S3Error
 
     if is_s3_output(settings.sink.out_dir):
         try:
-            open_output(settings.sink.out_dir, settings).check()
+            open_storage(settings.sink.out_dir, settings).check()
         except S3Error as exc:
             _exit_with_error(exc)
 
@@ -410,7 +410,7 @@ def export_csv(
     """One CSV with the seed's header from a sink output: on S3 its CSV parts merged in
     (topic, partition, offset) order; locally the complete part of results.csv."""
     settings = _settings()
-    from imgflow.results import export_csv as export
+    from imgflow.output.export import export_csv as export
     from imgflow.s3 import S3Error
 
     tmp = out.with_name(out.name + ".tmp") if out is not None else None

@@ -18,8 +18,9 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from imgflow.kafka import consumer_config
 from imgflow.metrics import ChildMetrics, serve_children
+from imgflow.output.reader import ResultReader
+from imgflow.output.storage import is_s3_output
 from imgflow.process import free_port, own_session_dying_with_parent, port_is_free
-from imgflow.results import CommittedResults, is_s3_output
 from imgflow.s3 import S3Location
 from imgflow.settings import Settings
 from imgflow.stack import EmbeddedStack, StackError
@@ -297,7 +298,7 @@ class Pipeline:
         return current_event_ids(self.input_dir, self.settings)
 
     def _supervise(self, target: set[str], bootstrap: str) -> int:
-        tail = CommittedResults(self.out_dir, self.settings, wanted=target)
+        tail = ResultReader(self.out_dir, self.settings, wanted=target)
         t = self.settings.topics
         counter = TopicCounter(self._with_bootstrap(bootstrap), [t.new, t.new_high, t.vision, t.enriched, t.dlq])
         progress = Progress(total=len(target) if self.once else None)

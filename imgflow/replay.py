@@ -452,9 +452,9 @@ def prepare_run(settings: Settings, stage: str, start: Point, stop: Point, run_i
 
 def count_results(settings: Settings, out: str) -> tuple[int, int]:
     """(rows, error rows) the run's sink has committed."""
-    from imgflow.results import CommittedResults
+    from imgflow.output.reader import ResultReader
 
-    results = CommittedResults(out if out.startswith("s3://") else Path(out), settings)
+    results = ResultReader(out if out.startswith("s3://") else Path(out), settings)
     results.refresh()
     return results.rows, results.errors
 

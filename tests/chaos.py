@@ -20,7 +20,8 @@ import fastavro
 from PIL import Image
 from skimage import data
 
-from consumers.sink import ResultStore, read_csv_rows
+from imgflow.output.formats import read_csv_rows
+from imgflow.output.store import ResultStore
 from imgflow.samples import render_text_image
 from imgflow.stack import EmbeddedStack
 

@@ -9,8 +9,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from consumers.sink import PendingRow, ResultStore
-from imgflow.results import row_from_enriched
+from imgflow.output.rows import row_from_enriched
+from imgflow.output.store import PendingRow, ResultStore
 from tests.conftest import settings_env
 from tests.kafka_helpers import decoded
 from tests.records import vision_result

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from consumers.sink import ResultStore, read_csv_rows
+from imgflow.output.formats import read_csv_rows
+from imgflow.output.store import ResultStore
 from imgflow.samples import render_text_image
 from tests.kafka_helpers import wait_until
 

@@ -122,7 +122,8 @@ def test_truncated_and_trailing_bytes():
 def test_sink_avro_files_read_back_with_fastavro():
     """The sink's container files (written from the fast bodies) are plain Avro: fastavro
     reads them back to the rows, several blocks included; deflate as before."""
-    from imgflow.results import avro_bytes, read_avro, row_from_enriched
+    from imgflow.output.formats import avro_bytes, read_avro
+    from imgflow.output.rows import row_from_enriched
 
     rows = [row_from_enriched({**BIG_ENRICHED, "processed_at": 1_700_000_000_000 + i}, "images.enriched", 1, i) for i in range(200)] + [ROW, ROW_NULLS]
     data = avro_bytes(rows)
@@ -142,7 +143,8 @@ def test_csv_lines_are_what_the_csv_module_writes():
     as csv.writer over csv_cell (quotes, commas, newlines, empty and missing cells)."""
     import csv
 
-    from imgflow.results import CSV_COLUMNS, CsvLines, csv_bytes, csv_cell, row_from_enriched
+    from imgflow.output.formats import CsvLines, csv_bytes, csv_cell
+    from imgflow.output.rows import CSV_COLUMNS, row_from_enriched
 
     base = row_from_enriched(BIG_ENRICHED, "images.enriched", 0, 5)
     nasty = ["", " ", "a,b", 'say "hi"', "line\nbreak", "cr\r", "ü", '"', ",", None]

@@ -20,8 +20,9 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from consumers.sink import ResultStore, read_csv_rows
 from imgflow.kafka import KafkaUnreachable, check_kafka
+from imgflow.output.formats import read_csv_rows
+from imgflow.output.store import ResultStore
 from imgflow.samples import render_text_image
 from imgflow.settings import Settings
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from consumers.sink import read_csv_rows
 from imgflow.kafka import consumer_config, producer_config
+from imgflow.output.formats import read_csv_rows
 from imgflow.replay import PartitionReader, Point, ReplayError, RunRegistry, parse_point
 from schemas.codec import get_codec
 from tests.conftest import settings_env

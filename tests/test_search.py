@@ -11,7 +11,9 @@ from pathlib import Path
 import fastavro
 import pytest
 
-from imgflow.results import AVRO, INDEX, LocalOutput, S3Output, avro_bytes, data_key, index_bytes, sibling_key
+from imgflow.output.formats import avro_bytes, index_bytes
+from imgflow.output.layout import AVRO, INDEX, data_key, sibling_key
+from imgflow.output.storage import LocalStorage, S3Storage
 from imgflow.search import SearchError
 from imgflow.search.index import SearchIndex
 from imgflow.search.query import Filters, Searcher
@@ -177,7 +179,7 @@ def test_runs_are_kept_apart_and_models_checked(search_run, tmp_path):
     other_model = [
         {**r, "run_id": "other-model", "models": {**r["models"], "embed_text": "some-other-model@123"}, "source_offset": i} for i, r in enumerate(live_rows)
     ]
-    output = LocalOutput(out)
+    output = LocalStorage(out)
     for offset, rows in ((900_000, replayed), (900_100, other_model)):
         key = data_key(AVRO, "images.enriched", 0, offset)
         output.put(key, avro_bytes(rows))
@@ -213,8 +215,8 @@ def test_clip_text_tower_ranks_image_vectors(search_run, tmp_path):
         r["models"] = {**r["models"], "embed_image": clip.model_id}
     out = tmp_path / "out"
     key = data_key(AVRO, "images.enriched", 0, 0)
-    LocalOutput(out).put(key, avro_bytes(rows))
-    LocalOutput(out).put(sibling_key(key, INDEX), index_bytes(rows))
+    LocalStorage(out).put(key, avro_bytes(rows))
+    LocalStorage(out).put(sibling_key(key, INDEX), index_bytes(rows))
     index = SearchIndex(out, settings)
     index.sync()
     hits = Searcher(index, settings).search("a cat", 20)
@@ -226,7 +228,7 @@ def test_search_an_s3_output(search_run, s3_server, s3_bucket, tmp_path):
     """An output on S3 (the sink's layout under s3://BUCKET/PREFIX/) is indexed the same."""
     uri = f"s3://{s3_bucket}/results/"
     settings = Settings(data_dir=tmp_path / "data", s3=s3_server.settings_section())
-    output = S3Output(uri, settings)
+    output = S3Storage(uri, settings)
     for path in sorted((search_run.out / AVRO).rglob("*")) + sorted((search_run.out / INDEX).rglob("*")):
         if path.is_file():
             output.put(str(path.relative_to(search_run.out)), path.read_bytes())

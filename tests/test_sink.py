@@ -13,7 +13,9 @@ from pathlib import Path
 import fastavro
 import pytest
 
-from consumers.sink import CSV_COLUMNS, PendingRow, ResultStore, SinkLockedError, read_csv_rows, row_from_enriched
+from imgflow.output.formats import read_csv_rows
+from imgflow.output.rows import CSV_COLUMNS, row_from_enriched
+from imgflow.output.store import PendingRow, ResultStore, SinkLockedError
 from imgflow.stage import CrashPoints
 from schemas.codec import get_codec
 from tests.conftest import settings_env

@@ -15,9 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from consumers.sink import ResultStore
 from imgflow.events import dedupe_key
-from imgflow.results import CSV_COLUMNS, INDEX, CommittedResults, ResultIndex, data_key, export_csv, open_output, read_avro
+from imgflow.output.export import export_csv
+from imgflow.output.formats import read_avro
+from imgflow.output.layout import INDEX, data_key
+from imgflow.output.reader import ResultReader
+from imgflow.output.rows import CSV_COLUMNS
+from imgflow.output.storage import open_storage
+from imgflow.output.store import ResultStore
 from imgflow.stage import CrashPoints
 from schemas.codec import get_codec
 from tests.conftest import make_settings, new_bucket, settings_env
@@ -30,7 +35,7 @@ TOPIC = "images.enriched"
 
 def output_ids(out, settings) -> list[str]:
     """event_ids of every Avro row in an output (local or S3), duplicates kept."""
-    output = open_output(out, settings)
+    output = open_storage(out, settings)
     ids = []
     for topic in output.subfolders("avro/"):
         for part in output.subfolders(f"avro/{topic}/"):
@@ -61,7 +66,7 @@ def test_store_layout_crash_recovery_export_and_index(out, s3_settings):
     store.lock()
     store.recover()
     assert len(store.write(pending(range(5), offset0=100), CrashPoints("sink", ""))) == 5
-    output = open_output(out, settings)
+    output = open_storage(out, settings)
     name = f"{TOPIC}/partition=0/{TOPIC}+0+0000000000000000100"
     assert output.get(f"avro/{name}.avro") is not None and output.get(f"_index/{name}.ids") is not None
     if output.is_s3:
@@ -82,11 +87,11 @@ def test_store_layout_crash_recovery_export_and_index(out, s3_settings):
     assert sorted(r["event_id"] for r in rows) == expected
     assert rows[0]["text"] == "A photo, number 0,\nwith a comma and a newline"
     # The backfill skip check: which of these have a row (any run, or one run).
-    index = ResultIndex(out, settings)
+    index = ResultReader(out, settings)
     assert index.existing(["e0001", "e0008", "nope"]) == {"e0001", "e0008"}
     assert index.existing(["e0001"], run_id="other") == set()
     # What `imgflow run` shows as done, read incrementally.
-    progress = CommittedResults(out, settings, wanted={"e0003", "e0009", "e0010"}, keep_ids=True)
+    progress = ResultReader(out, settings, wanted={"e0003", "e0009", "e0010"}, keep_ids=True)
     progress.refresh()
     assert progress.done == set(expected) and progress.errors == 0 and progress.rows == 9
     assert progress.missing == {"e0009", "e0010"}
@@ -101,7 +106,7 @@ def test_start_up_reads_only_the_window_past_the_committed_offsets(out, s3_setti
     """Old files (named below committed - window) are never read: here they are unreadable
     garbage, and start-up still succeeds; a redelivered id inside the window is dropped."""
     settings = s3_settings
-    output = open_output(out, settings)
+    output = open_storage(out, settings)
     store = ResultStore(out, settings=settings, dedupe_window=50)
     store.lock()
     store.recover()
@@ -155,7 +160,7 @@ def test_sink_process_s3_faults_then_exactly_once(s3_settings, s3_server, tmp_pa
             s3 = s3_server.client()
             s3.create_bucket(Bucket=bucket)
             wait_until(
-                lambda: len(ResultIndex(f"s3://{bucket}/out/", settings).existing([f"e{i:04d}" for i in range(20)])) == 20, 60, what="20 rows in the bucket"
+                lambda: len(ResultReader(f"s3://{bucket}/out/", settings).existing([f"e{i:04d}" for i in range(20)])) == 20, 60, what="20 rows in the bucket"
             )
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -222,7 +227,7 @@ def test_kill_sink_mid_upload_and_kill_s3_server_exactly_once(tmp_path):
             if chunk == 70:
                 stack.kill_s3()  # the runner restarts SeaweedFS on the same data
         expected = [f"e{i:04d}" for i in range(90)]
-        wait_until(lambda: len(ResultIndex(out, settings).existing(expected)) == 90, 180, interval=1, what="90 rows in the bucket")
+        wait_until(lambda: len(ResultReader(out, settings).existing(expected)) == 90, 180, interval=1, what="90 rows in the bucket")
         time.sleep(2)  # anything in flight that could make a second copy lands now
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
@@ -279,7 +284,7 @@ def test_a_second_sink_on_the_same_prefix_refuses_to_start_and_a_killed_sinks_le
     with log.open("wb") as f:
         first = subprocess.Popen([*cmd, "--group", "sink-a"], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: len(ResultIndex(out, settings).existing([f"e{i:04d}" for i in range(10)])) == 10, 120, what="10 rows from the first sink")
+        wait_until(lambda: len(ResultReader(out, settings).existing([f"e{i:04d}" for i in range(10)])) == 10, 120, what="10 rows from the first sink")
         second = subprocess.run([*cmd, "--group", "sink-b"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert second.returncode != 0
         said = second.stdout + second.stderr
@@ -295,7 +300,7 @@ def test_a_second_sink_on_the_same_prefix_refuses_to_start_and_a_killed_sinks_le
     with log.open("wb") as f:  # ... and is taken over: its holder is gone
         third = subprocess.Popen([*cmd, "--group", "sink-a"], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: len(ResultIndex(out, settings).existing([f"e{i:04d}" for i in range(15)])) == 15, 120, what="15 rows")
+        wait_until(lambda: len(ResultReader(out, settings).existing([f"e{i:04d}" for i in range(15)])) == 15, 120, what="15 rows")
     finally:
         third.send_signal(signal.SIGTERM)
         assert third.wait(60) == 0, log.read_text()[-3000:]

@@ -201,10 +201,10 @@ class Backfill:
     def _with_results(self, event_ids: list[str]) -> set[str]:
         if self.job.force or not event_ids:
             return set()
-        from imgflow.results import ResultIndex
+        from imgflow.output.reader import ResultReader
 
         try:
-            return ResultIndex(self.results_out, self.settings).existing(event_ids)
+            return ResultReader(self.results_out, self.settings).existing(event_ids)
         except (S3Error, OSError) as exc:  # S3Error names the setting to fix
             raise BackfillError(f"cannot read the results in {self.results_out} for the skip check: {exc}") from None
 

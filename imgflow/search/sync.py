@@ -2,11 +2,11 @@
 source of truth, the index is rebuildable and never more.
 
 Only complete batches are read (the sink writes a batch's ``_index`` object last: the
-incomplete-batch rule of ``imgflow.results``). Before rows are added their keys are written
+incomplete-batch rule of ``imgflow.output.layout``). Before rows are added their keys are written
 to ``meta.json`` as ``pending``; a sync that finds pending keys (a crash mid-append) deletes
 those rows first, so a batch is never in twice. One sync at a time (a file lock).
 
-This is the one module of the search that reads the sink's output (``imgflow.results``).
+This is the one module of the search that reads the sink's output (``imgflow.output``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imgflow.results import AVRO, INDEX, LocalOutput, all_keys, fetch_all, open_output, read_avro, sibling_key
+from imgflow.output.formats import read_avro
+from imgflow.output.layout import AVRO, INDEX, all_keys, sibling_key
+from imgflow.output.storage import LocalStorage, fetch_all, open_storage
 from imgflow.s3 import S3Error
 from imgflow.search import SearchError
 from imgflow.search.ann import maintain
@@ -56,7 +58,7 @@ class IndexSync:
         return self.store.meta
 
     def write_meta(self) -> None:
-        LocalOutput(self.store.dir).put(META, json.dumps(self.meta).encode())
+        LocalStorage(self.store.dir).put(META, json.dumps(self.meta).encode())
 
     def rebuild(self, progress: OnProgress | None = None) -> SyncSummary:
         """Drop the index and build it again from the output."""
@@ -75,23 +77,23 @@ class IndexSync:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _complete_batches(self) -> tuple[list[str], int]:
-        output = open_output(self.store.out, self.store.settings)
-        if isinstance(output, LocalOutput):
-            if not output.root.is_dir():
-                raise SearchError(f"no sink output at {output.root}: no such folder (--out, or sink.out_dir / IMGFLOW_SINK__OUT_DIR)")
+        storage = open_storage(self.store.out, self.store.settings)
+        if isinstance(storage, LocalStorage):
+            if not storage.root.is_dir():
+                raise SearchError(f"no sink output at {storage.root}: no such folder (--out, or sink.out_dir / IMGFLOW_SINK__OUT_DIR)")
         else:
             try:
-                output.check()
+                storage.check()
             except S3Error as exc:
                 raise SearchError(str(exc)) from None
         try:
-            avro = list(all_keys(output, AVRO))
-            complete = set(all_keys(output, INDEX))
+            avro = list(all_keys(storage, AVRO))
+            complete = set(all_keys(storage, INDEX))
         except S3Error as exc:
             raise SearchError(str(exc)) from None
         ready = [k for k in avro if sibling_key(k, INDEX) in complete]
-        if not avro and isinstance(output, LocalOutput) and (output.root / "results.csv").exists():
-            raise SearchError(f"{output.root} has a results.csv but no Avro files: the index is made from the Avro files (sink.avro = true, the default)")
+        if not avro and isinstance(storage, LocalStorage) and (storage.root / "results.csv").exists():
+            raise SearchError(f"{storage.root} has a results.csv but no Avro files: the index is made from the Avro files (sink.avro = true, the default)")
         return sorted(ready), len(avro) - len(ready)
 
     def sync(self, progress: OnProgress | None = None) -> SyncSummary:
@@ -104,11 +106,11 @@ class IndexSync:
             if self.meta["pending"]:
                 self._drop_batches(self.meta["pending"])
             new = [k for k in ready if k not in self.meta["batches"]]
-            output = open_output(self.store.out, self.store.settings)
+            storage = open_storage(self.store.out, self.store.settings)
             for start in range(0, len(new), CHUNK):
                 chunk = new[start : start + CHUNK]
                 rows_of: dict[str, list[dict]] = {}
-                for key, data in fetch_all(output, chunk):
+                for key, data in fetch_all(storage, chunk):
                     rows_of[key] = read_avro(data) if data is not None else []
                 self.meta["pending"] = chunk
                 self.write_meta()
