@@ -11,7 +11,7 @@ import json
 import pytest
 
 from benchmarks.kafka_failover import run_failover, summary
-from infra.kafka_broker import java_binary, kafka_libs
+from infra.kafka_jars import java_binary, kafka_libs
 from infra.procs import StartupError
 
 
