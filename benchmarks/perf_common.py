@@ -113,7 +113,7 @@ def vision_values(paths: list[Path], settings=None, batch: int = 8) -> list[dict
         for i, p in enumerate(paths[start : start + batch]):
             event = local_image_event(p, p.stat(), source="benchmark", run_id=settings.run_id)
             records.append(InputRecord("images.new", 0, start + i, event["event_id"], event, b""))
-        for rec, res in zip(records, vision.process(records)):
+        for res in vision.process(records):
             if isinstance(res, BaseException):
                 raise res
             out.append(res[0].value)
