@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from benchmarks.kafka_failover import run_failover, summary
+from benchmarks.failover_report import summary
+from benchmarks.kafka_failover import run_failover
 from infra.kafka_jars import java_binary, kafka_libs
 from infra.procs import StartupError
 
