@@ -61,6 +61,9 @@ class S3EventPublisher:
 
 
 class S3Watcher:
+    """Watches ``s3://BUCKET/PREFIX``: tail and full listing passes, and the bucket's
+    notifications where ``watch.s3_notify`` is set, all publishing through one publisher."""
+
     def __init__(self, location: S3Location, settings: Settings, state_path: Path | None = None, priority: str = "NORMAL", client=None) -> None:
         self.location = location
         self.bucket, self.prefix = location.bucket, location.key
