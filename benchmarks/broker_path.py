@@ -63,30 +63,15 @@ def _vectors(variant: str) -> list[dict[str, list[float]]]:
 
 
 def vision_value(event: dict, vectors: dict) -> dict:
-    return {
-        "event": event,
-        "text": "a photo showing a cat (80%)",
-        "image_text": "",
-        "labels": [{"label": "Egyptian cat", "score": 0.8}],
-        **vectors,
-        "width": 384,
-        "height": 256,
-        "models": {"describe": "noop"},
-        "seconds": 0.0,
-        "processed_at": int(time.time() * 1000),
-    }
+    labels = [{"label": "Egyptian cat", "score": 0.8}]
+    value = {"event": event, "text": "a photo showing a cat (80%)", "image_text": "", "labels": labels, **vectors, "width": 384, "height": 256}
+    return value | {"models": {"describe": "noop"}, "seconds": 0.0, "processed_at": int(time.time() * 1000)}
 
 
 def enriched_value(vision: dict) -> dict:
     data = {"description": "A cat.", "category": "animal", "keywords": ["cat", "pet", "animal"], "image_text": ""}
-    return {
-        "vision": vision,
-        **data,
-        "llama_extracted": json.dumps(data),
-        "models": {"structure_text": "noop"},
-        "seconds": 0.0,
-        "processed_at": int(time.time() * 1000),
-    }
+    value = {"vision": vision, **data, "llama_extracted": json.dumps(data)}
+    return value | {"models": {"structure_text": "noop"}, "seconds": 0.0, "processed_at": int(time.time() * 1000)}
 
 
 def _transforms(variant: str):

@@ -43,7 +43,7 @@ def main() -> None:
                 producer = Producer(producer_config(settings, **{"linger.ms": 50}))
                 value = b"x" * 1000
 
-                def produce(count: int) -> None:
+                def produce(count: int, producer: Producer = producer, topic: str = topic, value: bytes = value) -> None:
                     for i in range(count):
                         producer.produce(topic, key=str(i), value=value, partition=i % 3)
                         if i % 10000 == 0:

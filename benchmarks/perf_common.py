@@ -113,11 +113,26 @@ def vision_values(paths: list[Path], settings=None, batch: int = 8) -> list[dict
         for i, p in enumerate(paths[start : start + batch]):
             event = local_image_event(p, p.stat(), source="benchmark", run_id=settings.run_id)
             records.append(InputRecord("images.new", 0, start + i, event["event_id"], event, b""))
-        for rec, res in zip(records, vision.process(records)):
+        for res in vision.process(records):
             if isinstance(res, BaseException):
                 raise res
             out.append(res[0].value)
     return out
+
+
+def synthetic_records(
+    event_id: str, image_path: str, vectors: tuple[list[float], list[float], list[float]], models: tuple[str, str], event: dict, vision: dict, enriched: dict
+) -> tuple[dict, dict, dict]:
+    """An ImageEvent, its VisionResult and the EnrichedRecord of that, as the stages write them,
+    for a history made without the models. ``models``: the describe and structure_text model
+    names; ``event``, ``vision``, ``enriched``: the fields each benchmark chooses (size, text,
+    labels, times, ...)."""
+    image_event = {"event_id": event_id, "uri": f"file://{image_path}", "image_path": image_path, "version": "1", "priority": "NORMAL", **event}
+    image_event |= {"published_at": 0, "force": False}
+    vision_result = {"event": image_event, "image_text": "", "text_vector": vectors[0], "word2vec_vector": vectors[1], "image_vector": vectors[2], **vision}
+    vision_result |= {"models": {"describe": models[0]}, "seconds": 0.1, "processed_at": 0}
+    enriched_record = {"vision": vision_result, "image_text": "", "llama_extracted": "{}", "models": {"structure_text": models[1]}, **enriched}
+    return image_event, vision_result, enriched_record
 
 
 def rss_mb(pid: int) -> float | None:

@@ -213,67 +213,33 @@ def paste_label(img: Image.Image, text: str, font) -> Image.Image:
     return img
 
 
+def photo_item(
+    item_id: str, image: Image.Image, split: str, name: str, labels: tuple, text: str | None = None, source: str = "scikit-image", unseen: bool = False
+) -> EvalItem:
+    """A photo of the set (``text``: the label pasted on it); ``labels``: (category, subject,
+    related, also_ok) as PHOTOS and OTHER_PHOTOS hold them."""
+    cat, subject, related, also = labels
+    return EvalItem(item_id, image, "photo" if text is None else "photo_text", cat, split, subject, related, text, also, MAY_READ.get(name, []), source, unseen)
+
+
 def build(splits: tuple[str, ...] = ("tune", "holdout"), limit: int | None = None) -> list[EvalItem]:
     rng = random.Random(11)
     fl = fonts()
     items: list[EvalItem] = []
     photos = {name: skimage_photo(name) for name in PHOTOS}
     for split in splits:
-        for name, (cat, subject, related, also) in PHOTOS.items():
+        for name in PHOTOS:
             for how in PHOTO_VARIANTS[split]:
-                items.append(
-                    EvalItem(
-                        f"{split}-photo-{name}-{how}",
-                        transform(photos[name], how),
-                        "photo",
-                        cat,
-                        split,
-                        subject,
-                        related,
-                        None,
-                        also,
-                        MAY_READ.get(name, []),
-                        "scikit-image",
-                    )
-                )
+                items.append(photo_item(f"{split}-photo-{name}-{how}", transform(photos[name], how), split, name, PHOTOS[name]))
         if split == "holdout":
-            for name, (package, cat, subject, related, also) in OTHER_PHOTOS.items():
+            for name, (package, *labels) in OTHER_PHOTOS.items():
                 photo = other_photo(name)
                 for how in PHOTO_VARIANTS[split]:
-                    items.append(
-                        EvalItem(
-                            f"{split}-photo-{name}-{how}",
-                            transform(photo, how),
-                            "photo",
-                            cat,
-                            split,
-                            subject,
-                            related,
-                            None,
-                            also,
-                            MAY_READ.get(name, []),
-                            package,
-                            True,
-                        )
-                    )
+                    item_id = f"{split}-photo-{name}-{how}"
+                    items.append(photo_item(item_id, transform(photo, how), split, name, tuple(labels), source=package, unseen=True))
         for k, (name, text) in enumerate(PHOTO_LABELS[split]):
-            cat, subject, related, also = PHOTOS[name]
             img = paste_label(photos[name], text, fl[k % len(fl)][1])
-            items.append(
-                EvalItem(
-                    f"{split}-phototext-{name}-{text.lower()}",
-                    img,
-                    "photo_text",
-                    cat,
-                    split,
-                    subject,
-                    related,
-                    text,
-                    also,
-                    MAY_READ.get(name, []),
-                    "scikit-image",
-                )
-            )
+            items.append(photo_item(f"{split}-phototext-{name}-{text.lower()}", img, split, name, PHOTOS[name], text=text))
         offset = 0 if split == "tune" else 3  # holdout starts at other fonts and colours
         for k, text in enumerate(SIGNS[split]):
             fname, font = fl[(k + offset) % len(fl)]

@@ -24,7 +24,7 @@ from imgflow.kafka import ensure_topics
 from imgflow.s3 import parse_s3_uri
 from imgflow.settings import Settings
 from imgflow.stack import EmbeddedStack
-from watchers.s3 import S3Watcher
+from watchers.s3_watcher import S3Watcher
 
 
 def fill(client, bucket: str, count: int) -> float:

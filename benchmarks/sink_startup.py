@@ -41,45 +41,18 @@ def event_id(i: int) -> str:
 
 
 def enriched_row(i: int, topic: str, partition: int, offset: int) -> dict:
+    from benchmarks.perf_common import synthetic_records
     from imgflow.output.rows import row_from_enriched
 
-    event = {
-        "event_id": event_id(i),
-        "uri": f"file:///images/{i}.jpg",
-        "image_path": f"/images/{i}.jpg",
-        "size": 1000,
-        "version": "1",
-        "source": "local",
-        "priority": "NORMAL",
-        "run_id": "live",
-        "published_at": 0,
-        "force": False,
-    }
-    vision = {
-        "event": event,
-        "text": f"A photo number {i}",
-        "image_text": "",
-        "labels": [],
-        "text_vector": [0.125] * 8,
-        "word2vec_vector": [0.25] * 8,
-        "image_vector": [0.5] * 8,
-        "width": 1,
-        "height": 1,
-        "models": {"describe": "composed@1"},
-        "seconds": 0.1,
-        "processed_at": 0,
-    }
-    e = {
-        "vision": vision,
-        "description": "a photo",
-        "category": "photo",
-        "keywords": ["photo"],
-        "image_text": "",
-        "llama_extracted": "{}",
-        "models": {"structure_text": "llm@1"},
-        "seconds": 0.1,
-        "processed_at": 1_800_000_000_000,
-    }
+    _, _, e = synthetic_records(
+        event_id(i),
+        f"/images/{i}.jpg",
+        ([0.125] * 8, [0.25] * 8, [0.5] * 8),
+        ("composed@1", "llm@1"),
+        event={"size": 1000, "source": "local", "run_id": "live"},
+        vision={"text": f"A photo number {i}", "labels": [], "width": 1, "height": 1},
+        enriched={"description": "a photo", "category": "photo", "keywords": ["photo"], "seconds": 0.1, "processed_at": 1_800_000_000_000},
+    )
     return row_from_enriched(e, topic, partition, offset)
 
 

@@ -25,7 +25,7 @@ import types
 import uuid
 from pathlib import Path
 
-from benchmarks.perf_common import print_table, rss_mb, write_result
+from benchmarks.perf_common import print_table, rss_mb, synthetic_records, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,43 +127,17 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.batch):
                     i = offset
                     eid = uuid.uuid4().hex
-                    event = {
-                        "event_id": eid,
-                        "uri": f"file:///imgs/{i}.jpg",
-                        "image_path": f"/imgs/{i}.jpg",
-                        "size": 1,
-                        "version": "1",
-                        "source": "bench",
-                        "priority": "NORMAL",
-                        "run_id": "b",
-                        "published_at": 0,
-                        "force": False,
-                    }
-                    vision = {
-                        "event": event,
-                        "text": f"A photo most likely showing a thing, number {i}",
-                        "image_text": "",
-                        "labels": [{"label": "thing", "score": 0.5}],
-                        "text_vector": [rng.random() for _ in range(384)],
-                        "word2vec_vector": [rng.random() for _ in range(50)],
-                        "image_vector": [rng.random() for _ in range(1280)],
-                        "width": 160,
-                        "height": 120,
-                        "models": {"describe": "composed"},
-                        "seconds": 0.1,
-                        "processed_at": 0,
-                    }
-                    enriched = {
-                        "vision": vision,
-                        "description": f"a thing {i}",
-                        "category": "object",
-                        "keywords": ["thing"],
-                        "image_text": "",
-                        "llama_extracted": "{}",
-                        "models": {"structure_text": "s@1"},
-                        "seconds": 0.2,
-                        "processed_at": 0,
-                    }
+                    vectors = ([rng.random() for _ in range(384)], [rng.random() for _ in range(50)], [rng.random() for _ in range(1280)])
+                    text, labels = f"A photo most likely showing a thing, number {i}", [{"label": "thing", "score": 0.5}]
+                    event, vision, enriched = synthetic_records(
+                        eid,
+                        f"/imgs/{i}.jpg",
+                        vectors,
+                        ("composed", "s@1"),
+                        event={"size": 1, "source": "bench", "run_id": "b"},
+                        vision={"text": text, "labels": labels, "width": 160, "height": 120},
+                        enriched={"description": f"a thing {i}", "category": "object", "keywords": ["thing"], "seconds": 0.2, "processed_at": 0},
+                    )
                     producer.produce(t.new, key=eid, value=codec.encode("ImageEvent", event))
                     producer.produce(t.vision, key=eid, value=codec.encode("VisionResult", vision))
                     producer.produce(t.enriched, key=eid, value=codec.encode("EnrichedRecord", enriched))

@@ -224,7 +224,7 @@ def watch_s3(
     _require_kafka(settings)
     from imgflow.metrics import serve_metrics
     from imgflow.s3 import S3Error, parse_s3_uri
-    from watchers.s3 import S3Watcher
+    from watchers.s3_watcher import S3Watcher
 
     try:
         location = parse_s3_uri(uri)

@@ -120,16 +120,18 @@ class LagReader:
         deadline = time.monotonic() + self.round_timeout_s
         while time.monotonic() < deadline and not all(self.at_end.values()):
             for msg in self.reader.consume(1000, 0.2):
-                tp = (msg.topic(), msg.partition())
-                if tp not in self.pending:
+                topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+                if topic is None or partition is None or (topic, partition) not in self.pending:
                     continue
+                tp = (topic, partition)
                 err = msg.error()
-                if err is None:
-                    self.pending[tp].append(msg.offset())
-                    self.position[tp] = msg.offset() + 1
+                if err is None and offset is not None:  # a record always has its offset
+                    self.pending[tp].append(offset)
+                    self.position[tp] = offset + 1
                     self.at_end[tp] = False
-                elif err.code() == KafkaError._PARTITION_EOF:
-                    self.position.setdefault(tp, msg.offset())
+                elif err is not None and err.code() == KafkaError._PARTITION_EOF:
+                    if offset is not None:
+                        self.position.setdefault(tp, offset)
                     self.at_end[tp] = True
                     self.known.add(tp)
                 else:

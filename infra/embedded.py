@@ -28,10 +28,14 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imgflow.process import free_ports, port_is_free
 from infra.procs import EXIT_FAILED, EXIT_OK, EXIT_USAGE, StartupError, Stopping
 from infra.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from infra.kafka_node import SaslSsl
 
 log = logging.getLogger("infra.embedded")
 
@@ -42,14 +46,11 @@ ENGINES = ("tansu", "kafka")
 def setup_logging() -> None:
     try:
         from imgflow.logs import setup_logging as imgflow_setup_logging
+
+        imgflow_setup_logging()
+        return
     except Exception:  # noqa: BLE001 - module absent or broken: plain logging
-        imgflow_setup_logging = None
-    if imgflow_setup_logging is not None:
-        try:
-            imgflow_setup_logging()
-            return
-        except Exception:  # noqa: BLE001
-            pass
+        pass
     logging.basicConfig(
         level=os.environ.get("IMGFLOW_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -122,11 +123,11 @@ def usage_error(message: str) -> int:
     return EXIT_USAGE
 
 
-def sasl_ssl_engine_args(tls_dir: Path, users_file: Path, client_auth: str, props: dict[str, str]) -> dict:
-    """KafkaEngine's listeners, props, format args and secrets for a SASL_SSL listener."""
+def sasl_ssl_from_args(tls_dir: Path, users_file: Path, client_auth: str) -> SaslSsl:
+    """The SASL_SSL listener of ``--sasl-ssl``, ``--scram-users`` and ``--ssl-client-auth``."""
     import json
 
-    from infra.kafka_broker import sasl_ssl_listener
+    from infra.kafka_node import sasl_ssl_listener
 
     try:
         users = json.loads(Path(users_file).read_text())
@@ -134,8 +135,7 @@ def sasl_ssl_engine_args(tls_dir: Path, users_file: Path, client_auth: str, prop
         raise StartupError(f"--scram-users {users_file}: cannot read it as JSON {{name: password}} ({type(exc).__name__})") from None
     if not isinstance(users, dict) or not all(isinstance(v, str) for v in users.values()):
         raise StartupError(f"--scram-users {users_file}: expected a JSON object {{name: password}}")
-    secure = sasl_ssl_listener(tls_dir, users, client_auth)
-    return {"listeners": [secure.listener], "props": {**secure.props, **props}, "format_args": secure.format_args, "secrets": secure.secrets}
+    return sasl_ssl_listener(tls_dir, users, client_auth)
 
 
 def make_engine(args: argparse.Namespace, data_dir: Path, port: int):
@@ -143,11 +143,8 @@ def make_engine(args: argparse.Namespace, data_dir: Path, port: int):
         from infra.kafka_broker import KafkaEngine
 
         props = dict(item.split("=", 1) for item in args.kafka_config)
-        if args.sasl_ssl is not None:
-            return KafkaEngine(
-                data_dir, args.host, port, nodes=args.nodes, **sasl_ssl_engine_args(args.sasl_ssl, args.scram_users, args.ssl_client_auth, props)
-            )
-        return KafkaEngine(data_dir, args.host, port, nodes=args.nodes, props=props)
+        sasl_ssl = sasl_ssl_from_args(args.sasl_ssl, args.scram_users, args.ssl_client_auth) if args.sasl_ssl is not None else None
+        return KafkaEngine(data_dir, args.host, port, nodes=args.nodes, props=props, sasl_ssl=sasl_ssl)
     from infra.tansu import TansuEngine
 
     return TansuEngine(data_dir, args.host, port)

@@ -25,7 +25,7 @@ def admin_client(bootstrap: str):
             "socket.timeout.ms": 5000,
             "reconnect.backoff.ms": 100,
             "reconnect.backoff.max.ms": 500,
-            "logger": logging.getLogger("infra.embedded.kafka"),
+            "logger": logging.getLogger("infra.embedded.kafka"),  # type: ignore[dict-item]  # librdkafka logs through it; the stubs allow scalars only
         }
     )
 
@@ -37,7 +37,7 @@ def create_topics(admin, specs: list[tuple[str, int]], timeout: float = 10.0) ->
 
     existing = set(admin.list_topics(timeout=timeout).topics)
     todo = [NewTopic(n, num_partitions=p, replication_factor=1) for n, p in specs if n not in existing]
-    created = []
+    created: list[str] = []
     if not todo:
         return created
     futures = admin.create_topics(todo, operation_timeout=timeout, request_timeout=timeout)

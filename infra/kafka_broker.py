@@ -1,13 +1,10 @@
 """The kafka engine: Apache Kafka 4.x in KRaft mode, from its Maven Central jars, on loopback.
 
-* The jars: ``infra/kafka/pom.xml`` (the broker plus a log4j2 binding, versions pinned) is
-  resolved once by Maven into ``~/.cache/imgflow/kafka/<pom hash>/libs`` and reused (Maven's
-  own downloads stay in ``~/.m2``). Java 17+ runs the broker; Maven is needed only for that
-  first resolve.
-* Each node is a combined broker + controller (``process.roles=broker,controller``) with a
-  static voter set, its data in ``DIR/kafka/node-N/data``, formatted once. Ports are chosen
-  once and kept in ``DIR/kafka/ports.json``, so a restarted node comes back where its clients
-  and peers expect it; records and group offsets survive a kill -9 (Kafka recovers its logs).
+* The jars and Java: ``infra/kafka_jars.py``; one node and the SASL_SSL listener:
+  ``infra/kafka_node.py``.
+* Ports are chosen once and kept in ``DIR/kafka/ports.json``, so a restarted node comes back
+  where its clients and peers expect it; records and group offsets survive a kill -9 (Kafka
+  recovers its logs).
 * One node is a single-node cluster (replication 1); three make a real cluster whose
   defaults are replication 3 and ``min.insync.replicas`` 2.
 * A node whose ``DIR/kafka/node-N/hold`` file exists is not restarted when it dies (failure
@@ -16,328 +13,36 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import fcntl
-import hashlib
 import json
 import logging
-import os
-import re
-import shutil
-import subprocess
-import sys
-import time
-import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 from imgflow.process import free_ports, port_is_free
-from infra.procs import StartupError, back_off_if_crash_looping, child_env, reopen_log, spawn_child, stop_process, write_json_atomic
+from infra.kafka_jars import java_binary, kafka_libs
+from infra.kafka_node import KafkaNode, SaslSsl, new_cluster_id, redact
+from infra.procs import StartupError, back_off_if_crash_looping, write_json_atomic
 
 log = logging.getLogger("infra.embedded")
-
-HERE = Path(__file__).resolve().parent / "kafka"
-POM = HERE / "pom.xml"
-LOG4J_CONFIG = HERE / "log4j2.properties"
-KAFKA_STOP_TIMEOUT = 30.0  # a controlled shutdown of a node moves its leaderships first
-NO_JAVA_HINT = "--engine tansu (the default) needs neither Java nor Maven"
-
-# Sized for a 2-core machine beside the models: a small heap, one GC thread, the C1 JIT only
-# (the broker starts in ~4 s instead of ~9 s and its steady CPU is the same at this load).
-JVM_OPTS = ["-Xms256m", "-Xmx512m", "-XX:+UseSerialGC", "-XX:ActiveProcessorCount=2", "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true"]
-
-
-# --------------------------------------------------------------------------------------------
-# Java and the jars
-
-
-def java_binary() -> str:
-    """The ``java`` that runs the broker: ``$JAVA_HOME/bin/java``, else the one on PATH; 17+."""
-    home = os.environ.get("JAVA_HOME")
-    java = str(Path(home) / "bin" / "java") if home and (Path(home) / "bin" / "java").is_file() else shutil.which("java")
-    if not java:
-        raise StartupError(
-            f"--engine kafka needs Java 17 or newer, and no `java` was found on PATH "
-            f"or in JAVA_HOME (install a JDK, e.g. apt-get install openjdk-17-jre-headless); "
-            f"{NO_JAVA_HINT}"
-        )
-    out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60)
-    match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
-    major = int(match.group(1)) if match else 0
-    if major == 1 and match and match.group(2):  # "1.8.0_x"
-        major = int(match.group(2))
-    if major < 17:
-        raise StartupError(
-            f"--engine kafka needs Java 17 or newer; {java} is Java {major or '?'} ({(out.stderr or out.stdout).strip().splitlines()[:1]}); {NO_JAVA_HINT}"
-        )
-    return java
-
-
-def default_jars_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "imgflow" / "kafka"
-
-
-def pom_version() -> str:
-    match = re.search(r"<kafka.version>([^<]+)</kafka.version>", POM.read_text())
-    return match.group(1) if match else "?"
-
-
-def kafka_libs(jars_dir: Path | None = None) -> Path:
-    """The folder of the broker's jars, resolved from Maven Central on first use."""
-    jars_dir = jars_dir or default_jars_dir()
-    key = hashlib.sha256(POM.read_bytes()).hexdigest()[:12]
-    target = jars_dir / f"{pom_version()}-{key}"
-    libs = target / "libs"
-    if (target / ".complete").exists():
-        return libs
-    jars_dir.mkdir(parents=True, exist_ok=True)
-    with open(jars_dir / ".lock", "a+") as lock:  # several test sessions may start at once
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        if (target / ".complete").exists():
-            return libs
-        mvn = shutil.which("mvn")
-        if not mvn:
-            raise StartupError(
-                f"--engine kafka resolves Apache Kafka's jars with Maven the first time, "
-                f"and `mvn` was not found on PATH (install it, e.g. apt-get install maven); "
-                f"{NO_JAVA_HINT}"
-            )
-        java_binary()  # Maven needs it too: say so as clearly
-        tmp = target / "libs.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        log.info("resolving Apache Kafka %s jars from Maven Central into %s (first start only)", pom_version(), libs)
-        t0 = time.monotonic()
-        cmd = [mvn, "-B", "-q", "-f", str(POM), "dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={tmp}"]
-        # Offline first: with ~/.m2 filled (a second data dir, a cleared cache) no network is needed.
-        done = subprocess.run([*cmd[:1], "-o", *cmd[1:]], capture_output=True, text=True, timeout=1800)
-        if done.returncode != 0:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        if done.returncode != 0 or not any(tmp.glob("kafka_2.13-*.jar")):
-            output = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-            raise StartupError(
-                f"Maven could not resolve Apache Kafka {pom_version()} ({POM}); is the Maven "
-                f"repository (Maven Central, or the mirror in ~/.m2/settings.xml) reachable? "
-                f"{NO_JAVA_HINT}. Maven said:\n{output}"
-            )
-        shutil.rmtree(libs, ignore_errors=True)
-        tmp.rename(libs)
-        (target / ".complete").write_text(f"{time.time():.0f}\n")
-        log.info("Apache Kafka jars resolved in %.1f s (%d jars)", time.monotonic() - t0, len(list(libs.glob("*.jar"))))
-    return libs
-
-
-def new_cluster_id() -> str:
-    """A Kafka cluster id (what ``kafka-storage random-uuid`` prints), without starting a JVM."""
-    while True:
-        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        if not text.startswith("-"):
-            return text
-
-
-# --------------------------------------------------------------------------------------------
-# one node
-
-
-@dataclass
-class Listener:
-    """An extra client listener of every node (e.g. SASL_SSL), beside the PLAINTEXT one."""
-
-    name: str  # listener name, e.g. SECURE
-    protocol: str  # SASL_SSL, SSL, SASL_PLAINTEXT
-    ports: list[int] = field(default_factory=list)  # one per node
-
-
-class KafkaNode:
-    def __init__(
-        self,
-        root: Path,
-        log_dir: Path,
-        node_id: int,
-        host: str,
-        port: int,
-        controller_port: int,
-        voters: str,
-        libs: Path,
-        props: dict[str, str],
-        listeners: list[Listener],
-    ) -> None:
-        self.node_id = node_id
-        self.host = host
-        self.port = port
-        self.controller_port = controller_port
-        self.voters = voters
-        self.libs = libs
-        self.props = props
-        self.listeners = listeners
-        self.dir = root / f"node-{node_id}"
-        self.data = self.dir / "data"
-        self.config = self.dir / "server.properties"
-        self.hold_file = self.dir / "hold"
-        self.log_path = log_dir / f"kafka-{node_id}.log"
-        self.proc: subprocess.Popen | None = None
-        self._out = None
-
-    @property
-    def bootstrap(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def server_properties(self) -> dict[str, str]:
-        idx = self.node_id - 1
-        listeners = [f"PLAINTEXT://{self.host}:{self.port}", f"CONTROLLER://{self.host}:{self.controller_port}"]
-        advertised = [f"PLAINTEXT://{self.host}:{self.port}"]
-        protocols = ["CONTROLLER:PLAINTEXT", "PLAINTEXT:PLAINTEXT"]
-        for extra in self.listeners:
-            listeners.append(f"{extra.name}://{self.host}:{extra.ports[idx]}")
-            advertised.append(f"{extra.name}://{self.host}:{extra.ports[idx]}")
-            protocols.append(f"{extra.name}:{extra.protocol}")
-        props = {
-            "process.roles": "broker,controller",
-            "node.id": str(self.node_id),
-            "controller.quorum.voters": self.voters,
-            "listeners": ",".join(listeners),
-            "advertised.listeners": ",".join(advertised),
-            "controller.listener.names": "CONTROLLER",
-            "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": ",".join(protocols),
-            "log.dirs": str(self.data),
-        }
-        props.update(self.props)
-        return props
-
-    def write_config(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        text = "".join(f"{k}={v}\n" for k, v in self.server_properties().items())
-        self.config.write_text(text)
-
-    def java_cmd(self, main: str, *args: str) -> list[str]:
-        return [java_binary(), *JVM_OPTS, f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", "-cp", f"{self.libs}/*", main, *args]
-
-    @property
-    def formatted(self) -> bool:
-        return (self.data / "meta.properties").exists()
-
-    def format(self, cluster_id: str, extra_args: list[str]) -> None:
-        """Format the node's storage once (``kafka-storage.sh format``); a formatted node is kept."""
-        if self.formatted:
-            return
-        self.write_config()
-        cmd = self.java_cmd("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config), *extra_args)
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise StartupError(f"formatting Kafka node {self.node_id} failed:\n" + "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:]))
-        log.info("formatted Kafka node %d storage in %s", self.node_id, self.data)
-
-    def spawn(self) -> None:
-        self.write_config()
-        env = child_env(("KAFKA_OPTS", "KAFKA_HEAP_OPTS", "CLASSPATH", "JAVA_TOOL_OPTIONS"))
-        self._out = reopen_log(self._out, self.log_path, f"kafka node {self.node_id}")
-        self.proc = spawn_child(self.java_cmd("kafka.Kafka", str(self.config)), self._out, env, cwd=self.dir)
-        log.info("started Kafka node %d (pid %d) on %s", self.node_id, self.proc.pid, self.bootstrap)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        stop_process(self.proc, f"Kafka node {self.node_id}", KAFKA_STOP_TIMEOUT)
-
-
-# --------------------------------------------------------------------------------------------
-# a SASL_SSL listener (SCRAM users, TLS from PEM files)
-
-SASL_SSL_LISTENER = "SASL_SSL"
-SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
-_SCRAM_MODULE = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
-_SCRAM_FORBIDDEN = re.compile(r'[\s,\[\]="\\]')
-
-
-def redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-@dataclass
-class SaslSsl:
-    """What a SASL_SSL client listener adds to every node: the listener, its server.properties
-    (SCRAM-SHA-256 and -512; TLS keystore ``TLSDIR/broker.pem``: the broker's PKCS#8 private
-    key, unencrypted, then its certificate chain; with client authentication the clients'
-    CA ``TLSDIR/ca.pem``) and the ``StorageTool format`` arguments that create the SCRAM users
-    (the users exist from the first start; a formatted node keeps those it was formatted with)."""
-
-    listener: Listener
-    props: dict[str, str]
-    format_args: list[str]
-    secrets: list[str]
-
-
-def sasl_ssl_listener(tls_dir: Path, users: dict[str, str], client_auth: str = "none") -> SaslSsl:
-    tls_dir = Path(tls_dir).expanduser().resolve()
-    keystore, truststore = tls_dir / "broker.pem", tls_dir / "ca.pem"
-    if not keystore.is_file():
-        raise StartupError(f"--sasl-ssl {tls_dir}: no broker.pem there (the broker's PKCS#8 private key, unencrypted, then its certificate chain, PEM)")
-    if client_auth not in ("none", "requested", "required"):
-        raise StartupError(f"ssl client auth {client_auth!r}: expected none, requested or required")
-    if client_auth != "none" and not truststore.is_file():
-        raise StartupError(f"--sasl-ssl {tls_dir}: client authentication needs ca.pem there (the CA of the clients' certificates)")
-    if not users:
-        raise StartupError("a SASL_SSL listener needs at least one SCRAM user")
-    for name, password in users.items():
-        if not name or not password or _SCRAM_FORBIDDEN.search(name) or _SCRAM_FORBIDDEN.search(password):
-            raise StartupError(
-                f"SCRAM user {name!r}: name and password must be non-empty, without spaces, "
-                f"commas, brackets, '=', quotes or backslashes (the password is not shown)"
-            )
-    prefix = f"listener.name.{SASL_SSL_LISTENER.lower()}."
-    props = {
-        prefix + "sasl.enabled.mechanisms": ",".join(SCRAM_MECHANISMS),
-        **{f"{prefix}{m.lower()}.sasl.jaas.config": _SCRAM_MODULE for m in SCRAM_MECHANISMS},
-        prefix + "ssl.keystore.type": "PEM",
-        prefix + "ssl.keystore.location": str(keystore),
-        prefix + "ssl.client.auth": client_auth,
-    }
-    if truststore.is_file():
-        props[prefix + "ssl.truststore.type"] = "PEM"
-        props[prefix + "ssl.truststore.location"] = str(truststore)
-    format_args = [arg for name, password in users.items() for m in SCRAM_MECHANISMS for arg in ("--add-scram", f"{m}=[name={name},password={password}]")]
-    return SaslSsl(Listener(SASL_SSL_LISTENER, "SASL_SSL"), props, format_args, list(users.values()))
-
-
-# --------------------------------------------------------------------------------------------
-# the engine
 
 
 class KafkaEngine:
     """``nodes`` combined KRaft nodes on loopback, supervised: a dead node is restarted at once
-    on its ports and data (unless held)."""
+    on its ports and data (unless held). ``sasl_ssl``: a SASL_SSL client listener on every
+    node besides the PLAINTEXT one; ``props`` override the broker's (and the listener's)."""
 
     name = "kafka"
 
-    def __init__(
-        self,
-        data_dir: Path,
-        host: str,
-        port: int,
-        nodes: int = 1,
-        jars_dir: Path | None = None,
-        listeners: list[Listener] | None = None,
-        props: dict[str, str] | None = None,
-        format_args: list[str] | None = None,
-        secrets: list[str] | None = None,
-    ) -> None:
+    def __init__(self, data_dir: Path, host: str, port: int, nodes: int = 1, props: dict[str, str] | None = None, sasl_ssl: SaslSsl | None = None) -> None:
         self.data_dir = data_dir
         self.root = data_dir / "kafka"
-        self.host = host
-        self.port = port
-        self.count = nodes
-        self.jars_dir = jars_dir
-        self.listeners = listeners or []
-        self.extra_props = props or {}
-        self.format_args = format_args or []
-        self.secrets = [x for x in (secrets or []) if x]  # never in a log line or an error (format args hold them)
+        self.host, self.port, self.count = host, port, nodes
+        self.listeners = [sasl_ssl.listener] if sasl_ssl else []
+        self.extra_props = {**(sasl_ssl.props if sasl_ssl else {}), **(props or {})}
+        self.format_args = sasl_ssl.format_args if sasl_ssl else []
+        # Never in a log line or an error (the format args hold them).
+        self.secrets = [x for x in (sasl_ssl.secrets if sasl_ssl else []) if x]
         self.nodes: list[KafkaNode] = []
         self.restarts: dict[int, list[float]] = {}
 
@@ -373,7 +78,7 @@ class KafkaEngine:
         props.update(self.extra_props)
         return props
 
-    def _ports(self) -> dict:
+    def _ports(self) -> dict[str, list[int]]:
         """Every node's ports: kept from ``ports.json`` when present (a restart keeps its
         address), else chosen free now (the first client port is ``self.port`` unless 0)."""
         path = self.root / "ports.json"
@@ -395,8 +100,8 @@ class KafkaEngine:
         write_json_atomic(path, ports)
         return ports
 
-    def start(self, deadline: float, check) -> None:
-        libs = kafka_libs(self.jars_dir)
+    def start(self, deadline: float, check: Callable[[], None]) -> None:
+        libs = kafka_libs()
         java_binary()
         check()
         ports = self._ports()
@@ -430,7 +135,7 @@ class KafkaEngine:
     def procs(self) -> list:
         return [(n.proc, n.log_path) for n in self.nodes]
 
-    def restart_dead(self, check) -> bool:
+    def restart_dead(self, check: Callable[[], None]) -> bool:
         changed = False
         for node in self.nodes:
             if node.alive() or node.hold_file.exists():
@@ -471,13 +176,8 @@ class KafkaEngine:
     def stop(self) -> None:
         # Every node at once: one by one, the last ones would wait for their peers' leaderships.
         for node in self.nodes:
-            if node.alive():
+            if node.proc is not None and node.alive():
                 with contextlib.suppress(ProcessLookupError):
                     node.proc.terminate()
         for node in self.nodes:
             node.stop()
-
-
-if __name__ == "__main__":  # resolve the jars alone: `python -m infra.kafka_broker`
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    print(kafka_libs())

@@ -10,8 +10,9 @@ import json
 
 import pytest
 
-from benchmarks.kafka_failover import run_failover, summary
-from infra.kafka_broker import java_binary, kafka_libs
+from benchmarks.failover_report import summary
+from benchmarks.kafka_failover import run_failover
+from infra.kafka_jars import java_binary, kafka_libs
 from infra.procs import StartupError
 
 

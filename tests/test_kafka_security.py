@@ -41,52 +41,32 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
+TLS_DAYS = "2"  # how long the certificates made here are valid
+
+
+def _new_ca(name: str, subject: str, folder: Path) -> None:
+    """A self-signed CA: NAME.pem and its unencrypted key NAME.key."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", TLS_DAYS, "-subj", subject, cwd=folder)
+
+
+def _sign_with_ca(csr: str, out: str, folder: Path, *extra: str) -> None:
+    """The certificate of a signing request, signed by ca.pem."""
+    _openssl("x509", "-req", "-in", csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", out, "-days", TLS_DAYS, *extra, cwd=folder)
+
+
 def make_tls(folder: Path) -> None:
     """ca.pem (+ ca.key); broker.pem: the broker's PKCS#8 key, unencrypted, then its certificate
     (SAN 127.0.0.1 and localhost) and the CA; client.pem and client.key (PKCS#8, encrypted with
     KEY_PASSWORD), signed by the CA; other-ca.pem: a CA that signed nothing here."""
-    days = "2"
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", days, "-subj", "/CN=imgflow test CA", cwd=folder)
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "other-ca.key",
-        "-out",
-        "other-ca.pem",
-        "-days",
-        days,
-        "-subj",
-        "/CN=some other CA",
-        cwd=folder,
-    )
+    _new_ca("ca", "/CN=imgflow test CA", folder)
+    _new_ca("other-ca", "/CN=some other CA", folder)
     (folder / "broker.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out", "broker.csr", "-subj", "/CN=localhost", cwd=folder)
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        "broker.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "broker.crt",
-        "-days",
-        days,
-        "-extfile",
-        "broker.ext",
-        cwd=folder,
-    )
+    _sign_with_ca("broker.csr", "broker.crt", folder, "-extfile", "broker.ext")
     _openssl("pkcs8", "-topk8", "-nocrypt", "-in", "broker.key", "-out", "broker.p8", cwd=folder)
     (folder / "broker.pem").write_text("".join((folder / n).read_text() for n in ("broker.p8", "broker.crt", "ca.pem")))
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client-plain.key", "-out", "client.csr", "-subj", f"/CN={USER}", cwd=folder)
-    _openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "client.pem", "-days", days, cwd=folder)
+    _sign_with_ca("client.csr", "client.pem", folder)
     subprocess.run(
         ["openssl", "pkcs8", "-topk8", "-in", "client-plain.key", "-out", "client.key", "-v2", "aes-256-cbc", "-passout", "env:KEY_PASSWORD"],
         cwd=folder,

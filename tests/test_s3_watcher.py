@@ -22,7 +22,9 @@ from imgflow.images import ImageSource
 from imgflow.s3 import S3Error, parse_s3_uri, s3_client, s3_uri
 from tests.conftest import make_settings, new_bucket, settings_env
 from tests.kafka_helpers import decoded, produce, wait_until
-from watchers.s3 import S3Watcher, current_event_ids, iter_objects, parse_notification
+from watchers.s3 import current_event_ids, iter_objects
+from watchers.s3_notify import parse_notification
+from watchers.s3_watcher import S3Watcher
 from watchers.seaweedfs_events import message_classes
 
 ROOT = Path(__file__).resolve().parents[1]

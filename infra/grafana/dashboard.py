@@ -27,6 +27,12 @@ def quantiles(metric: str, by: str, legend: str, qs=(0.5, 0.95, 0.99)) -> list[d
     return [q(f"histogram_quantile({x}, sum by ({by}, le) (rate({metric}_bucket[{RATE}])))", f"p{round(x * 100)} {legend}") for x in qs]
 
 
+def rates(by: str, series: list[tuple[str, str]]) -> list[dict]:
+    """Per-second rates of imgflow counters summed by one label: (counter, legend prefix) each,
+    the counter named without its ``imgflow_`` and ``_total``."""
+    return [q(f"sum by ({by}) (rate(imgflow_{counter}_total[{RATE}]))", f"{what} {{{{{by}}}}}") for counter, what in series]
+
+
 LAG_PER_PARTITION = "max by (stage, topic, partition) (imgflow_consumer_lag)"
 
 # (title, description, unit, panel type, targets): one row of the grid per two panels.
@@ -86,11 +92,7 @@ PANELS: list[tuple[str, str, str, str, list[dict]]] = [
         "Per second, per stage: records dead-lettered, transform retries, and duplicate records dropped (redelivered or from aborted transactions).",
         "ops",
         "timeseries",
-        [
-            q(f"sum by (stage) (rate(imgflow_messages_failed_total[{RATE}]))", "dead-lettered {{stage}}"),
-            q(f"sum by (stage) (rate(imgflow_retries_total[{RATE}]))", "retried {{stage}}"),
-            q(f"sum by (stage) (rate(imgflow_duplicates_dropped_total[{RATE}]))", "duplicates {{stage}}"),
-        ],
+        rates("stage", [("messages_failed", "dead-lettered"), ("retries", "retried"), ("duplicates_dropped", "duplicates")]),
     ),
     (
         "Transactions",
@@ -142,11 +144,7 @@ PANELS: list[tuple[str, str, str, str, list[dict]]] = [
         "Images found, events published and errors per second, per source.",
         "ops",
         "timeseries",
-        [
-            q(f"sum by (source) (rate(imgflow_watcher_seen_total[{RATE}]))", "seen {{source}}"),
-            q(f"sum by (source) (rate(imgflow_watcher_published_total[{RATE}]))", "published {{source}}"),
-            q(f"sum by (source) (rate(imgflow_watcher_errors_total[{RATE}]))", "errors {{source}}"),
-        ],
+        rates("source", [("watcher_seen", "seen"), ("watcher_published", "published"), ("watcher_errors", "errors")]),
     ),
     (
         "Sink",
