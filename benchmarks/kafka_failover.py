@@ -43,7 +43,7 @@ import fastavro
 from benchmarks.perf_common import environ
 from imgflow.results import committed_csv_length, read_csv_rows
 from imgflow.settings import Settings
-from imgflow.stack import EmbeddedStack
+from imgflow.app.stack import EmbeddedStack
 from imgflow.topics import SCHEMA_TOPIC
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -523,7 +523,7 @@ def run_failover(
         log(f"cluster up in {stack.startup_s:.1f}s at {stack.bootstrap}: {report['replication']}")
         with (logs / "imgflow-run.log").open("ab") as run_log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "imgflow.cli", "run", str(folder), "--out", str(out), "--once", "--data-dir", str(data), "--bootstrap", stack.bootstrap],
+                [sys.executable, "-m", "imgflow", "run", str(folder), "--out", str(out), "--once", "--data-dir", str(data), "--bootstrap", stack.bootstrap],
                 cwd=ROOT,
                 env=env,
                 stdout=run_log,

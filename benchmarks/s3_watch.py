@@ -23,7 +23,7 @@ from botocore.config import Config
 from imgflow.kafka import ensure_topics
 from imgflow.s3 import parse_s3_uri
 from imgflow.settings import Settings
-from imgflow.stack import EmbeddedStack
+from imgflow.app.stack import EmbeddedStack
 from watchers.s3 import S3Watcher
 
 

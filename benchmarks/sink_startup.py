@@ -235,7 +235,7 @@ def main() -> None:
         child()
         return
     from imgflow.logs import setup_logging
-    from imgflow.stack import EmbeddedStack
+    from imgflow.app.stack import EmbeddedStack
 
     setup_logging("WARNING", "text")
     sizes = args.rows or [10_000, 1_000_000]

@@ -54,7 +54,7 @@ def supervisor(settings_json: str, out: str, old: str, stop_file: str) -> None:
         counter_cls, results_cls = _old_classes(old)
         tail = results_cls(Path(out), settings)
     else:
-        from imgflow.pipeline import TopicCounter as counter_cls
+        from imgflow.app.progress import TopicCounter as counter_cls
         from imgflow.results import CommittedResults
 
         tail = CommittedResults(Path(out), settings, wanted=set())
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from imgflow.kafka import ensure_topics, producer_config
     from imgflow.results import row_from_enriched
     from imgflow.settings import Settings
-    from imgflow.stack import EmbeddedStack
+    from imgflow.app.stack import EmbeddedStack
     from imgflow.stage import CrashPoints
     from schemas.codec import get_codec
 

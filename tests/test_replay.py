@@ -17,7 +17,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from consumers.sink import read_csv_rows
 from imgflow.kafka import consumer_config, producer_config
-from imgflow.replay import PartitionReader, Point, ReplayError, RunRegistry, parse_point
+from imgflow.app.replay_range import PartitionReader, Point, ReplayError, parse_point
+from imgflow.app.runs import RunRegistry
 from schemas.codec import get_codec
 from tests.conftest import settings_env
 from tests.kafka_helpers import read_topic, wait_until
@@ -89,7 +90,7 @@ def committed(settings, group: str, topic: str) -> list[int]:
 
 
 def replay_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "imgflow.cli", "replay", *args]
+    return [sys.executable, "-m", "imgflow", "replay", *args]
 
 
 def run_rows(out: Path) -> list[dict]:
