@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
 
 from confluent_kafka import Producer
@@ -20,17 +20,17 @@ log = logging.getLogger(__name__)
 Record = TypeVar("Record")
 
 
+@dataclass
 class RegistryTopic(Generic[Record]):
     """Dataclass records of one type in ``topic``, named by their ``key`` field. ``what``
     names a record in messages ("run", "job"); ``error`` is raised when a write fails."""
 
-    def __init__(self, settings: Settings, topic: str, record_type: Callable[..., Record], key: str, what: str, error: type[Exception]) -> None:
-        self.settings = settings
-        self.topic = topic
-        self.record_type = record_type
-        self.key = key
-        self.what = what
-        self.error = error
+    settings: Settings
+    topic: str
+    record_type: Callable[..., Record]
+    key: str
+    what: str
+    error: type[Exception]
 
     def ensure(self) -> None:
         ensure_compacted_topic(self.settings, self.topic)
