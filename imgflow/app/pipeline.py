@@ -106,7 +106,7 @@ class Pipeline:
         signal.signal(signal.SIGTERM, self.request_stop)
         logs = self.data_dir / "logs"
         bootstrap = self._start_broker(logs)
-        target = self._present_at_start() if self.once else set()
+        target = _images_present(self.input_dir, self.settings) if self.once else set()
         self._serve_metrics()
         try:
             for role in ROLES:
@@ -163,12 +163,6 @@ class Pipeline:
         serve_children(port, self.child_metrics, self.settings.metrics_addr)
         self.metrics_port = port
         print(f"metrics of every process: http://{self.settings.metrics_addr}:{port}/metrics", flush=True)
-
-    def _present_at_start(self) -> set[str]:
-        """The event_ids `--once` waits for: every image in the folder or under the prefix now."""
-        if isinstance(self.input_dir, S3Location):
-            return s3_event_ids(self.input_dir, self.settings)
-        return current_event_ids(self.input_dir, self.settings)
 
     def _supervise(self, target: set[str], bootstrap: str) -> int:
         tail = CommittedResults(self.out_dir, self.settings, wanted=target)
@@ -240,3 +234,10 @@ def _start_embedded_stack(settings: Settings, data_dir: Path, port: int, logs: P
     if engine == "tansu" or port:  # a restart keeps the address every stage was given
         stack.port = int(stack.bootstrap.rpartition(":")[2])
     return stack
+
+
+def _images_present(source: Path | S3Location, settings: Settings) -> set[str]:
+    """The event_ids `--once` waits for: every image in the folder or under the prefix now."""
+    if isinstance(source, S3Location):
+        return s3_event_ids(source, settings)
+    return current_event_ids(source, settings)
