@@ -16,10 +16,8 @@ the registry topic ``imgflow.runs`` (compacted, key = run id), so re-running the
 command after a crash resumes the same run over the same offsets: the stages continue
 from their groups' committed offsets and the sink's output drops what it already has.
 
-Range ends are found the standard way, checked against the records themselves:
-``offsets_for_times`` and the high watermark are only hints (the embedded broker answers 0
-and a wrong end, ENVIRONMENT.md), verified by reading record timestamps and consuming to
-PARTITION_EOF. On Apache Kafka the hints are right and the checks read one or two records.
+(Range ends: ``replay_range``; the run registry and each stage's plan: ``runs``;
+docs/backfill-replay-priority.md.)
 """
 
 from __future__ import annotations
