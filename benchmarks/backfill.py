@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 from consumers.sink import ResultStore
+from imgflow.app.stack import EmbeddedStack
 from imgflow.kafka import ensure_topics
 from imgflow.settings import Settings
-from imgflow.app.stack import EmbeddedStack
 from tests.test_backfill import result_row
 from watchers.backfill import Backfill, FolderSource, pick_job
 

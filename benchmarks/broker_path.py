@@ -239,10 +239,10 @@ def broker_processes(pid: int) -> dict[str, list[int]]:
 
 
 def run_variant(variant: str, events: int, batch: int, timeout: float, avro_codec: str = "deflate", engine: str = "tansu") -> dict:
+    from imgflow.app.stack import EmbeddedStack
     from imgflow.kafka import ensure_topics
     from imgflow.samples import render_text_image
     from imgflow.settings import Settings
-    from imgflow.app.stack import EmbeddedStack
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(os.environ.get("BENCH_KEEP") or tmp) / f"{engine}-{variant}"

@@ -41,9 +41,9 @@ from pathlib import Path
 import fastavro
 
 from benchmarks.perf_common import environ
+from imgflow.app.stack import EmbeddedStack
 from imgflow.results import committed_csv_length, read_csv_rows
 from imgflow.settings import Settings
-from imgflow.app.stack import EmbeddedStack
 from imgflow.topics import SCHEMA_TOPIC
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     from confluent_kafka import Producer
 
     from consumers.sink import PendingRow, ResultStore
+    from imgflow.app.stack import EmbeddedStack
     from imgflow.kafka import ensure_topics, producer_config
     from imgflow.results import row_from_enriched
     from imgflow.settings import Settings
-    from imgflow.app.stack import EmbeddedStack
     from imgflow.stage import CrashPoints
     from schemas.codec import get_codec
 

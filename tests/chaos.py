@@ -21,8 +21,8 @@ from PIL import Image
 from skimage import data
 
 from consumers.sink import ResultStore, read_csv_rows
-from imgflow.samples import render_text_image
 from imgflow.app.stack import EmbeddedStack
+from imgflow.samples import render_text_image
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = ["watcher", "vision", "enrich", "sink"]

@@ -16,9 +16,9 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from consumers.sink import read_csv_rows
-from imgflow.kafka import consumer_config, producer_config
 from imgflow.app.replay_range import PartitionReader, Point, ReplayError, parse_point
 from imgflow.app.runs import RunRegistry
+from imgflow.kafka import consumer_config, producer_config
 from schemas.codec import get_codec
 from tests.conftest import settings_env
 from tests.kafka_helpers import read_topic, wait_until
