@@ -149,7 +149,7 @@ def open_source(source: str, settings: Settings):
 
 
 def job_registry(settings: Settings) -> RegistryTopic[BackfillJob]:
-    return RegistryTopic(settings, REGISTRY_TOPIC, BackfillJob, key="job_id", what="job", error=BackfillError)
+    return RegistryTopic(settings, REGISTRY_TOPIC, BackfillJob, key="job_id", what="backfill", error=BackfillError)
 
 
 def load_jobs(settings: Settings) -> dict[str, BackfillJob]:
