@@ -20,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from imgflow.app.stack import EmbeddedStack
 from imgflow.kafka import ensure_topics
 from imgflow.output.store import ResultStore
 from imgflow.settings import Settings
-from imgflow.stack import EmbeddedStack
 from tests.test_backfill import result_row
 from watchers.backfill import Backfill, FolderSource, pick_job
 

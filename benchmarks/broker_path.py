@@ -224,10 +224,10 @@ def broker_processes(pid: int) -> dict[str, list[int]]:
 
 
 def run_variant(variant: str, events: int, batch: int, timeout: float, avro_codec: str = "deflate", engine: str = "tansu") -> dict:
+    from imgflow.app.stack import EmbeddedStack
     from imgflow.kafka import ensure_topics
     from imgflow.samples import render_text_image
     from imgflow.settings import Settings
-    from imgflow.stack import EmbeddedStack
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(os.environ.get("BENCH_KEEP") or tmp) / f"{engine}-{variant}"
@@ -264,7 +264,7 @@ def run_variant(variant: str, events: int, batch: int, timeout: float, avro_code
                         stderr=subprocess.STDOUT,
                     )
             with open(tmp / "sink.log", "w") as log:
-                procs["sink"] = subprocess.Popen([sys.executable, "-m", "imgflow.cli", "stage", "sink"], env=env, stdout=log, stderr=subprocess.STDOUT)
+                procs["sink"] = subprocess.Popen([sys.executable, "-m", "imgflow", "stage", "sink"], env=env, stdout=log, stderr=subprocess.STDOUT)
             time.sleep(5)  # let the stages join their groups
             broker = {part: pids for part, pids in broker_processes(stack.proc.pid).items() if pids or part == "broker_runner"}  # only this engine's parts
 

@@ -55,8 +55,8 @@ from benchmarks.failover_cluster import (
 )
 from benchmarks.failover_report import RowClock, exactly_once, gap_figures, pipeline_log_figures, result_checks, stage_gaps, summary
 from benchmarks.perf_common import environ
+from imgflow.app.stack import EmbeddedStack
 from imgflow.settings import Settings
-from imgflow.stack import EmbeddedStack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def run_failover(
         log(f"cluster up in {stack.startup_s:.1f}s at {stack.bootstrap}: {report['replication']}")
         with (logs / "imgflow-run.log").open("ab") as run_log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "imgflow.cli", "run", str(folder), "--out", str(out), "--once", "--data-dir", str(data), "--bootstrap", stack.bootstrap],
+                [sys.executable, "-m", "imgflow", "run", str(folder), "--out", str(out), "--once", "--data-dir", str(data), "--bootstrap", stack.bootstrap],
                 cwd=ROOT,
                 env=env,
                 stdout=run_log,

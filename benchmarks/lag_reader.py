@@ -26,10 +26,10 @@ def main() -> None:
     args = parser.parse_args()
     from confluent_kafka import Consumer, Producer, TopicPartition
 
+    from imgflow.app.stack import EmbeddedStack
     from imgflow.kafka import consumer_config, ensure_topics, producer_config
     from imgflow.lag import LagReader
     from imgflow.settings import Settings
-    from imgflow.stack import EmbeddedStack
     from imgflow.topics import TopicSpec
 
     print(f"{'records':>9} {'first round s':>14} {'idle round s':>13} {'+1000 round s':>14} {'after commit s':>15} {'peak RSS MiB':>13}")

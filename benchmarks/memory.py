@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         env.pop("IMGFLOW_DATA_DIR", None)
         started = time.time()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "imgflow.cli", "run", str(images), "--out", str(out), "--once", "--data-dir", str(tmp / "data")],
+            [sys.executable, "-m", "imgflow", "run", str(images), "--out", str(out), "--once", "--data-dir", str(tmp / "data")],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

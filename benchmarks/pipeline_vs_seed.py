@@ -183,7 +183,7 @@ def run_pipeline(images: Path, work: Path, env_extra: dict[str, str], engine: st
     env.pop("IMGFLOW_DATA_DIR", None)
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "imgflow.cli", "run", str(images), "--out", str(out), "--once", "--data-dir", str(data), "--engine", engine],
+        [sys.executable, "-m", "imgflow", "run", str(images), "--out", str(out), "--once", "--data-dir", str(data), "--engine", engine],
         capture_output=True,
         text=True,
         env=env,

@@ -17,9 +17,9 @@ import threading
 import time
 from pathlib import Path
 
+from imgflow.app.stack import EmbeddedStack
 from imgflow.kafka import ensure_topics
 from imgflow.settings import Settings
-from imgflow.stack import EmbeddedStack
 from imgflow.stage import StageRunner
 from tests.kafka_helpers import produce_events
 from tests.test_stage_loop import committed, events

@@ -20,10 +20,10 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
+from imgflow.app.stack import EmbeddedStack
 from imgflow.kafka import ensure_topics
 from imgflow.s3 import parse_s3_uri
 from imgflow.settings import Settings
-from imgflow.stack import EmbeddedStack
 from watchers.s3_watcher import S3Watcher
 
 

@@ -207,8 +207,8 @@ def main() -> None:
     if args.child:
         child()
         return
+    from imgflow.app.stack import EmbeddedStack
     from imgflow.logs import setup_logging
-    from imgflow.stack import EmbeddedStack
 
     setup_logging("WARNING", "text")
     sizes = args.rows or [10_000, 1_000_000]

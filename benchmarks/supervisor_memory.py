@@ -54,8 +54,8 @@ def supervisor(settings_json: str, out: str, old: str, stop_file: str) -> None:
         counter_cls, results_cls = _old_classes(old)
         tail = results_cls(Path(out), settings)
     else:
+        from imgflow.app.progress import TopicCounter as counter_cls
         from imgflow.output.reader import ResultReader
-        from imgflow.pipeline import TopicCounter as counter_cls
 
         tail = ResultReader(Path(out), settings, wanted=set())
     t = settings.topics
@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from confluent_kafka import Producer
 
+    from imgflow.app.stack import EmbeddedStack
     from imgflow.kafka import ensure_topics, producer_config
     from imgflow.output.rows import row_from_enriched
     from imgflow.output.store import PendingRow, ResultStore
     from imgflow.settings import Settings
-    from imgflow.stack import EmbeddedStack
     from imgflow.stage import CrashPoints
     from schemas.codec import get_codec
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from imgflow.settings import Settings
 
 
 def exit_with_error(exc: BaseException | str, code: int = 2) -> NoReturn:
@@ -15,7 +18,7 @@ def exit_with_error(exc: BaseException | str, code: int = 2) -> NoReturn:
     raise typer.Exit(code) from None
 
 
-def command_settings(**env: object):
+def command_settings(**env: object) -> Settings:
     """Command-line options become IMGFLOW_* variables, so child processes see them too."""
     for key, value in env.items():
         if value is not None:

@@ -20,10 +20,10 @@ import fastavro
 from PIL import Image
 from skimage import data
 
+from imgflow.app.stack import EmbeddedStack
 from imgflow.output.formats import read_csv_rows
 from imgflow.output.store import ResultStore
 from imgflow.samples import render_text_image
-from imgflow.stack import EmbeddedStack
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = ["watcher", "vision", "enrich", "sink"]
@@ -88,7 +88,7 @@ class Processes:
         (workdir / "logs").mkdir(parents=True, exist_ok=True)
 
     def argv(self, role: str) -> list[str]:
-        base = [sys.executable, "-m", "imgflow.cli"]
+        base = [sys.executable, "-m", "imgflow"]
         if role == "watcher":
             return [*base, "watch", "local", str(self.images), "--data-dir", str(self.workdir / "data")]
         return [*base, "stage", role]

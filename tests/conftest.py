@@ -56,7 +56,7 @@ def _session_stack(tmp_path_factory, engine: str):
     if os.environ.get("IMGFLOW_TEST_BOOTSTRAP"):
         yield None
         return
-    from imgflow.stack import EmbeddedStack
+    from imgflow.app.stack import EmbeddedStack
 
     data = tmp_path_factory.mktemp(f"broker-{engine}")
     stack = EmbeddedStack(data, port=0, log_file=data / "broker.log", engine=engine).start()

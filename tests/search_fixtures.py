@@ -15,7 +15,7 @@ from PIL import Image
 from imgflow.samples import render_text_image, write_samples
 
 ROOT = Path(__file__).resolve().parents[1]
-IMGFLOW = [sys.executable, "-m", "imgflow.cli"]
+IMGFLOW = [sys.executable, "-m", "imgflow"]
 
 
 def imgflow_env(**extra: str) -> dict:

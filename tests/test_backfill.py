@@ -33,11 +33,11 @@ def backfill(settings, *args: str, env_extra: dict | None = None, s3=None) -> Re
         env.update(s3.env())
     env.update(env_extra or {})
     if "IMGFLOW_CRASH_AT" in env:
-        done = subprocess.run([sys.executable, "-m", "imgflow.cli", "backfill", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run([sys.executable, "-m", "imgflow", "backfill", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         return Result(done.returncode, done.stdout, done.stderr)
     from typer.testing import CliRunner
 
-    from imgflow.cli import app
+    from imgflow.app.cli import app
 
     result = CliRunner().invoke(app, ["backfill", *args], env={k: v for k, v in env.items() if k.startswith("IMGFLOW_")})
     if result.exception is not None and not isinstance(result.exception, SystemExit):

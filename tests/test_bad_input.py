@@ -114,7 +114,7 @@ def test_corpus_of_broken_files_end_as_error_rows_or_results(tmp_path):
     setpriv = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if shutil.which("setpriv") else []
     assert setpriv, "setpriv (util-linux) is needed to produce a real permission error as root"
     proc = subprocess.run(
-        [*setpriv, sys.executable, "-m", "imgflow.cli", "run", str(folder), "--once", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--port", "0"],
+        [*setpriv, sys.executable, "-m", "imgflow", "run", str(folder), "--once", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--port", "0"],
         cwd=ROOT,
         env={**env, "IMGFLOW_MODELS__LLM": "smollm2-135m", "HF_HUB_OFFLINE": "1"},
         capture_output=True,

@@ -19,7 +19,7 @@ COMMANDS = [[], ["run"], ["stage"], ["watch"], ["watch", "local"], ["broker"], [
 
 def imgflow(*args: str, env: dict | None = None, cwd: Path = ROOT, timeout: float = 120):
     base = {k: v for k, v in os.environ.items() if not k.startswith("IMGFLOW_")}
-    return subprocess.run([sys.executable, "-m", "imgflow.cli", *args], cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "imgflow", *args], cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "imgflow")

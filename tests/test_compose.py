@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from imgflow.cli import METRICS_COMMANDS, cli
+from imgflow.app.cli import METRICS_COMMANDS, cli
 from imgflow.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def test_every_service_command_is_a_real_imgflow_command_with_real_options():
         # ... and the command's own --help, through the real console script, works.
         key = tuple(command.path)
         if key not in helps:
-            helps[key] = subprocess.run([sys.executable, "-m", "imgflow.cli", *key, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+            helps[key] = subprocess.run([sys.executable, "-m", "imgflow", *key, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
         result = helps[key]
         assert result.returncode == 0 and "Usage:" in result.stdout, (name, result.stderr)
         for option in (a.split("=")[0] for a in args if a.startswith("--")):

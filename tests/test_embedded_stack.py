@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from imgflow.app.stack import EmbeddedStack, StackError
 from imgflow.kafka import KafkaUnreachable, check_kafka
 from imgflow.process import free_port
 from imgflow.settings import Settings
-from imgflow.stack import EmbeddedStack, StackError
 from imgflow.topics import topic_specs
 
 confluent_kafka = pytest.importorskip("confluent_kafka")

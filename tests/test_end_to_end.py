@@ -23,7 +23,7 @@ from imgflow.samples import render_text_image
 from tests.kafka_helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
-IMGFLOW = [sys.executable, "-m", "imgflow.cli"]
+IMGFLOW = [sys.executable, "-m", "imgflow"]
 SEED_HEADER = ("image_path,text,description,categories,keywords,image_text,text_vector,word2vec_vector,image_vector,timestamp,error,llama_extracted").split(",")
 
 

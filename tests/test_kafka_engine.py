@@ -16,16 +16,16 @@ from pathlib import Path
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
+from imgflow.app.stack import EmbeddedStack
 from imgflow.kafka import admin_client, check_kafka, consumer_config, ensure_topics, producer_config
 from imgflow.process import free_port
 from imgflow.settings import Settings
-from imgflow.stack import EmbeddedStack
 from tests.conftest import make_settings, settings_env
 from tests.kafka_helpers import decoded, produce_events, read_topic, wait_until
 from tests.test_stage_loop import committed, events
 
 ROOT = Path(__file__).resolve().parents[1]
-IMGFLOW = [sys.executable, "-m", "imgflow.cli"]
+IMGFLOW = [sys.executable, "-m", "imgflow"]
 
 
 def _values(bootstrap: str, topic: str) -> list[bytes]:

@@ -27,7 +27,7 @@ from imgflow.samples import render_text_image
 from imgflow.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-IMGFLOW = [sys.executable, "-m", "imgflow.cli"]
+IMGFLOW = [sys.executable, "-m", "imgflow"]
 USER = "alice"
 # Unique strings: finding one anywhere is a leak, not a coincidence.
 PASSWORD = "pw-" + secrets.token_hex(12)
@@ -109,7 +109,7 @@ class SecureKafka:
 
 @pytest.fixture(scope="module")
 def secure_kafka(tmp_path_factory):
-    from imgflow.stack import EmbeddedStack
+    from imgflow.app.stack import EmbeddedStack
 
     tls = tmp_path_factory.mktemp("tls")
     make_tls(tls)

@@ -153,7 +153,7 @@ def test_imgflow_models_command(tiny, tmp_path):
         IMGFLOW_MODELS__WORD_VECTORS=str(tiny["fasttext"]),
         IMGFLOW_MODELS__LLM=str(tmp_path / "nope.gguf"),
     )
-    proc = subprocess.run([sys.executable, "-m", "imgflow.cli", "models"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "imgflow", "models"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert any(line.startswith("ok ") and "describe" in line and str(tiny["vlm"]) in line for line in lines)

@@ -225,7 +225,7 @@ def test_live_prometheus_answers_every_panel_and_alert_about_a_running_pipeline(
         [
             sys.executable,
             "-m",
-            "imgflow.cli",
+            "imgflow",
             "run",
             str(images),
             "--out",
@@ -321,7 +321,7 @@ def test_live_prometheus_answers_every_panel_and_alert_about_a_running_pipeline(
 
 
 def test_every_command_takes_log_options_and_the_serving_ones_a_metrics_port():
-    from imgflow.cli import METRICS_COMMANDS, cli
+    from imgflow.app.cli import METRICS_COMMANDS, cli
 
     def leaves(command, path=()):
         if hasattr(command, "commands"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from imgflow.pipeline import Progress, RecentKeys
+from imgflow.app.progress import Progress, RecentKeys
 
 
 def test_the_rate_starts_with_the_first_vision_result_and_gives_an_eta(capsys):

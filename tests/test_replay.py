@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from imgflow.app.replay_range import PartitionReader, Point, ReplayError, parse_point
+from imgflow.app.runs import RunRegistry
 from imgflow.kafka import consumer_config, producer_config
 from imgflow.output.formats import read_csv_rows
-from imgflow.replay import PartitionReader, Point, ReplayError, RunRegistry, parse_point
 from schemas.codec import get_codec
 from tests.conftest import settings_env
 from tests.kafka_helpers import read_topic, wait_until
@@ -67,7 +68,7 @@ def committed(settings, group: str, topic: str) -> list[int]:
 
 
 def replay_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "imgflow.cli", "replay", *args]
+    return [sys.executable, "-m", "imgflow", "replay", *args]
 
 
 def run_rows(out: Path) -> list[dict]:

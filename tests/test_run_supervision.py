@@ -142,15 +142,15 @@ def test_waiting_for_an_earlier_stack_and_refusing_a_live_one(tmp_path, capsys):
     """The wait itself, deterministic: a stack whose command is alive is another run's
     (refused at once, naming that command); once that command is killed -9 its stack stops,
     and the wait says so and returns when it has."""
-    from imgflow.pipeline import wait_for_earlier_stack
-    from imgflow.stack import StackError
+    from imgflow.app.stack import StackError
+    from imgflow.app.stack_processes import wait_for_earlier_stack
 
     broker_dir = tmp_path / "broker"
     owner = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from imgflow.stack import EmbeddedStack; "
+            "import sys, time; from pathlib import Path; from imgflow.app.stack import EmbeddedStack; "
             f"s = EmbeddedStack(Path({str(broker_dir)!r}), port=0).start(); print('ready', flush=True); time.sleep(600)",
         ],
         cwd=ROOT,

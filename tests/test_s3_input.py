@@ -115,7 +115,7 @@ def test_run_on_a_bucket_prefix_once(s3_server, s3_bucket, tmp_path):
         }
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "imgflow.cli", "run", f"s3://{s3_bucket}/in/", "--once", "--out", str(out), "--data-dir", str(data_dir), "--port", "0"],
+        [sys.executable, "-m", "imgflow", "run", f"s3://{s3_bucket}/in/", "--once", "--out", str(out), "--data-dir", str(data_dir), "--port", "0"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -195,7 +195,7 @@ def test_wrong_credentials_missing_bucket_unreachable_endpoint_are_clear_errors(
     # The command: exit 2 at once, the setting named, no secret on the terminal.
     env = {**settings_env(s3_settings), **s3_server.env(), "IMGFLOW_S3__SECRET_ACCESS_KEY": "not-" + secret}
     proc = subprocess.run(
-        [sys.executable, "-m", "imgflow.cli", "watch", "s3", f"s3://{s3_bucket}/p/"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "imgflow", "watch", "s3", f"s3://{s3_bucket}/p/"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2 and "IMGFLOW_S3__SECRET_ACCESS_KEY" in proc.stderr, proc.stderr
     assert secret not in proc.stdout + proc.stderr
@@ -208,7 +208,7 @@ def test_seaweedfs_notifications_and_an_s3_restart(broker, tmp_path, caplog):
     cursor; the full pass is due in 3600 s) become events within seconds, through the
     notifications. SeaweedFS is SIGKILLed and restarted meanwhile: the watcher keeps running
     and every object is published exactly once."""
-    from imgflow.stack import EmbeddedStack
+    from imgflow.app.stack import EmbeddedStack
     from tests.conftest import S3Server
 
     topic = f"seaweedfs-events-{tmp_path.name}"

@@ -139,7 +139,7 @@ def test_sink_killed_at_each_step_restarts_to_exactly_once(settings, point):
     codec = get_codec()
     produce(settings, settings.topics.enriched, [(f"e{i:04d}", codec.encode("EnrichedRecord", enriched(i))) for i in range(30)])
     env = settings_env(settings)
-    cmd = [sys.executable, "-m", "imgflow.cli", "stage", "sink"]
+    cmd = [sys.executable, "-m", "imgflow", "stage", "sink"]
     crashed = subprocess.run(cmd, cwd=ROOT, env={**env, "IMGFLOW_CRASH_AT": f"sink:{point}:1"}, timeout=120, capture_output=True)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()[-2000:]
     log = settings.data_dir / "sink.log"

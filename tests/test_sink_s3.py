@@ -138,7 +138,7 @@ def test_sink_process_s3_faults_then_exactly_once(s3_settings, s3_server, tmp_pa
     # group.min.session.timeout.ms (6 s by default).
     session_ms = "6000" if engine == "kafka" else "3000"
     env = {**settings_env(settings), **s3_server.env(), "IMGFLOW_KAFKA__SESSION_TIMEOUT_MS": session_ms, "IMGFLOW_KAFKA__HEARTBEAT_INTERVAL_MS": "500"}
-    cmd = [sys.executable, "-m", "imgflow.cli", "stage", "sink", "--out", f"s3://{bucket}/out/"]
+    cmd = [sys.executable, "-m", "imgflow", "stage", "sink", "--out", f"s3://{bucket}/out/"]
     cases = [
         ({"IMGFLOW_S3__ENDPOINT_URL": "http://127.0.0.1:9"}, "endpoint unreachable", "s3.endpoint_url"),
         ({"IMGFLOW_S3__SECRET_ACCESS_KEY": "wrong-secret-value-123"}, "SignatureDoesNotMatch", "s3.secret_access_key"),
@@ -172,7 +172,7 @@ def test_kill_sink_mid_upload_and_kill_s3_server_exactly_once(tmp_path):
     """Own stack (its S3 server is killed): the sink SIGKILLed right after an Avro upload and
     in the middle of its CSV parts, SIGKILLed at random while uploading, and the S3 server
     SIGKILLed while the sink writes; afterwards every event is in the bucket exactly once."""
-    from imgflow.stack import EmbeddedStack
+    from imgflow.app.stack import EmbeddedStack
     from tests.conftest import S3Server
 
     stack = EmbeddedStack(tmp_path / "stack", port=0, log_file=tmp_path / "stack.log").start()
@@ -199,7 +199,7 @@ def test_kill_sink_mid_upload_and_kill_s3_server_exactly_once(tmp_path):
         def start(crash: str | None = None) -> subprocess.Popen:
             with log.open("ab") as f:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "imgflow.cli", "stage", "sink"],
+                    [sys.executable, "-m", "imgflow", "stage", "sink"],
                     cwd=ROOT,
                     env={**env, **({"IMGFLOW_CRASH_AT": crash} if crash else {})},
                     stdout=f,
@@ -279,7 +279,7 @@ def test_a_second_sink_on_the_same_prefix_refuses_to_start_and_a_killed_sinks_le
     produce(settings, settings.topics.enriched, [(f"e{i:04d}", codec.encode("EnrichedRecord", enriched(i))) for i in range(10)])
     out = f"s3://{s3_bucket}/shared/"
     env = {**settings_env(settings), **s3_server.env(), "IMGFLOW_SINK__LEASE_TTL_S": "6"}
-    cmd = [sys.executable, "-m", "imgflow.cli", "stage", "sink", "--out", out]
+    cmd = [sys.executable, "-m", "imgflow", "stage", "sink", "--out", out]
     log = tmp_path / "first.log"
     with log.open("wb") as f:
         first = subprocess.Popen([*cmd, "--group", "sink-a"], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)

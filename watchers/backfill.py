@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -37,7 +36,9 @@ from confluent_kafka import KafkaException, Producer
 from imgflow import metrics
 from imgflow.errors import ImgflowError
 from imgflow.events import local_image_event, s3_image_event
-from imgflow.kafka import ensure_compacted_topic, producer_config, publish_schemas, read_latest_by_key
+from imgflow.kafka import producer_config, publish_schemas
+from imgflow.progress import ProgressBar, clock
+from imgflow.registry_topic import RegistryTopic
 from imgflow.s3 import S3Error, explain, is_s3_uri, parse_s3_uri, s3_client
 from imgflow.settings import Settings
 from imgflow.stage import CrashPoints
@@ -147,15 +148,14 @@ def open_source(source: str, settings: Settings):
 # ---- the job registry ---------------------------------------------------------------------------
 
 
+def job_registry(settings: Settings) -> RegistryTopic[BackfillJob]:
+    return RegistryTopic(settings, REGISTRY_TOPIC, BackfillJob, key="job_id", what="backfill", error=BackfillError)
+
+
 def load_jobs(settings: Settings) -> dict[str, BackfillJob]:
-    ensure_compacted_topic(settings, REGISTRY_TOPIC)
-    jobs = {}
-    for job_id, value in read_latest_by_key(settings, REGISTRY_TOPIC).items():
-        try:
-            jobs[job_id] = BackfillJob(**json.loads(value))
-        except (TypeError, ValueError) as exc:
-            log.warning("%s: unreadable record of job %s skipped: %s", REGISTRY_TOPIC, job_id, exc)
-    return jobs
+    registry = job_registry(settings)
+    registry.ensure()
+    return registry.all()
 
 
 def _now() -> str:
@@ -234,7 +234,7 @@ class Backfill:
         job = self.job
         if job.status == "done":
             return job
-        producer = None
+        producer: Producer | None = None  # None: a dry run
         if not dry_run:
             publish_schemas(self.settings, self.codec, ["ImageEvent"])
             producer = Producer(producer_config(self.settings, f"imgflow-backfill.{job.job_id}", **{"linger.ms": 20, "batch.num.messages": 10_000}))
@@ -245,7 +245,7 @@ class Backfill:
         for part, todo, skipped in self.plan(source):
             if self.stopping:
                 break
-            if not dry_run:
+            if producer is not None:
                 self._publish(producer, todo, part[-1].cursor, skipped)
             else:
                 job.published += len(todo)
@@ -271,7 +271,7 @@ class Backfill:
                 updated = BackfillJob(
                     **{**asdict(job), "cursor": cursor, "published": job.published + len(todo), "skipped": job.skipped + skipped, "updated_at": _now()}
                 )
-                producer.produce(REGISTRY_TOPIC, key=job.job_id, value=json.dumps(asdict(updated)))
+                producer.produce(REGISTRY_TOPIC, key=job.job_id, value=RegistryTopic.value_of(updated))
                 producer.commit_transaction(60)
                 self.crash.reach("after_commit")
                 break
@@ -289,59 +289,34 @@ class Backfill:
     def _save(self) -> None:
         """The job's record outside a chunk (its start, its end)."""
         self.job.updated_at = _now()
-        plain = Producer(producer_config(self.settings))
-        plain.produce(REGISTRY_TOPIC, key=self.job.job_id, value=json.dumps(asdict(self.job)))
-        if plain.flush(30):
-            raise BackfillError(f"could not write backfill {self.job.job_id} to {REGISTRY_TOPIC}")
+        job_registry(self.settings).save(self.job)
 
 
-class ProgressBar:
-    """Count, rate and ETA: a rich bar on a terminal, a line every 5 s otherwise."""
+class BackfillProgress:
+    """The images handled of the total, their rate since this process started, the ETA."""
 
-    def __init__(self, total: int | None, already: int, label: str) -> None:
-        self.total, self.label = total, label
+    def __init__(self, total: int | None, already: int) -> None:
+        self.total = total
         self.done = already
-        self.started = time.monotonic()
         self.counted_from = already
-        self._last = 0.0
-        self._bar = None
-        if sys.stderr.isatty():
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]:>9} img/s"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"),
-                transient=False,
-            )
-            self._task = self._bar.add_task(label, total=total, completed=already, rate="", info="")
-            self._bar.start()
+        self.started = time.monotonic()
+        self.bar = ProgressBar("backfill", total, completed=already, stream=sys.stderr)
 
     def __call__(self, n: int, job: BackfillJob) -> None:
         self.done += n
         elapsed = time.monotonic() - self.started
         rate = (self.done - self.counted_from) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate and self.total is not None else 0.0
         info = f"published {job.published}, skipped {job.skipped}"
-        if self._bar is not None:
-            self._bar.update(self._task, completed=self.done, rate=f"{rate:,.0f}", info=info)
-        elif time.monotonic() - self._last >= 5 or (self.total is not None and self.done >= self.total):
-            eta = (self.total - self.done) / rate if rate and self.total is not None else 0.0
-            total = f"/{self.total}" if self.total is not None else ""
-            print(f"{self.label}: {self.done}{total} images, {rate:,.0f} img/s, ETA {eta:.0f}s, {info}", file=sys.stderr, flush=True)
-            self._last = time.monotonic()
+        total = f"/{self.total}" if self.total is not None else ""
+        self.bar.update(
+            self.done,
+            rate=f"{rate:,.0f}",
+            eta=clock(eta),
+            info=info,
+            line=lambda: f"backfill: {self.done}{total} images, {rate:,.0f} img/s, ETA {eta:.0f}s, {info}",
+            now=self.total is not None and self.done >= self.total,
+        )
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+        self.bar.close()

@@ -1,6 +1,6 @@
 """Bounded runs over input partitions (replays): where each partition starts and stops.
 
-A replay (``imgflow.replay``) runs the stage loop with a ``run_id`` (stamped on every event
+A replay (``imgflow.app.replay``) runs the stage loop with a ``run_id`` (stamped on every event
 it reads), its own group and topics, and ``RangeBounds``: start at given offsets, stop before
 given ends, exit when every partition is done. See docs/backfill-replay-priority.md."""
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import imgflow
-from imgflow.errors import ImgflowError
+from imgflow.app.stack_processes import StackError, StackProcesses
 from imgflow.process import tail
 
 DEFAULT_PORT = 19092
@@ -34,16 +34,12 @@ READY_PREFIX = "ready bootstrap="
 EXIT_USAGE = 2
 
 
-class StackError(ImgflowError, RuntimeError):
-    """The embedded stack failed to start, or the broker did not answer in time."""
-
-
 def _repo_root() -> Path:
     # infra/ sits next to imgflow/ in the source tree; make it importable for the child.
     return Path(imgflow.__file__).resolve().parent.parent
 
 
-class EmbeddedStack:
+class EmbeddedStack(StackProcesses):
     """Runs ``python -m infra.embedded`` for the lifetime of this object (a context manager)."""
 
     def __init__(
@@ -80,18 +76,6 @@ class EmbeddedStack:
         self.startup_s: float | None = None
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._reader: threading.Thread | None = None
-
-    # -- info
-    @property
-    def stack_file(self) -> Path:
-        return self.data_dir / "stack.json"
-
-    def info(self) -> dict:
-        """The runner's current stack.json (pids change when it restarts a process)."""
-        try:
-            return json.loads(self.stack_file.read_text())
-        except (OSError, ValueError) as e:
-            raise StackError(f"cannot read {self.stack_file}: {e}") from e
 
     def log_tail(self, lines: int = 40) -> str:
         return tail(self.log_file, lines)
@@ -198,53 +182,6 @@ class EmbeddedStack:
                 self.s3_endpoint = info.get("s3_endpoint", "")
                 self.listeners = dict(info.get("listeners") or {})
                 return
-
-    @staticmethod
-    def _kill(pid: int, hold_file: str, hold: bool) -> None:
-        if hold:
-            Path(hold_file).touch()
-        os.kill(pid, signal.SIGKILL)
-
-    @staticmethod
-    def _release(hold_file: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            Path(hold_file).unlink()
-
-    def kill_broker(self, hold: bool = False) -> None:
-        """SIGKILL the broker process only (tansu, or the first Kafka node; fault tests): the
-        runner restarts it at once, or with ``hold`` only after ``release_broker``."""
-        info = self.info()
-        self._kill(int(info["broker_pid"]), info["broker_hold_file"], hold)
-
-    def release_broker(self) -> None:
-        """Let the runner restart a broker killed with ``hold``."""
-        self._release(self.info()["broker_hold_file"])
-
-    def node(self, node_id: int) -> dict:
-        """A Kafka node's entry of stack.json (pid, port, hold_file)."""
-        for node in self.info().get("nodes", []):
-            if node["node_id"] == node_id:
-                return node
-        raise StackError(f"no Kafka node {node_id} in {self.stack_file}")
-
-    def kill_node(self, node_id: int, hold: bool = False) -> None:
-        """SIGKILL one Kafka node. ``hold``: the runner leaves it down until ``release_node``."""
-        node = self.node(node_id)
-        self._kill(int(node["pid"]), node["hold_file"], hold)
-
-    def release_node(self, node_id: int) -> None:
-        """Let the runner restart a held node (on its ports and data)."""
-        self._release(self.node(node_id)["hold_file"])
-
-    def kill_s3(self, hold: bool = False) -> None:
-        """SIGKILL SeaweedFS only (fault tests; tansu engine): the runner restarts it at once,
-        or with ``hold`` only after ``release_s3`` (an outage of a known length)."""
-        info = self.info()
-        self._kill(int(info["weed_pid"]), info["s3_hold_file"], hold)
-
-    def release_s3(self) -> None:
-        """Let the runner restart a SeaweedFS killed with ``hold``."""
-        self._release(self.info()["s3_hold_file"])
 
     def stop(self, timeout: float = 45) -> None:
         """SIGTERM the runner (it stops the broker, then SeaweedFS), wait, SIGKILL if needed."""
