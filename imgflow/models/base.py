@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from imgflow.errors import ImgflowError
 from imgflow.models.cache import ModelCache
 from imgflow.models.hashing import quick_hash, short_hash
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(ImgflowError, ValueError):
     """A model setting points at something that is not there or cannot load.
 
     The message names the setting and the path, so a user can fix the config."""
