@@ -16,10 +16,10 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from imgflow.errors import ImgflowError
-from imgflow.kafka import consumer_config
+from imgflow.kafka import consumer_config, end_of_partition, position
 from imgflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,22 +66,6 @@ def parse_point(text: str, what: str) -> Point:
     return Point("time", int(when.timestamp() * 1000))
 
 
-def _at_end(msg: Message) -> bool:
-    """True for the end-of-partition event; a record: False; any other error raises."""
-    error = msg.error()
-    if error is None:
-        return False
-    if error.code() == KafkaError._PARTITION_EOF:
-        return True
-    raise KafkaException(error)
-
-
-def _offset(msg: Message) -> int:
-    offset = msg.offset()
-    assert offset is not None, "a consumed record or partition end has an offset"
-    return offset
-
-
 # Readers that look for the end of a partition: the broker answers an empty fetch at the
 # end only after fetch.wait.max.ms, so keep that short.
 EOF_READER = {"enable.partition.eof": True, "fetch.wait.max.ms": 10}
@@ -113,7 +97,7 @@ class PartitionReader:
                 msg = self.consumer.poll(0.5)
                 if msg is None:
                     continue
-                if _at_end(msg):
+                if end_of_partition(msg):
                     return None
                 return msg
             raise ReplayError(f"{tp[0]}[{tp[1]}]: no answer from the broker in {timeout:.0f}s")
@@ -128,7 +112,7 @@ class PartitionReader:
         first = self._first_from(tp, low)
         if first is None:
             return low, self._end_from(tp, low)
-        start = _offset(first)
+        start = position(first)[2]
         return start, self._end_from(tp, max(start, high - 1))
 
     def _end_from(self, tp: TP, offset: int, timeout: float = 60) -> int:
@@ -138,9 +122,9 @@ class PartitionReader:
             while time.monotonic() < deadline:
                 msgs = self.consumer.consume(10_000, 0.05)
                 for msg in msgs:
-                    if _at_end(msg):
-                        return max(end, _offset(msg))
-                    end = _offset(msg) + 1
+                    if end_of_partition(msg):
+                        return max(end, position(msg)[2])
+                    end = position(msg)[2] + 1
             raise ReplayError(f"{tp[0]}[{tp[1]}]: did not reach the end of the partition in {timeout:.0f}s")
         finally:
             self.consumer.unassign()
@@ -171,7 +155,7 @@ class PartitionReader:
             before = self._first_from(tp, hint - 1)
             # The record just before must be older (it may be a transaction marker: then
             # the next record read is at or past the hint and proves nothing either way).
-            if before is not None and _offset(before) < hint and before.timestamp()[1] >= ts_ms:
+            if before is not None and position(before)[2] < hint and before.timestamp()[1] >= ts_ms:
                 return False
         return True
 
@@ -181,10 +165,10 @@ class PartitionReader:
         try:
             while time.monotonic() < deadline:
                 for msg in self.consumer.consume(10_000, 0.05):
-                    if _at_end(msg) or _offset(msg) >= end:
+                    if end_of_partition(msg) or position(msg)[2] >= end:
                         return end
                     if msg.timestamp()[1] >= ts_ms:
-                        return _offset(msg)
+                        return position(msg)[2]
             raise ReplayError(f"{tp[0]}[{tp[1]}]: timestamp scan did not finish in {timeout:.0f}s")
         finally:
             self.consumer.unassign()
