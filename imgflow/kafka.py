@@ -144,11 +144,12 @@ def topic_config(settings: Settings, spec: TopicSpec) -> dict[str, str]:
     return config
 
 
-def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, timeout: float = 30) -> None:
+def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None, timeout: float = 30, admin: AdminClient | None = None) -> None:
     """Create the topics that do not exist yet (idempotent), with the replication, partitions
     and configs of the settings. Existing topics are left as they are: a warning says where
-    their partitions or replication differ from the settings."""
-    admin = admin_client(settings)
+    their partitions or replication differ from the settings. ``admin``: a client of the
+    caller's (the broker health check keeps one with short timeouts)."""
+    admin = admin or admin_client(settings)
     specs = specs if specs is not None else all_topic_specs(settings)
     topics = admin.list_topics(timeout=timeout).topics
     replication = settings.topics.replication_factor

@@ -8,7 +8,10 @@ import logging
 import socket
 import time
 
+from imgflow.kafka import ensure_topics
 from imgflow.process import tail
+from imgflow.settings import Settings
+from imgflow.topics import TopicSpec
 from infra.procs import StartupError, raise_if_exited
 
 log = logging.getLogger("infra.embedded")
@@ -30,27 +33,10 @@ def admin_client(bootstrap: str):
     )
 
 
-def create_topics(admin, specs: list[tuple[str, int]], timeout: float = 10.0) -> list[str]:
-    """Create topics that do not exist; returns the names created. Raises on other errors."""
-    from confluent_kafka import KafkaError
-    from confluent_kafka.admin import NewTopic
-
-    existing = set(admin.list_topics(timeout=timeout).topics)
-    todo = [NewTopic(n, num_partitions=p, replication_factor=1) for n, p in specs if n not in existing]
-    created: list[str] = []
-    if not todo:
-        return created
-    futures = admin.create_topics(todo, operation_timeout=timeout, request_timeout=timeout)
-    for name, fut in futures.items():
-        try:
-            fut.result(timeout=timeout + 5)
-            created.append(name)
-        except Exception as e:  # noqa: BLE001
-            err = e.args[0] if e.args else None
-            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
-                continue
-            raise
-    return created
+def loopback_settings(bootstrap: str) -> Settings:
+    """The settings to create topics with through the plain loopback listener, whatever
+    security the clients are set up for."""
+    return Settings(kafka={"bootstrap": bootstrap, "security_protocol": "PLAINTEXT", "sasl_mechanism": "", "ssl_ca_location": ""})
 
 
 def check_broker_health(bootstrap: str, deadline: float, check, name: str, procs: list) -> None:
@@ -76,7 +62,7 @@ def check_broker_health(bootstrap: str, deadline: float, check, name: str, procs
             admin = admin_client(bootstrap)
         try:
             remaining = max(1.0, min(10.0, deadline - time.monotonic()))
-            create_topics(admin, [(HEALTH_TOPIC, 1)], timeout=remaining)
+            ensure_topics(loopback_settings(bootstrap), [TopicSpec(HEALTH_TOPIC, 1, "")], timeout=remaining, admin=admin)
             md = admin.list_topics(topic=HEALTH_TOPIC, timeout=remaining)
             t = md.topics.get(HEALTH_TOPIC)
             if t is not None and t.error is None and len(t.partitions) >= 1:

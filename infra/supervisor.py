@@ -12,7 +12,8 @@ import signal
 import time
 from pathlib import Path
 
-from infra.health import check_broker_health
+from imgflow.kafka import ensure_topics
+from infra.health import check_broker_health, loopback_settings
 from infra.procs import Stopping, write_json_atomic
 
 log = logging.getLogger("infra.embedded")
@@ -61,12 +62,8 @@ class Supervisor:
         t_spawned = time.monotonic()
         check_broker_health(self.engine.bootstrap, deadline, self.check, self.engine.name, self.engine.procs())
         t_broker = time.monotonic()
-        # The pipeline's topics, as the code defines them (imgflow.topics: the one place),
-        # through the plain loopback listener whatever security the clients are set up for.
-        from imgflow.kafka import ensure_topics
-        from imgflow.settings import Settings
-
-        ensure_topics(Settings(kafka={"bootstrap": self.engine.bootstrap, "security_protocol": "PLAINTEXT", "sasl_mechanism": "", "ssl_ca_location": ""}))
+        # The pipeline's topics, as the code defines them (imgflow.topics: the one place).
+        ensure_topics(loopback_settings(self.engine.bootstrap))
         self.write_stack_file()
         log.info(
             "%s stack ready in %.2f s (processes %.2f s, broker healthy %.2f s, topics %.2f s)",
