@@ -18,6 +18,11 @@ def test_the_rate_starts_with_the_first_vision_result_and_gives_an_eta(capsys):
     assert line.startswith("written 25/100 | ")
     assert "2.08 img/s | ETA 0:00:36 | 53s" in line  # 25 rows in the 12 s since: 75 left
     assert "found 100 · vision 40 · enriched 25 · failed 1 · 1 with errors" in line
+    # Within the 5 s the next line waits: not printed, unless it is the last state (--once done).
+    progress.show(found=100, vision=100, enriched=99, failed=1, written=99, errors=1, new_rows=99, elapsed=54, now=54.0)
+    assert capsys.readouterr().out == ""
+    progress.show(found=100, vision=100, enriched=100, failed=1, written=100, errors=1, new_rows=100, elapsed=55, now=55.0, final=True)
+    assert capsys.readouterr().out.startswith("written 100/100 | ")
 
 
 def test_recent_keys_count_distinct_keys_in_bounded_memory():

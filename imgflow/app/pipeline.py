@@ -180,6 +180,7 @@ class Pipeline:
                 found = counter.count(t.new) + counter.count(t.new_high)
                 # --once: rows of this folder's images (of earlier runs too); else every row.
                 written = len(target) - len(tail.missing) if self.once else tail.rows
+                all_written = self.once and not tail.missing
                 progress.show(
                     found=found,
                     vision=counter.count(t.vision),
@@ -189,8 +190,9 @@ class Pipeline:
                     errors=tail.errors,
                     new_rows=tail.rows - done_before,
                     elapsed=time.monotonic() - started,
+                    final=all_written,
                 )
-                if self.once and not tail.missing:
+                if all_written:
                     self.finished = True
                     progress.finish()
                     print(f"done: {len(target)} images, {tail.errors} with errors, in {time.monotonic() - started:.1f}s", flush=True)

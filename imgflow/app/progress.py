@@ -109,8 +109,21 @@ class Progress:
         return (new_rows - n0) / (now - t0) if now > t0 and new_rows > n0 else 0.0
 
     def show(
-        self, *, found: int, vision: int, enriched: int, failed: int, written: int, errors: int, new_rows: int, elapsed: float, now: float | None = None
+        self,
+        *,
+        found: int,
+        vision: int,
+        enriched: int,
+        failed: int,
+        written: int,
+        errors: int,
+        new_rows: int,
+        elapsed: float,
+        now: float | None = None,
+        final: bool = False,
     ) -> None:
+        """``final``: the last state, printed off a terminal even within a second of the
+        line before (lines are otherwise printed every few seconds)."""
         rate = self.rate(time.monotonic() if now is None else now, new_rows, working=vision > 0)
         remaining = self.total - written if self.total is not None else None
         if remaining is not None and rate > 0:
@@ -126,7 +139,12 @@ class Progress:
         total = f"/{self.total}" if self.total is not None else ""
         eta_text = f" | ETA {eta}" if self.total is not None else ""
         self.bar.update(
-            written, rate=shown_rate, eta=eta, info=stages, line=lambda: f"written {written}{total} | {shown_rate} img/s{eta_text} | {elapsed:.0f}s | {stages}"
+            written,
+            rate=shown_rate,
+            eta=eta,
+            info=stages,
+            line=lambda: f"written {written}{total} | {shown_rate} img/s{eta_text} | {elapsed:.0f}s | {stages}",
+            now=final,
         )
 
     def finish(self) -> None:
