@@ -33,7 +33,7 @@ dedupe window, not on the history:
   offset, whose rows are in those same files. Their ids are read from the ``_index``
   objects (or the Avro file where there is no index yet).
 * The records of aborted transactions (the embedded broker delivers them although we read
-  ``read_committed``, ENVIRONMENT.md): the sink may have written an aborted copy of an event
+  ``read_committed``, docs/brokers.md): the sink may have written an aborted copy of an event
   at offset ``a`` (now committed, so not among the files above), and meets the committed
   copy of the same event later, at offset ``r > a``. Both copies have the same key
   (event_id), hence the same partition, and the committed copy is produced when the

@@ -1,7 +1,7 @@
 """Consumer lag per partition, without trusting the broker's end offsets.
 
 The embedded broker (tansu) reports wrong end offsets (high watermark, ListOffsets latest;
-see ENVIRONMENT.md), so ``end - committed`` would be wrong there. And on Apache Kafka a
+see docs/brokers.md), so ``end - committed`` would be wrong there. And on Apache Kafka a
 transactional topic ends with a commit marker, so ``end - committed`` stays at 1 for a
 stage that is done. Instead a small reader consumer, assigned (never subscribed, never
 committing) to every partition of a stage's input topics, reads each partition to its end

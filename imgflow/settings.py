@@ -44,7 +44,7 @@ class KafkaSettings(_Section):
     # A command started against a cluster that does not answer within this exits 2 naming
     # kafka.bootstrap (a refused password or certificate: at once).
     connect_timeout_s: float = Field(60.0, gt=0.0)
-    # tansu joins a group in about half of session.timeout.ms (ENVIRONMENT.md).
+    # tansu takes about half of session.timeout.ms to let a member join a group: kept short.
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(1000, ge=100)
     transaction_timeout_ms: int = Field(60000, ge=1000)

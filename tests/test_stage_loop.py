@@ -169,7 +169,7 @@ def test_kill_at_each_commit_step_then_restart_gives_every_result_once(settings,
         # Kafka's read_committed filters the killed process's aborted transaction: each once.
         assert len(out) == 12, sorted(e["event_id"] for e in out)
     else:
-        # tansu may deliver records of the aborted transaction (ENVIRONMENT.md); then they are
+        # tansu may deliver records of the aborted transaction (docs/brokers.md); then they are
         # copies of the same events, never other ones, and the sink drops them.
         assert len(out) <= 24
 

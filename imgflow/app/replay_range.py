@@ -2,7 +2,7 @@
 of each partition, found by reading the records themselves.
 
 ``offsets_for_times`` and the high watermark are only hints (the embedded broker answers 0
-and a wrong end, ENVIRONMENT.md), verified by reading record timestamps and consuming to
+and a wrong end: docs/brokers.md, "The tansu workarounds"), verified by reading record timestamps and consuming to
 PARTITION_EOF. On Apache Kafka the hints are right and the checks read one or two records.
 """
 
