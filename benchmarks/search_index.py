@@ -60,9 +60,19 @@ LATENT = {384: 48, 1280: 64}
 # ANN settings swept: (nprobes, refine_factor). The product's default is marked in the output.
 SWEEP = {
     "IVF_PQ": [(10, 10), (20, 10), (20, 30), (40, 10), (40, 30), (80, 30)],
-    "IVF_HNSW_SQ": [(1, 1), (2, 1), (4, 1), (10, 1), (2, 5), (4, 5)],
+    "IVF_HNSW_SQ": [(1, 1), (2, 1), (4, 1), (10, 1), (2, 5), (4, 5), (20, 10)],
 }
 USEARCH_EF = [32, 64, 128, 256]
+
+
+def default_ann() -> tuple[str, int, int]:
+    from imgflow.settings import SearchSettings
+
+    d = SearchSettings()
+    return d.ann_index_type, d.ann_nprobes, d.ann_refine_factor
+
+
+DEFAULT_ANN = default_ann()
 
 
 # -- data
@@ -370,6 +380,8 @@ def run_case(rows: int, dim: int, args, work: Path, results: list[dict]) -> None
                 label = f"{index_type} nprobes={run['nprobes']}"
                 if run["refine"] > 1:
                     label += f" refine={run['refine']}"
+                if (index_type, run["nprobes"], run["refine"]) == DEFAULT_ANN:
+                    label += " (default)"
                 record("lancedb", label, build_s, child, run, truth_of)
             write_md(args, results)
     del table, db
