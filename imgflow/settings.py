@@ -263,11 +263,13 @@ class SearchSettings(_Section):
     # Below this many rows a run's vectors are searched exactly (flat scan: fast enough and
     # recall 1); at and above it an approximate index is built (benchmarks/search_index.py).
     ann_min_rows: int = Field(50_000, ge=256)
-    # IVF_HNSW_SQ or IVF_PQ (LanceDB's index kinds); the probes searched per query and, for
-    # IVF_PQ, how many candidates per hit are re-ranked on the full vectors.
+    # IVF_HNSW_SQ or IVF_PQ (LanceDB's index kinds); the partitions probed per query, and how
+    # many candidates per hit are re-ranked on the full vectors. 4 and 5: at a million 384-d
+    # or 1280-d vectors recall@10 0.97-0.99 in 5-6 ms p50, 38-42 ms with a category filter;
+    # 20 and 10 reach recall 1.0 but take 62-71 ms filtered (benchmarks/results/search_index-1m.md).
     ann_index_type: Literal["IVF_HNSW_SQ", "IVF_PQ"] = "IVF_HNSW_SQ"
-    ann_nprobes: int = Field(20, ge=1)
-    ann_refine_factor: int = Field(10, ge=1)
+    ann_nprobes: int = Field(4, ge=1)
+    ann_refine_factor: int = Field(5, ge=1)
     # New rows are searchable at once (searched flat until the next optimize folds them into
     # the indexes); optimize after this many rows were added since the last one.
     optimize_every_rows: int = Field(10_000, ge=1)
