@@ -33,10 +33,11 @@ def admin_client(bootstrap: str):
     )
 
 
-def loopback_settings(bootstrap: str) -> Settings:
+def loopback_settings(bootstrap: str, topics: dict | None = None) -> Settings:
     """The settings to create topics with through the plain loopback listener, whatever
-    security the clients are set up for."""
-    return Settings(kafka={"bootstrap": bootstrap, "security_protocol": "PLAINTEXT", "sasl_mechanism": "", "ssl_ca_location": ""})
+    security the clients are set up for; ``topics``: topics settings that override the others."""
+    kafka = {"bootstrap": bootstrap, "security_protocol": "PLAINTEXT", "sasl_mechanism": "", "ssl_ca_location": ""}
+    return Settings(kafka=kafka, topics=topics) if topics else Settings(kafka=kafka)
 
 
 def check_broker_health(bootstrap: str, deadline: float, check, name: str, procs: list) -> None:
@@ -46,6 +47,9 @@ def check_broker_health(bootstrap: str, deadline: float, check, name: str, procs
     last: Exception | None = None
     admin = None
     log_path = procs[0][1]
+    # One replica and no configs, whatever the pipeline's topics ask for: the probe proves that
+    # a broker and its storage answer, not that every node of a cluster has joined yet.
+    probe = loopback_settings(bootstrap, topics={"replication_factor": 1, "min_insync_replicas": 0})
     while time.monotonic() < deadline:
         check()
         for proc, path in procs:
@@ -62,7 +66,7 @@ def check_broker_health(bootstrap: str, deadline: float, check, name: str, procs
             admin = admin_client(bootstrap)
         try:
             remaining = max(1.0, min(10.0, deadline - time.monotonic()))
-            ensure_topics(loopback_settings(bootstrap), [TopicSpec(HEALTH_TOPIC, 1, "")], timeout=remaining, admin=admin)
+            ensure_topics(probe, [TopicSpec(HEALTH_TOPIC, 1, "")], timeout=remaining, admin=admin)
             md = admin.list_topics(topic=HEALTH_TOPIC, timeout=remaining)
             t = md.topics.get(HEALTH_TOPIC)
             if t is not None and t.error is None and len(t.partitions) >= 1:
